@@ -1,0 +1,38 @@
+// sparge — public C++ API. Framework-free: raw pointers, strides, a stream, caller memory.
+//
+// Every entry point validates its params first and returns a Status naming the bad field; no
+// entry point allocates device memory, synchronizes the device or launches on a stream other
+// than `params.stream`. The CPU backend runs synchronously on host pointers (OpenMP).
+#pragma once
+
+#include <cstddef>
+
+#include "sparge/layout.h"
+#include "sparge/params.h"
+#include "sparge/status.h"
+
+namespace sparge {
+
+// "can_implement": checks a request without running it.
+Status check(const QuantizeParams& p);
+Status check(const PredictParams& p);
+Status check(const AttendParams& p);
+Status check(const AttentionParams& p);
+
+// Stage entry points.
+Status quantize(const QuantizeParams& p);
+Status predict(const PredictParams& p);
+Status attend(const AttendParams& p);
+
+// quantize → predict → attend in one call. params.workspace must hold workspace_size(params) bytes.
+Status attention(const AttentionParams& p);
+size_t workspace_size(const AttentionParams& p);
+
+// Whether the CUDA backend was compiled in, and for which architectures (e.g. "90a;89;80").
+bool cuda_backend_built();
+const char* cuda_architectures();
+
+// Version string of the library, e.g. "0.1.0".
+const char* version();
+
+}  // namespace sparge

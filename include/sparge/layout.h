@@ -1,0 +1,97 @@
+// sparge — exact layout of the quantized buffers: scale groups, block counts, buffer sizes.
+// Usable from host and device code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "sparge/params.h"
+
+#if defined(__CUDACC__)
+#define SPARGE_HD __host__ __device__ __forceinline__
+#else
+#define SPARGE_HD inline
+#endif
+
+namespace sparge {
+
+inline constexpr int64_t kQuantBlockRows = 64;  // rows of one per-block scale group (Q and K)
+inline constexpr int64_t kQuantWarpRows = 16;   // rows of one per-warp Q group
+inline constexpr int64_t kPvGroupRows = 16;     // query rows deciding the P·V skip together
+inline constexpr int64_t kVPadTokens = 64;      // the token dimension of quantized V is padded to this
+inline constexpr float kPScale = 448.0f;        // P is quantized as P · kPScale (e4m3 max)
+inline constexpr float kVQuantMax = 448.0f;     // V is scaled into [-448, 448] before conversion
+inline constexpr float kInt8Max = 127.0f;
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr int64_t kMaxHeadDim = 256;
+inline constexpr int64_t kMinBlock = 16;
+inline constexpr int64_t kMaxBlock = 1024;
+inline constexpr size_t kWorkspaceAlign = 256;
+
+SPARGE_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+SPARGE_HD constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Row r of Q → index of its scale within its head.
+SPARGE_HD constexpr int64_t q_scale_group(int64_t r, QuantGranularity g) {
+  switch (g) {
+    case QuantGranularity::kPerBlock: return r / kQuantBlockRows;
+    case QuantGranularity::kPerWarp: return r / kQuantWarpRows;
+    default: return (r / 16) * 8 + (r % 8);  // kPerThread: rows r and r+8 of a 16-row MMA tile
+  }
+}
+
+// Row (token) c of K → index of its scale within its head.
+SPARGE_HD constexpr int64_t k_scale_group(int64_t c, QuantGranularity g) {
+  switch (g) {
+    case QuantGranularity::kPerThread: return (c / 64) * 4 + (c % 8) / 2;  // MMA accumulator columns
+    default: return c / kQuantBlockRows;
+  }
+}
+
+SPARGE_HD constexpr int64_t q_scale_groups(int64_t len_q, QuantGranularity g) {
+  switch (g) {
+    case QuantGranularity::kPerBlock: return ceil_div(len_q, kQuantBlockRows);
+    case QuantGranularity::kPerWarp: return ceil_div(len_q, kQuantWarpRows);
+    default: return ceil_div(len_q, 16) * 8;
+  }
+}
+
+SPARGE_HD constexpr int64_t k_scale_groups(int64_t len_k, QuantGranularity g) {
+  return g == QuantGranularity::kPerThread ? ceil_div(len_k, 64) * 4 : ceil_div(len_k, kQuantBlockRows);
+}
+
+SPARGE_HD constexpr int64_t padded_len_k(int64_t len_k) { return round_up(len_k, kVPadTokens); }
+
+// First key visible to nobody past query r: keys c < visible_end(r) are visible.
+// Returns len_k when not causal. May be <= 0 (bottom-right with Lq > Lk: the row sees nothing).
+SPARGE_HD constexpr int64_t visible_end(int64_t r, Causal causal, int64_t len_q, int64_t len_k) {
+  if (causal == Causal::kNone) return len_k;
+  const int64_t offset = causal == Causal::kBottomRight ? len_k - len_q : 0;
+  const int64_t end = r + offset + 1;
+  return end < len_k ? end : len_k;
+}
+
+struct BlockCounts {
+  int64_t nbq = 0;
+  int64_t nbk = 0;
+};
+
+SPARGE_HD constexpr BlockCounts block_counts(const Shape& s, const BlockConfig& b) {
+  return {ceil_div(s.len_q, b.block_q), ceil_div(s.len_k, b.block_k)};
+}
+
+// Byte sizes of the stage buffers (QuantizedQKV and BlockIndex) and of the fused op's workspace.
+struct StageBuffers {
+  QuantizedQKV quantized;
+  BlockIndex index;
+};
+
+// Bytes needed by carve_stage_buffers (each buffer aligned to kWorkspaceAlign).
+size_t stage_buffers_size(const Shape& shape, const BlockConfig& blocks, QuantGranularity g, PvPrecision pv);
+
+// Points every buffer of a StageBuffers into `base` (kWorkspaceAlign-aligned, at least
+// stage_buffers_size bytes, on any device: nothing is dereferenced).
+StageBuffers carve_stage_buffers(void* base, const Shape& shape, const BlockConfig& blocks, QuantGranularity g,
+                                 PvPrecision pv);
+
+}  // namespace sparge

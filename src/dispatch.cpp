@@ -1,0 +1,374 @@
+// Validation of every public request and the choice of backend.
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "cpu/cpu_backend.h"
+#include "sparge/api.h"
+
+#if defined(SPARGE_WITH_CUDA)
+#include "cuda/cuda_backend.h"
+#endif
+
+#ifndef SPARGE_VERSION
+#define SPARGE_VERSION "0.0.0"
+#endif
+#ifndef SPARGE_CUDA_ARCHS
+#define SPARGE_CUDA_ARCHS ""
+#endif
+
+namespace sparge {
+namespace {
+
+// Builds "field: expected X, got Y".
+template <typename T>
+Status invalid(const std::string& field, const std::string& expected, const T& got) {
+  std::ostringstream os;
+  os << field << ": expected " << expected << ", got " << got;
+  return {StatusCode::kInvalidArgument, os.str()};
+}
+
+#define SPARGE_RETURN_IF_ERROR(expr)   \
+  do {                                 \
+    Status status_ = (expr);           \
+    if (!status_.ok()) return status_; \
+  } while (0)
+
+bool is_empty(const Shape& s) { return s.batch == 0 || s.heads_q == 0 || s.len_q == 0; }
+
+Status check_device(Device device) {
+  switch (device) {
+    case Device::kCPU: return Status::Ok();
+    case Device::kCUDA:
+      if (!cuda_backend_built()) {
+        return {StatusCode::kNotBuilt,
+                "device: the CUDA backend is not built into this library (configure with SPARGE_CUDA=ON)"};
+      }
+      return Status::Ok();
+  }
+  return invalid("device", "kCPU (0) or kCUDA (1)", static_cast<int>(device));
+}
+
+Status check_shape(const Shape& s) {
+  if (s.batch < 0) return invalid("shape.batch", ">= 0", s.batch);
+  if (s.heads_q < 1) return invalid("shape.heads_q", ">= 1", s.heads_q);
+  if (s.heads_kv < 1) return invalid("shape.heads_kv", ">= 1", s.heads_kv);
+  if (s.heads_q % s.heads_kv != 0) {
+    return invalid("shape.heads_q", "a multiple of heads_kv = " + std::to_string(s.heads_kv), s.heads_q);
+  }
+  if (s.len_q < 0) return invalid("shape.len_q", ">= 0", s.len_q);
+  if (s.len_k < 0) return invalid("shape.len_k", ">= 0", s.len_k);
+  if (s.head_dim < 1 || s.head_dim > kMaxHeadDim) {
+    return invalid("shape.head_dim", "1.." + std::to_string(kMaxHeadDim), s.head_dim);
+  }
+  return Status::Ok();
+}
+
+Status check_blocks(const BlockConfig& b) {
+  for (const auto& [name, value] : {std::pair{"blocks.block_q", b.block_q}, std::pair{"blocks.block_k", b.block_k}}) {
+    if (value < kMinBlock || value > kMaxBlock || value % 16 != 0) {
+      return invalid(name, "a multiple of 16 in [16, 1024]", value);
+    }
+  }
+  return Status::Ok();
+}
+
+Status check_strides(const char* name, const Strides& s) {
+  if (s.batch < 0 || s.head < 0 || s.token < 0) {
+    std::ostringstream os;
+    os << "(" << s.batch << ", " << s.head << ", " << s.token << ")";
+    return invalid(std::string(name), "non-negative strides (batch, head, token)", os.str());
+  }
+  return Status::Ok();
+}
+
+Status check_dtype(const char* name, DType t) {
+  switch (t) {
+    case DType::kFloat16:
+    case DType::kBFloat16:
+    case DType::kFloat32: return Status::Ok();
+  }
+  return invalid(name, "kFloat16, kBFloat16 or kFloat32", static_cast<int>(t));
+}
+
+Status check_pointer(const char* name, const void* ptr, bool needed) {
+  if (needed && ptr == nullptr) return invalid(name, "a non-null pointer", "nullptr");
+  return Status::Ok();
+}
+
+Status check_quant(const QuantOptions& q) {
+  if (!std::isfinite(q.sm_scale)) return invalid("quant.sm_scale", "a finite value (0 for D^-0.5)", q.sm_scale);
+  switch (q.granularity) {
+    case QuantGranularity::kPerBlock:
+    case QuantGranularity::kPerWarp:
+    case QuantGranularity::kPerThread: break;
+    default:
+      return invalid("quant.granularity", "kPerBlock, kPerWarp or kPerThread", static_cast<int>(q.granularity));
+  }
+  if (q.pv != PvPrecision::kFp8 && q.pv != PvPrecision::kFp16) {
+    return invalid("quant.pv", "kFp8 or kFp16", static_cast<int>(q.pv));
+  }
+  return Status::Ok();
+}
+
+Status check_causal(Causal c) {
+  if (c != Causal::kNone && c != Causal::kTopLeft && c != Causal::kBottomRight) {
+    return invalid("causal", "kNone, kTopLeft or kBottomRight", static_cast<int>(c));
+  }
+  return Status::Ok();
+}
+
+// Range check of a scalar hyperparameter, and of its per-head values when they are host memory.
+Status check_head_param(const char* name, const HeadParam& hp, Device device, int64_t heads, float lo, float hi,
+                        bool allow_inf_hi = false) {
+  auto in_range = [&](float x) { return (x >= lo && x <= hi) || (allow_inf_hi && std::isinf(x) && x > 0); };
+  std::ostringstream range;
+  range << "a value in [" << lo << ", " << hi << "]" << (allow_inf_hi ? " or +inf" : "");
+  if (hp.per_head == nullptr) {
+    if (!in_range(hp.value)) return invalid(name, range.str(), hp.value);
+    return Status::Ok();
+  }
+  if (device == Device::kCPU) {
+    for (int64_t h = 0; h < heads; ++h) {
+      if (!in_range(hp.per_head[h])) {
+        return invalid(std::string(name) + ".per_head[" + std::to_string(h) + "]", range.str(), hp.per_head[h]);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status check_selection(const Selection& s, Device device, int64_t heads_q) {
+  switch (s.mode) {
+    case SelectMode::kDense:
+    case SelectMode::kTopK:
+    case SelectMode::kCdf: break;
+    case SelectMode::kBlockMask:
+      if (s.block_mask == nullptr) return invalid("select.block_mask", "a mask for mode kBlockMask", "nullptr");
+      break;
+    default: return invalid("select.mode", "kDense, kTopK, kCdf or kBlockMask", static_cast<int>(s.mode));
+  }
+  if (s.mode == SelectMode::kTopK) {
+    SPARGE_RETURN_IF_ERROR(check_head_param("select.topk", s.topk, device, heads_q, 0.0f, 1.0f));
+  }
+  if (s.mode == SelectMode::kCdf) {
+    SPARGE_RETURN_IF_ERROR(check_head_param("select.cdfthreshd", s.cdfthreshd, device, heads_q, 0.0f, 1.0f));
+  }
+  if (s.mode == SelectMode::kTopK || s.mode == SelectMode::kCdf) {
+    SPARGE_RETURN_IF_ERROR(check_head_param("select.simthreshd1", s.simthreshd1, device, heads_q, -1.0f, 1.0f));
+  }
+  return Status::Ok();
+}
+
+Status check_pvthreshd(const HeadParam& hp, Device device, int64_t heads_q) {
+  return check_head_param("pvthreshd", hp, device, heads_q, 0.0f, 1e30f, /*allow_inf_hi=*/true);
+}
+
+Status check_inputs(const Inputs& in, const Shape& s) {
+  const bool has_q = s.batch * s.heads_q * s.len_q > 0;
+  const bool has_kv = s.batch * s.heads_kv * s.len_k > 0;
+  SPARGE_RETURN_IF_ERROR(check_dtype("in.dtype", in.dtype));
+  SPARGE_RETURN_IF_ERROR(check_pointer("in.q", in.q, has_q));
+  SPARGE_RETURN_IF_ERROR(check_pointer("in.k", in.k, has_kv));
+  SPARGE_RETURN_IF_ERROR(check_pointer("in.v", in.v, has_kv));
+  SPARGE_RETURN_IF_ERROR(check_strides("in.q_strides", in.q_strides));
+  SPARGE_RETURN_IF_ERROR(check_strides("in.k_strides", in.k_strides));
+  return check_strides("in.v_strides", in.v_strides);
+}
+
+Status check_quantized(const char* name, const QuantizedQKV& q, const Shape& s, bool stats_only) {
+  const bool has_q = s.batch * s.heads_q * s.len_q > 0;
+  const bool has_kv = s.batch * s.heads_kv * s.len_k > 0;
+  const std::string prefix = std::string(name) + ".";
+  auto need = [&](const char* field, const void* ptr, bool needed) {
+    return check_pointer((prefix + field).c_str(), ptr, needed);
+  };
+  SPARGE_RETURN_IF_ERROR(need("q_pool", q.q_pool, has_q));
+  SPARGE_RETURN_IF_ERROR(need("q_sim", q.q_sim, has_q));
+  SPARGE_RETURN_IF_ERROR(need("k_pool", q.k_pool, has_kv));
+  SPARGE_RETURN_IF_ERROR(need("k_sim", q.k_sim, has_kv));
+  if (stats_only) return Status::Ok();
+  SPARGE_RETURN_IF_ERROR(need("q", q.q, has_q));
+  SPARGE_RETURN_IF_ERROR(need("q_scale", q.q_scale, has_q));
+  SPARGE_RETURN_IF_ERROR(need("lse_shift", q.lse_shift, has_q));
+  SPARGE_RETURN_IF_ERROR(need("k", q.k, has_kv));
+  SPARGE_RETURN_IF_ERROR(need("k_scale", q.k_scale, has_kv));
+  SPARGE_RETURN_IF_ERROR(need("k_mean", q.k_mean, s.batch * s.heads_kv > 0));
+  SPARGE_RETURN_IF_ERROR(need("v", q.v, has_kv));
+  return need("v_scale", q.v_scale, s.batch * s.heads_kv > 0);
+}
+
+Status check_index(const char* name, const BlockIndex& idx, const Shape& s) {
+  const bool has_q = s.batch * s.heads_q * s.len_q > 0;
+  const std::string prefix = std::string(name) + ".";
+  SPARGE_RETURN_IF_ERROR(check_pointer((prefix + "count").c_str(), idx.count, has_q));
+  return check_pointer((prefix + "index").c_str(), idx.index, has_q && s.len_k > 0);
+}
+
+Status check_output(void* o, DType dtype, const Strides& strides, const Shape& s) {
+  SPARGE_RETURN_IF_ERROR(check_dtype("o_dtype", dtype));
+  SPARGE_RETURN_IF_ERROR(check_pointer("o", o, !is_empty(s)));
+  return check_strides("o_strides", strides);
+}
+
+float resolved_sm_scale(float sm_scale, int64_t head_dim) {
+  return sm_scale != 0.0f ? sm_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+}
+
+#if defined(SPARGE_WITH_CUDA)
+Status check_cuda_support(Device device, const Shape& s, const BlockConfig& b, const QuantOptions& q) {
+  if (device != Device::kCUDA) return Status::Ok();
+  return cuda::supports(s, b, q);
+}
+#else
+Status check_cuda_support(Device, const Shape&, const BlockConfig&, const QuantOptions&) { return Status::Ok(); }
+#endif
+
+}  // namespace
+
+Status check(const QuantizeParams& p) {
+  SPARGE_RETURN_IF_ERROR(check_device(p.device));
+  SPARGE_RETURN_IF_ERROR(check_shape(p.shape));
+  SPARGE_RETURN_IF_ERROR(check_blocks(p.blocks));
+  SPARGE_RETURN_IF_ERROR(check_inputs(p.in, p.shape));
+  SPARGE_RETURN_IF_ERROR(check_quant(p.quant));
+  SPARGE_RETURN_IF_ERROR(check_quantized("out", p.out, p.shape, /*stats_only=*/false));
+  return check_cuda_support(p.device, p.shape, p.blocks, p.quant);
+}
+
+Status check(const PredictParams& p) {
+  SPARGE_RETURN_IF_ERROR(check_device(p.device));
+  SPARGE_RETURN_IF_ERROR(check_shape(p.shape));
+  SPARGE_RETURN_IF_ERROR(check_blocks(p.blocks));
+  SPARGE_RETURN_IF_ERROR(check_causal(p.causal));
+  if (!std::isfinite(p.sm_scale)) return invalid("sm_scale", "a finite value (0 for D^-0.5)", p.sm_scale);
+  SPARGE_RETURN_IF_ERROR(check_selection(p.select, p.device, p.shape.heads_q));
+  if (p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf) {
+    SPARGE_RETURN_IF_ERROR(check_quantized("stats", p.stats, p.shape, /*stats_only=*/true));
+  }
+  SPARGE_RETURN_IF_ERROR(check_index("out", p.out, p.shape));
+  return check_cuda_support(p.device, p.shape, p.blocks, QuantOptions{});
+}
+
+Status check(const AttendParams& p) {
+  SPARGE_RETURN_IF_ERROR(check_device(p.device));
+  SPARGE_RETURN_IF_ERROR(check_shape(p.shape));
+  SPARGE_RETURN_IF_ERROR(check_blocks(p.blocks));
+  SPARGE_RETURN_IF_ERROR(check_causal(p.causal));
+  SPARGE_RETURN_IF_ERROR(check_quant(p.quant));
+  SPARGE_RETURN_IF_ERROR(check_quantized("quantized", p.quantized, p.shape, /*stats_only=*/false));
+  SPARGE_RETURN_IF_ERROR(check_index("index", p.index, p.shape));
+  SPARGE_RETURN_IF_ERROR(check_pvthreshd(p.pvthreshd, p.device, p.shape.heads_q));
+  SPARGE_RETURN_IF_ERROR(check_output(p.o, p.o_dtype, p.o_strides, p.shape));
+  return check_cuda_support(p.device, p.shape, p.blocks, p.quant);
+}
+
+size_t workspace_size(const AttentionParams& p) {
+  return stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv);
+}
+
+Status check(const AttentionParams& p) {
+  SPARGE_RETURN_IF_ERROR(check_device(p.device));
+  SPARGE_RETURN_IF_ERROR(check_shape(p.shape));
+  SPARGE_RETURN_IF_ERROR(check_blocks(p.blocks));
+  SPARGE_RETURN_IF_ERROR(check_causal(p.causal));
+  SPARGE_RETURN_IF_ERROR(check_inputs(p.in, p.shape));
+  SPARGE_RETURN_IF_ERROR(check_quant(p.quant));
+  SPARGE_RETURN_IF_ERROR(check_selection(p.select, p.device, p.shape.heads_q));
+  SPARGE_RETURN_IF_ERROR(check_pvthreshd(p.pvthreshd, p.device, p.shape.heads_q));
+  SPARGE_RETURN_IF_ERROR(check_output(p.o, p.o_dtype, p.o_strides, p.shape));
+  const size_t need = workspace_size(p);
+  if (!is_empty(p.shape)) {
+    SPARGE_RETURN_IF_ERROR(check_pointer("workspace", p.workspace, true));
+    if (reinterpret_cast<uintptr_t>(p.workspace) % kWorkspaceAlign != 0) {
+      return invalid("workspace", "a 256-byte aligned pointer", p.workspace);
+    }
+    if (p.workspace_bytes < need) return invalid("workspace_bytes", ">= " + std::to_string(need), p.workspace_bytes);
+  }
+  return check_cuda_support(p.device, p.shape, p.blocks, p.quant);
+}
+
+Status quantize(const QuantizeParams& params) {
+  SPARGE_RETURN_IF_ERROR(check(params));
+  QuantizeParams p = params;
+  p.quant.sm_scale = resolved_sm_scale(p.quant.sm_scale, p.shape.head_dim);
+#if defined(SPARGE_WITH_CUDA)
+  if (p.device == Device::kCUDA) return cuda::quantize(p);
+#endif
+  cpu::quantize(p);
+  return Status::Ok();
+}
+
+Status predict(const PredictParams& params) {
+  SPARGE_RETURN_IF_ERROR(check(params));
+  PredictParams p = params;
+  p.sm_scale = resolved_sm_scale(p.sm_scale, p.shape.head_dim);
+#if defined(SPARGE_WITH_CUDA)
+  if (p.device == Device::kCUDA) return cuda::predict(p);
+#endif
+  cpu::predict(p);
+  return Status::Ok();
+}
+
+Status attend(const AttendParams& params) {
+  SPARGE_RETURN_IF_ERROR(check(params));
+  AttendParams p = params;
+  p.quant.sm_scale = resolved_sm_scale(p.quant.sm_scale, p.shape.head_dim);
+#if defined(SPARGE_WITH_CUDA)
+  if (p.device == Device::kCUDA) return cuda::attend(p);
+#endif
+  cpu::attend(p);
+  return Status::Ok();
+}
+
+Status attention(const AttentionParams& p) {
+  SPARGE_RETURN_IF_ERROR(check(p));
+  if (is_empty(p.shape)) return Status::Ok();
+  const StageBuffers buf = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv);
+  SPARGE_RETURN_IF_ERROR(quantize(QuantizeParams{.device = p.device,
+                                                 .stream = p.stream,
+                                                 .shape = p.shape,
+                                                 .blocks = p.blocks,
+                                                 .in = p.in,
+                                                 .quant = p.quant,
+                                                 .out = buf.quantized}));
+  SPARGE_RETURN_IF_ERROR(predict(PredictParams{.device = p.device,
+                                               .stream = p.stream,
+                                               .shape = p.shape,
+                                               .blocks = p.blocks,
+                                               .causal = p.causal,
+                                               .sm_scale = p.quant.sm_scale,
+                                               .select = p.select,
+                                               .stats = buf.quantized,
+                                               .out = buf.index,
+                                               .stats_out = p.stats_out}));
+  return attend(AttendParams{.device = p.device,
+                             .stream = p.stream,
+                             .shape = p.shape,
+                             .blocks = p.blocks,
+                             .causal = p.causal,
+                             .quant = p.quant,
+                             .quantized = buf.quantized,
+                             .index = buf.index,
+                             .pvthreshd = p.pvthreshd,
+                             .o = p.o,
+                             .o_dtype = p.o_dtype,
+                             .o_strides = p.o_strides,
+                             .lse = p.lse,
+                             .stats_out = p.stats_out});
+}
+
+bool cuda_backend_built() {
+#if defined(SPARGE_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+const char* cuda_architectures() { return SPARGE_CUDA_ARCHS; }
+
+const char* version() { return SPARGE_VERSION; }
+
+}  // namespace sparge
