@@ -4,6 +4,7 @@
 #include <sstream>
 #include <string>
 
+#include "common/status_macros.h"
 #include "cpu/cpu_backend.h"
 #include "sparge/api.h"
 
@@ -28,12 +29,6 @@ Status invalid(const std::string& field, const std::string& expected, const T& g
   os << field << ": expected " << expected << ", got " << got;
   return {StatusCode::kInvalidArgument, os.str()};
 }
-
-#define SPARGE_RETURN_IF_ERROR(expr)   \
-  do {                                 \
-    Status status_ = (expr);           \
-    if (!status_.ok()) return status_; \
-  } while (0)
 
 bool is_empty(const Shape& s) { return s.batch == 0 || s.heads_q == 0 || s.len_q == 0; }
 
@@ -216,13 +211,14 @@ float resolved_sm_scale(float sm_scale, int64_t head_dim) {
   return sm_scale != 0.0f ? sm_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
 }
 
+// Whether the CUDA device can run the request: stages 0-1 only, or stage 2 as well (quant given).
 #if defined(SPARGE_WITH_CUDA)
-Status check_cuda_support(Device device, const Shape& s, const BlockConfig& b, const QuantOptions& q) {
+Status check_cuda_support(Device device, const Shape& s, const BlockConfig& b, const QuantOptions* attend_quant) {
   if (device != Device::kCUDA) return Status::Ok();
-  return cuda::supports(s, b, q);
+  return attend_quant != nullptr ? cuda::supports_attend(s, b, *attend_quant) : cuda::supports(s, b);
 }
 #else
-Status check_cuda_support(Device, const Shape&, const BlockConfig&, const QuantOptions&) { return Status::Ok(); }
+Status check_cuda_support(Device, const Shape&, const BlockConfig&, const QuantOptions*) { return Status::Ok(); }
 #endif
 
 }  // namespace
@@ -234,7 +230,7 @@ Status check(const QuantizeParams& p) {
   SPARGE_RETURN_IF_ERROR(check_inputs(p.in, p.shape));
   SPARGE_RETURN_IF_ERROR(check_quant(p.quant));
   SPARGE_RETURN_IF_ERROR(check_quantized("out", p.out, p.shape, /*stats_only=*/false));
-  return check_cuda_support(p.device, p.shape, p.blocks, p.quant);
+  return check_cuda_support(p.device, p.shape, p.blocks, nullptr);
 }
 
 Status check(const PredictParams& p) {
@@ -248,7 +244,7 @@ Status check(const PredictParams& p) {
     SPARGE_RETURN_IF_ERROR(check_quantized("stats", p.stats, p.shape, /*stats_only=*/true));
   }
   SPARGE_RETURN_IF_ERROR(check_index("out", p.out, p.shape));
-  return check_cuda_support(p.device, p.shape, p.blocks, QuantOptions{});
+  return check_cuda_support(p.device, p.shape, p.blocks, nullptr);
 }
 
 Status check(const AttendParams& p) {
@@ -261,7 +257,7 @@ Status check(const AttendParams& p) {
   SPARGE_RETURN_IF_ERROR(check_index("index", p.index, p.shape));
   SPARGE_RETURN_IF_ERROR(check_pvthreshd(p.pvthreshd, p.device, p.shape.heads_q));
   SPARGE_RETURN_IF_ERROR(check_output(p.o, p.o_dtype, p.o_strides, p.shape));
-  return check_cuda_support(p.device, p.shape, p.blocks, p.quant);
+  return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
 }
 
 size_t workspace_size(const AttentionParams& p) {
@@ -286,7 +282,7 @@ Status check(const AttentionParams& p) {
     }
     if (p.workspace_bytes < need) return invalid("workspace_bytes", ">= " + std::to_string(need), p.workspace_bytes);
   }
-  return check_cuda_support(p.device, p.shape, p.blocks, p.quant);
+  return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
 }
 
 Status quantize(const QuantizeParams& params) {

@@ -7,9 +7,11 @@
 
 namespace sparge::cuda {
 
-// Whether the current device has kernels for the given request; the message names the compute
-// capability when it has none.
-Status supports(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant);
+// Whether the current device can run stages 0 and 1 (supports) or all three stages
+// (supports_attend) for the request; the message names the compute capability or the value
+// that has no kernel.
+Status supports(const Shape& shape, const BlockConfig& blocks);
+Status supports_attend(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant);
 
 Status quantize(const QuantizeParams& p);
 Status predict(const PredictParams& p);

@@ -1,0 +1,109 @@
+// Small device helpers shared by the quantization and prediction kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "common/status_macros.h"
+#include "sparge/params.h"
+#include "sparge/status.h"
+
+namespace sparge::cuda {
+
+inline constexpr int kWarpSize = 32;
+
+// Reads one input element as fp32.
+template <typename T>
+__device__ __forceinline__ float load_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(*p);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(*p);
+  } else {
+    return *p;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T store_from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum_any(T x) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Non-negative floats order like their bit patterns: atomicMax on the bits is an exact,
+// order-independent float max.
+__device__ __forceinline__ void atomic_max_nonneg(float* addr, float value) {
+  atomicMax(reinterpret_cast<unsigned int*>(addr), __float_as_uint(value));
+}
+
+// Block-wide sum of one value per thread; every thread gets the total. `scratch` holds one
+// slot per warp. Ends with a barrier, so scratch can be reused right after.
+template <typename T>
+__device__ __forceinline__ T block_sum(T x, T* scratch) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  x = warp_sum_any(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  T total = 0;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// Dispatch on the input dtype: calls f with a typed null pointer of the element type.
+template <typename F>
+Status dispatch_dtype(DType dtype, const char* field, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: return f(static_cast<const __half*>(nullptr));
+    case DType::kBFloat16: return f(static_cast<const __nv_bfloat16*>(nullptr));
+    case DType::kFloat32: return f(static_cast<const float*>(nullptr));
+  }
+  return {StatusCode::kInvalidArgument, std::string(field) + ": unknown dtype " + std::to_string(static_cast<int>(dtype))};
+}
+
+// Status of the last launch, naming the kernel when it failed.
+inline Status launch_status(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return Status::Ok();
+  return {StatusCode::kCudaError, std::string(kernel) + ": " + cudaGetErrorString(err)};
+}
+
+inline Status cuda_status(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return {StatusCode::kCudaError, std::string(what) + ": " + cudaGetErrorString(err)};
+}
+
+#define SPARGE_CUDA_TRY(call, what) SPARGE_RETURN_IF_ERROR(::sparge::cuda::cuda_status((call), (what)))
+
+}  // namespace sparge::cuda
