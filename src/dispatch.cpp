@@ -118,16 +118,16 @@ Status check_causal(Causal c) {
 Status check_head_param(const char* name, const HeadParam& hp, Device device, int64_t heads, float lo, float hi,
                         bool allow_inf_hi = false) {
   auto in_range = [&](float x) { return (x >= lo && x <= hi) || (allow_inf_hi && std::isinf(x) && x > 0); };
-  std::ostringstream range;
-  range << "a value in [" << lo << ", " << hi << "]" << (allow_inf_hi ? " or +inf" : "");
-  if (hp.per_head == nullptr) {
-    if (!in_range(hp.value)) return invalid(name, range.str(), hp.value);
-    return Status::Ok();
-  }
+  auto out_of_range = [&](const std::string& field, float x) {
+    std::ostringstream range;
+    range << "a value in [" << lo << ", " << hi << "]" << (allow_inf_hi ? " or +inf" : "");
+    return invalid(field, range.str(), x);
+  };
+  if (hp.per_head == nullptr) return in_range(hp.value) ? Status::Ok() : out_of_range(name, hp.value);
   if (device == Device::kCPU) {
     for (int64_t h = 0; h < heads; ++h) {
       if (!in_range(hp.per_head[h])) {
-        return invalid(std::string(name) + ".per_head[" + std::to_string(h) + "]", range.str(), hp.per_head[h]);
+        return out_of_range(std::string(name) + ".per_head[" + std::to_string(h) + "]", hp.per_head[h]);
       }
     }
   }

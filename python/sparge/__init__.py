@@ -1,0 +1,71 @@
+"""sparge: training-free sparse + quantized attention (SpargeAttn on INT8 QKᵀ / FP8 P·V kernels).
+
+Replace ``torch.nn.functional.scaled_dot_product_attention(q, k, v)`` with
+``sparge.attention(q, k, v)`` (``[B, H, L, D]`` tensors, fp16 / bf16 / fp32, CPU or CUDA)::
+
+    import sparge
+    o = sparge.attention(q, k, v, topk=0.5, is_causal=True)
+    o, sparsity = sparge.attention(q, k, v, mode="cdf", cdfthreshd=0.95, return_sparsity=True)
+
+Every function is a ``torch.library`` operator (``torch.ops.sparge.*``) with a fake
+implementation, so it runs under ``torch.compile(fullgraph=True)`` and CUDA graphs. The stages
+(:func:`quantize`, :func:`predict`, :func:`attend`) are exposed for testing kernels against each
+other. See :mod:`sparge.api` for the conventions, and ``python -m sparge --help`` for the benchmark.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("sparge needs PyTorch (>= 2.4): pip install torch") from e
+
+from . import _C, _ops  # noqa: F401  (_ops registers torch.ops.sparge.*)
+from .api import (
+    Prediction,
+    QuantizedQKV,
+    attend,
+    attention,
+    block_sparse_attention,
+    block_sparsity,
+    predict,
+    predict_blocks,
+    quantize,
+    scaled_dot_product_attention,
+)
+
+__version__: str = _C.version()
+
+STAT_BLOCKS_KEPT: int = _C.STAT_BLOCKS_KEPT
+STAT_BLOCKS_ALLOWED: int = _C.STAT_BLOCKS_ALLOWED
+STAT_PV_UNITS: int = _C.STAT_PV_UNITS
+STAT_PV_SKIPPED: int = _C.STAT_PV_SKIPPED
+
+
+def cuda_backend_built() -> bool:
+    """Whether this build of sparge contains the CUDA backend."""
+    return _C.cuda_backend_built()
+
+
+def cuda_architectures() -> str:
+    """CUDA architectures the backend was compiled for, e.g. ``"90a;89;80"`` (empty without CUDA)."""
+    return _C.cuda_architectures()
+
+
+__all__ = [
+    "Prediction",
+    "QuantizedQKV",
+    "STAT_BLOCKS_ALLOWED",
+    "STAT_BLOCKS_KEPT",
+    "STAT_PV_SKIPPED",
+    "STAT_PV_UNITS",
+    "attend",
+    "attention",
+    "block_sparse_attention",
+    "block_sparsity",
+    "cuda_architectures",
+    "cuda_backend_built",
+    "predict",
+    "predict_blocks",
+    "quantize",
+    "scaled_dot_product_attention",
+    "__version__",
+]

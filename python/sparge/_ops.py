@@ -1,0 +1,522 @@
+"""torch.library operators of sparge: ``torch.ops.sparge.{attention, quantize, predict, attend}``.
+
+Each operator allocates its outputs (and, for ``attention``, the workspace) with torch, passes the
+current CUDA stream of the tensors' device to the C++ core under a device guard, and has a fake
+implementation so ``torch.compile(fullgraph=True)`` traces it without a graph break.
+
+The schemas use plain integers for the enums of ``include/sparge/params.h``:
+
+* ``layout``: 0 = HND ``[B, H, L, D]``, 1 = NHD ``[B, L, H, D]``
+* ``mode`` (``SelectMode``): 0 dense, 1 topk, 2 cdf, 3 block_mask
+* ``causal`` (``Causal``): 0 none, 1 top-left, 2 bottom-right
+* ``granularity`` (``QuantGranularity``): 0 per-block, 1 per-warp, 2 per-thread
+* ``pv`` (``PvPrecision``): 0 fp8, 1 fp16
+
+``scale = 0.0`` means ``D ** -0.5``. Per-head hyperparameters are ``Tensor?`` arguments (fp32,
+``[Hq]``, contiguous, on the device of q) that override the float of the same name.
+
+These operators expect inputs already normalised by :mod:`sparge.api`; they only re-check what
+memory safety needs. Use the functions of :mod:`sparge` rather than calling them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+LAYOUT_HND, LAYOUT_NHD = 0, 1
+MODE_DENSE, MODE_TOPK, MODE_CDF, MODE_BLOCK_MASK = 0, 1, 2, 3
+CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+GRAN_PER_BLOCK, GRAN_PER_WARP, GRAN_PER_THREAD = 0, 1, 2
+PV_FP8, PV_FP16 = 0, 1
+
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16}
+
+QUANTIZED_FIELDS = (
+    "q", "q_scale", "k", "k_scale", "k_mean", "v", "v_scale",
+    "lse_shift", "q_pool", "q_sim", "k_pool", "k_sim",
+)  # fmt: skip
+
+
+# ---- shapes (mirror of include/sparge/layout.h) --------------------------------------------------
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def q_scale_groups(len_q, granularity: int):
+    if granularity == GRAN_PER_BLOCK:
+        return ceil_div(len_q, 64)
+    if granularity == GRAN_PER_WARP:
+        return ceil_div(len_q, 16)
+    return ceil_div(len_q, 16) * 8
+
+
+def k_scale_groups(len_k, granularity: int):
+    if granularity == GRAN_PER_THREAD:
+        return ceil_div(len_k, 64) * 4
+    return ceil_div(len_k, 64)
+
+
+def quantized_specs(batch, heads_q, heads_kv, len_q, len_k, head_dim, block_q, block_k, granularity, pv):
+    """(shape, dtype) of each QuantizedQKV buffer, in QUANTIZED_FIELDS order."""
+    nbq, nbk = ceil_div(len_q, block_q), ceil_div(len_k, block_k)
+    bq, bk, d, f32 = (batch, heads_q), (batch, heads_kv), head_dim, torch.float32
+    return (
+        ((*bq, len_q, d), torch.int8),
+        ((*bq, q_scale_groups(len_q, granularity)), f32),
+        ((*bk, len_k, d), torch.int8),
+        ((*bk, k_scale_groups(len_k, granularity)), f32),
+        ((*bk, d), f32),
+        ((*bk, d, ceil_div(len_k, _C.V_PAD_TOKENS) * _C.V_PAD_TOKENS), V_DTYPES[pv]),
+        ((*bk, d), f32),
+        ((*bq, len_q), f32),
+        ((*bq, nbq, d), f32),
+        ((*bq, nbq), f32),
+        ((*bk, nbk, d), f32),
+        ((*bk, nbk), f32),
+    )
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _hnd(x: Tensor, layout: int) -> Tensor:
+    """A [B, H, L, D] view of x."""
+    return x.transpose(1, 2) if layout == LAYOUT_NHD else x
+
+
+def _strides(x_hnd: Tensor) -> tuple[int, int, int]:
+    return (x_hnd.stride(0), x_hnd.stride(1), x_hnd.stride(2))
+
+
+def _addr(x: Optional[Tensor]) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _empty_out(batch, heads, length, head_dim, layout: int, dtype, device) -> Tensor:
+    """An uninitialised [B, H, L, D] (HND) or [B, L, H, D] (NHD) output."""
+    if layout == LAYOUT_NHD:
+        return torch.empty((batch, length, heads, head_dim), dtype=dtype, device=device)
+    return torch.empty((batch, heads, length, head_dim), dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def _launch(device: torch.device):
+    """Yields (device code, stream handle) for the C++ core, under a device guard on CUDA."""
+    if device.type == "cpu":
+        yield 0, 0
+    elif device.type == "cuda":
+        with torch.cuda.device(device):
+            yield 1, torch.cuda.current_stream(device).cuda_stream
+    else:
+        raise ValueError(f"device: expected a cpu or cuda tensor, got {device}")
+
+
+def _check_per_head(name: str, x: Optional[Tensor], heads_q: int, device: torch.device) -> None:
+    if x is None:
+        return
+    _require(
+        x.dtype == torch.float32 and x.dim() == 1 and x.numel() == heads_q and x.is_contiguous(),
+        f"{name}: expected a contiguous fp32 tensor of shape [{heads_q}], got {x.dtype} {tuple(x.shape)}",
+    )
+    _require(x.device == device, f"{name}: expected a tensor on {device}, got {x.device}")
+
+
+def _check_blocks(block_q: int, block_k: int) -> None:
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        ok = 16 <= value <= 1024 and value % 16 == 0
+        _require(ok, f"{name}: expected a multiple of 16 in [16, 1024], got {value}")
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: int):
+    """Shape of a (q, k, v) call as (B, Hq, Hkv, Lq, Lk, D) after the checks memory safety needs."""
+    _require(layout in (LAYOUT_HND, LAYOUT_NHD), f"layout: expected 0 (HND) or 1 (NHD), got {layout}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _require(x.dim() == 4, f"{name}: expected a 4-D tensor, got {x.dim()}-D")
+        ok = x.dtype == q.dtype and q.dtype in DTYPE_CODES
+        _require(ok, f"{name}: expected fp16/bf16/fp32 like q, got {x.dtype}")
+        _require(x.device == q.device, f"{name}: expected a tensor on {q.device}, got {x.device}")
+        _require(x.size(-1) <= 1 or x.stride(-1) == 1, f"{name}: expected stride 1 in the last dimension")
+    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
+    batch, heads_q, len_q, head_dim = qh.shape
+    _require(tuple(kh.shape) == tuple(vh.shape), f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    _require(kh.size(0) == batch and kh.size(3) == head_dim, f"k: batch and head_dim must match q {tuple(q.shape)}")
+    return batch, heads_q, kh.size(1), len_q, kh.size(2), head_dim
+
+
+def _check_quantized(quantized: Sequence[Tensor], shape, blocks, granularity: int, pv: int) -> None:
+    specs = quantized_specs(*shape, *blocks, granularity, pv)
+    device = quantized[0].device
+    for name, x, (size, dtype) in zip(QUANTIZED_FIELDS, quantized, specs):
+        _require(
+            tuple(x.shape) == tuple(size) and x.dtype == dtype and x.is_contiguous() and x.device == device,
+            f"quantized.{name}: expected a contiguous {dtype} tensor of shape {tuple(size)} on {device}, "
+            f"got {x.dtype} {tuple(x.shape)} on {x.device}",
+        )
+
+
+def _stats(return_stats: bool, device) -> Tensor:
+    count = _C.STAT_COUNT if return_stats else 0
+    return torch.zeros(count, dtype=torch.int64, device=device)
+
+
+# ---- sparge::attention ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparge::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: Optional[Tensor],
+    topk_per_head: Optional[Tensor],
+    cdfthreshd_per_head: Optional[Tensor],
+    simthreshd1_per_head: Optional[Tensor],
+    pvthreshd_per_head: Optional[Tensor],
+    layout: int,
+    mode: int,
+    topk: float,
+    cdfthreshd: float,
+    simthreshd1: float,
+    pvthreshd: float,
+    causal: int,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    attention_sink: bool,
+    smooth_k: bool,
+    granularity: int,
+    pv: int,
+    output_dtype: torch.dtype,
+    return_lse: bool,
+    return_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused quantize → predict → attend. Returns (o, lse or [0], stats [4] int64 or [0])."""
+    shape = _check_inputs(q, k, v, layout)
+    batch, heads_q, heads_kv, len_q, len_k, head_dim = shape
+    _check_blocks(block_q, block_k)
+    _require(output_dtype in DTYPE_CODES, f"output_dtype: expected fp16/bf16/fp32, got {output_dtype}")
+    for name, x in (
+        ("topk_per_head", topk_per_head),
+        ("cdfthreshd_per_head", cdfthreshd_per_head),
+        ("simthreshd1_per_head", simthreshd1_per_head),
+        ("pvthreshd_per_head", pvthreshd_per_head),
+    ):
+        _check_per_head(name, x, heads_q, q.device)
+    nbq, nbk = ceil_div(len_q, block_q), ceil_div(len_k, block_k)
+    if block_mask is not None:
+        _require(
+            block_mask.dtype == torch.uint8
+            and tuple(block_mask.shape) == (batch, heads_q, nbq, nbk)
+            and block_mask.is_contiguous()
+            and block_mask.device == q.device,
+            f"block_mask: expected a contiguous uint8 tensor of shape {(batch, heads_q, nbq, nbk)} on {q.device}",
+        )
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
+    lse = torch.empty((batch, heads_q, len_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    stats = _stats(return_stats, q.device)
+    if batch * heads_q * len_q == 0:
+        return o, lse, stats
+    blocks = (block_q, block_k)
+    ws_bytes = _C.workspace_size(shape=shape, blocks=blocks, granularity=granularity, pv=pv)
+    # torch's CPU allocator aligns to 64 bytes only: over-allocate and align the address.
+    workspace = torch.empty(ws_bytes + _C.WORKSPACE_ALIGN, dtype=torch.uint8, device=q.device)
+    ws_addr = -(-workspace.data_ptr() // _C.WORKSPACE_ALIGN) * _C.WORKSPACE_ALIGN
+    qh, kh, vh, oh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout), _hnd(o, layout)
+    with _launch(q.device) as (device, stream):
+        _C.attention(
+            device=device,
+            stream=stream,
+            shape=shape,
+            blocks=blocks,
+            causal=causal,
+            q=q.data_ptr(),
+            k=k.data_ptr(),
+            v=v.data_ptr(),
+            dtype=DTYPE_CODES[q.dtype],
+            q_strides=_strides(qh),
+            k_strides=_strides(kh),
+            v_strides=_strides(vh),
+            sm_scale=scale,
+            smooth_k=smooth_k,
+            granularity=granularity,
+            pv=pv,
+            mode=mode,
+            topk=topk,
+            topk_per_head=_addr(topk_per_head),
+            cdfthreshd=cdfthreshd,
+            cdfthreshd_per_head=_addr(cdfthreshd_per_head),
+            simthreshd1=simthreshd1,
+            simthreshd1_per_head=_addr(simthreshd1_per_head),
+            attention_sink=attention_sink,
+            block_mask=_addr(block_mask),
+            pvthreshd=pvthreshd,
+            pvthreshd_per_head=_addr(pvthreshd_per_head),
+            o=o.data_ptr(),
+            o_dtype=DTYPE_CODES[output_dtype],
+            o_strides=_strides(oh),
+            lse=lse.data_ptr() if return_lse else 0,
+            stats_out=stats.data_ptr() if return_stats else 0,
+            workspace=ws_addr,
+            workspace_bytes=ws_bytes,
+        )
+    return o, lse, stats
+
+
+@attention.register_fake
+def _(q, k, v, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head, layout,
+      mode, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, attention_sink, smooth_k,
+      granularity, pv, output_dtype, return_lse, return_stats):  # fmt: skip
+    batch, heads_q, _, len_q, _, head_dim = _check_inputs(q, k, v, layout)
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
+    lse = q.new_empty((batch, heads_q, len_q) if return_lse else (0,), dtype=torch.float32)
+    stats = q.new_empty((_C.STAT_COUNT if return_stats else 0,), dtype=torch.int64)
+    return o, lse, stats
+
+
+# ---- sparge::quantize ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparge::quantize", mutates_args=())
+def quantize(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: int,
+    scale: float,
+    smooth_k: bool,
+    granularity: int,
+    pv: int,
+    block_q: int,
+    block_k: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Stage 0. Returns the 12 QuantizedQKV buffers in QUANTIZED_FIELDS order."""
+    shape = _check_inputs(q, k, v, layout)
+    _check_blocks(block_q, block_k)
+    _require(pv in V_DTYPES, f"pv: expected 0 (fp8) or 1 (fp16), got {pv}")
+    out = tuple(torch.empty(size, dtype=dtype, device=q.device) for size, dtype in
+                quantized_specs(*shape, block_q, block_k, granularity, pv))  # fmt: skip
+    batch, heads_q, heads_kv = shape[:3]
+    if batch * heads_q * heads_kv == 0:
+        return out
+    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
+    with _launch(q.device) as (device, stream):
+        _C.quantize(
+            device=device,
+            stream=stream,
+            shape=shape,
+            blocks=(block_q, block_k),
+            q=q.data_ptr(),
+            k=k.data_ptr(),
+            v=v.data_ptr(),
+            dtype=DTYPE_CODES[q.dtype],
+            q_strides=_strides(qh),
+            k_strides=_strides(kh),
+            v_strides=_strides(vh),
+            sm_scale=scale,
+            smooth_k=smooth_k,
+            granularity=granularity,
+            pv=pv,
+            out=tuple(x.data_ptr() for x in out),
+        )
+    return out
+
+
+@quantize.register_fake
+def _(q, k, v, layout, scale, smooth_k, granularity, pv, block_q, block_k):
+    shape = _check_inputs(q, k, v, layout)
+    return tuple(q.new_empty(size, dtype=dtype) for size, dtype in
+                 quantized_specs(*shape, block_q, block_k, granularity, pv))  # fmt: skip
+
+
+# ---- sparge::predict -----------------------------------------------------------------------------
+
+
+def _predict_shape(quantized: Sequence[Tensor]):
+    """(B, Hq, Hkv, Lq, Lk, D) of a QuantizedQKV."""
+    count = len(QUANTIZED_FIELDS)
+    _require(len(quantized) == count, f"quantized: expected {count} tensors, got {len(quantized)}")
+    _require(quantized[0].dim() == 4 and quantized[2].dim() == 4, "quantized.q, quantized.k: expected 4-D tensors")
+    q8, k8 = quantized[0], quantized[2]
+    return q8.size(0), q8.size(1), k8.size(1), q8.size(2), k8.size(2), q8.size(3)
+
+
+def _pv_of(quantized: Sequence[Tensor]) -> int:
+    v_dtype = quantized[5].dtype
+    _require(v_dtype in V_DTYPES.values(), f"quantized.v: expected float8_e4m3fn or float16, got {v_dtype}")
+    return PV_FP8 if v_dtype == V_DTYPES[PV_FP8] else PV_FP16
+
+
+@torch.library.custom_op("sparge::predict", mutates_args=())
+def predict(
+    quantized: Sequence[Tensor],
+    block_mask: Optional[Tensor],
+    topk_per_head: Optional[Tensor],
+    cdfthreshd_per_head: Optional[Tensor],
+    simthreshd1_per_head: Optional[Tensor],
+    mode: int,
+    topk: float,
+    cdfthreshd: float,
+    simthreshd1: float,
+    causal: int,
+    scale: float,
+    granularity: int,
+    block_q: int,
+    block_k: int,
+    attention_sink: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stage 1. Returns (index int32 [B, Hq, nbq, nbk] (-1 past count), count int32 [B, Hq, nbq],
+    mask bool [B, Hq, nbq, nbk], stats int64 [4])."""
+    shape = _predict_shape(quantized)
+    batch, heads_q = shape[:2]
+    device = quantized[0].device
+    _check_blocks(block_q, block_k)
+    _check_quantized(quantized, shape, (block_q, block_k), granularity, _pv_of(quantized))
+    for name, x in (
+        ("topk_per_head", topk_per_head),
+        ("cdfthreshd_per_head", cdfthreshd_per_head),
+        ("simthreshd1_per_head", simthreshd1_per_head),
+    ):
+        _check_per_head(name, x, heads_q, device)
+    nbq, nbk = ceil_div(shape[3], block_q), ceil_div(shape[4], block_k)
+    if block_mask is not None:
+        _require(
+            block_mask.dtype == torch.uint8
+            and tuple(block_mask.shape) == (batch, heads_q, nbq, nbk)
+            and block_mask.is_contiguous()
+            and block_mask.device == device,
+            f"block_mask: expected a contiguous uint8 tensor of shape {(batch, heads_q, nbq, nbk)} on {device}",
+        )
+    index = torch.full((batch, heads_q, nbq, nbk), -1, dtype=torch.int32, device=device)
+    count = torch.zeros((batch, heads_q, nbq), dtype=torch.int32, device=device)
+    mask = torch.zeros((batch, heads_q, nbq, nbk), dtype=torch.bool, device=device)
+    stats = _stats(True, device)
+    if batch * heads_q * nbq == 0:
+        return index, count, mask, stats
+    with _launch(device) as (dev, stream):
+        _C.predict(
+            device=dev,
+            stream=stream,
+            shape=shape,
+            blocks=(block_q, block_k),
+            causal=causal,
+            sm_scale=scale,
+            mode=mode,
+            topk=topk,
+            topk_per_head=_addr(topk_per_head),
+            cdfthreshd=cdfthreshd,
+            cdfthreshd_per_head=_addr(cdfthreshd_per_head),
+            simthreshd1=simthreshd1,
+            simthreshd1_per_head=_addr(simthreshd1_per_head),
+            attention_sink=attention_sink,
+            block_mask=_addr(block_mask),
+            quantized=tuple(x.data_ptr() for x in quantized),
+            index=index.data_ptr(),
+            count=count.data_ptr(),
+            mask_out=mask.data_ptr(),
+            stats_out=stats.data_ptr(),
+        )
+    return index, count, mask, stats
+
+
+@predict.register_fake
+def _(quantized, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, mode, topk, cdfthreshd,
+      simthreshd1, causal, scale, granularity, block_q, block_k, attention_sink):  # fmt: skip
+    batch, heads_q, _, len_q, len_k, _ = _predict_shape(quantized)
+    nbq, nbk = ceil_div(len_q, block_q), ceil_div(len_k, block_k)
+    q8 = quantized[0]
+    return (
+        q8.new_empty((batch, heads_q, nbq, nbk), dtype=torch.int32),
+        q8.new_empty((batch, heads_q, nbq), dtype=torch.int32),
+        q8.new_empty((batch, heads_q, nbq, nbk), dtype=torch.bool),
+        q8.new_empty((_C.STAT_COUNT,), dtype=torch.int64),
+    )
+
+
+# ---- sparge::attend ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparge::attend", mutates_args=())
+def attend(
+    quantized: Sequence[Tensor],
+    index: Tensor,
+    count: Tensor,
+    pvthreshd_per_head: Optional[Tensor],
+    layout: int,
+    causal: int,
+    scale: float,
+    granularity: int,
+    block_q: int,
+    block_k: int,
+    pvthreshd: float,
+    output_dtype: torch.dtype,
+    return_lse: bool,
+    return_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 2. Returns (o in `layout`, lse or [0], stats [4] int64 or [0])."""
+    shape = _predict_shape(quantized)
+    batch, heads_q, _, len_q, len_k, head_dim = shape
+    device = quantized[0].device
+    pv = _pv_of(quantized)
+    _check_blocks(block_q, block_k)
+    _check_quantized(quantized, shape, (block_q, block_k), granularity, pv)
+    _require(output_dtype in DTYPE_CODES, f"output_dtype: expected fp16/bf16/fp32, got {output_dtype}")
+    _check_per_head("pvthreshd_per_head", pvthreshd_per_head, heads_q, device)
+    nbq, nbk = ceil_div(len_q, block_q), ceil_div(len_k, block_k)
+    for name, x, size in (("index", index, (batch, heads_q, nbq, nbk)), ("count", count, (batch, heads_q, nbq))):
+        _require(
+            x.dtype == torch.int32 and tuple(x.shape) == size and x.is_contiguous() and x.device == device,
+            f"{name}: expected a contiguous int32 tensor of shape {size} on {device}, "
+            f"got {x.dtype} {tuple(x.shape)} on {x.device}",
+        )
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
+    lse = torch.empty((batch, heads_q, len_q) if return_lse else (0,), dtype=torch.float32, device=device)
+    stats = _stats(return_stats, device)
+    if batch * heads_q * len_q == 0:
+        return o, lse, stats
+    with _launch(device) as (dev, stream):
+        _C.attend(
+            device=dev,
+            stream=stream,
+            shape=shape,
+            blocks=(block_q, block_k),
+            causal=causal,
+            sm_scale=scale,
+            granularity=granularity,
+            pv=pv,
+            quantized=tuple(x.data_ptr() for x in quantized),
+            index=index.data_ptr(),
+            count=count.data_ptr(),
+            pvthreshd=pvthreshd,
+            pvthreshd_per_head=_addr(pvthreshd_per_head),
+            o=o.data_ptr(),
+            o_dtype=DTYPE_CODES[output_dtype],
+            o_strides=_strides(_hnd(o, layout)),
+            lse=lse.data_ptr() if return_lse else 0,
+            stats_out=stats.data_ptr() if return_stats else 0,
+        )
+    return o, lse, stats
+
+
+@attend.register_fake
+def _(quantized, index, count, pvthreshd_per_head, layout, causal, scale, granularity, block_q, block_k, pvthreshd,
+      output_dtype, return_lse, return_stats):  # fmt: skip
+    batch, heads_q, _, len_q, _, head_dim = _predict_shape(quantized)
+    q8 = quantized[0]
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q8.device)
+    lse = q8.new_empty((batch, heads_q, len_q) if return_lse else (0,), dtype=torch.float32)
+    stats = q8.new_empty((_C.STAT_COUNT if return_stats else 0,), dtype=torch.int64)
+    return o, lse, stats

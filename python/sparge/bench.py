@@ -1,0 +1,318 @@
+"""Benchmark of sparge against torch's scaled_dot_product_attention (``python -m sparge``).
+
+Runs on the best available device (CUDA if available, else CPU) on the structured workload of
+:func:`sparge.testing.structured_qkv`. Every case is timed as the whole user-visible call
+(median of ``--repeats`` runs after ``--warmup``; CUDA events and an L2 flush between runs on a
+GPU) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
+dense problem, ``4·B·Hq·Lq·Lk·D`` (half for causal), the convention of SpargeAttn and
+SageAttention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import sparge
+from sparge.testing import cosine_similarity, reference_attention, relative_l1, structured_qkv
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_MODES = "dense,topk:0.5,topk:0.25,cdf:0.98"
+
+
+@dataclass
+class Result:
+    case: str
+    time_ms: Optional[float] = None  # median
+    times_ms: list = field(default_factory=list)
+    speedup: Optional[float] = None  # vs torch SDPA (default backend selection)
+    tops: Optional[float] = None
+    sparsity: Optional[float] = None
+    cosine: Optional[float] = None
+    rel_l1: Optional[float] = None
+    note: str = ""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _parse_modes(text: str) -> list[tuple[str, Optional[float]]]:
+    modes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition(":")
+        if name not in ("dense", "topk", "cdf"):
+            raise argparse.ArgumentTypeError(f"--modes: expected dense, topk:FRACTION or cdf:MASS items, got {item!r}")
+        if name == "dense" and value:
+            raise argparse.ArgumentTypeError(f"--modes: 'dense' takes no value, got {item!r}")
+        try:
+            number = float(value) if value else {"dense": None, "topk": 0.5, "cdf": 0.98}[name]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--modes: expected a number after ':', got {item!r}") from None
+        modes.append((name, number))
+    return modes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sparge",
+        description="Benchmark sparge (dense / topk / cdf) against torch scaled_dot_product_attention on a "
+        "structured workload; accuracy vs exact attention.",
+    )
+    p.add_argument("-B", "--batch", type=int, default=1)
+    p.add_argument("-H", "--heads", type=int, default=4, help="query heads")
+    p.add_argument("--heads-kv", type=int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("-L", "--seq-len", type=int, default=2048, help="query length")
+    p.add_argument("--seq-len-k", type=int, default=None, help="key length (default: --seq-len)")
+    p.add_argument("-D", "--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
+    p.add_argument("--causal", action="store_true", help="top-left causal mask (as SDPA is_causal=True)")
+    p.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"), default=None,
+                   help="video-like workload: positions on a T×H×W grid (sets the lengths to T·H·W)")  # fmt: skip
+    p.add_argument("--modes", type=_parse_modes, default=_parse_modes(DEFAULT_MODES),
+                   help=f"sparge cases, comma separated (default {DEFAULT_MODES})")  # fmt: skip
+    p.add_argument("--pv-precision", choices=("fp8", "fp16"), default="fp8")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 20 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per case (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--stages", action="store_true", help="also time quantize / predict / attend separately")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot speed-up and relative L1 vs sparsity (matplotlib)")
+    return p
+
+
+class _Timer:
+    """Median wall time of a callable: CUDA events with an L2 flush on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self.flush = None
+        if device.type == "cuda":
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> list[float]:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.flush is not None:
+                self.flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+
+def _sdpa_cases(device: torch.device) -> list[tuple[str, Optional[object]]]:
+    """(name, sdpa_kernel backend or None for torch's own choice)."""
+    cases: list[tuple[str, Optional[object]]] = [("torch sdpa", None)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        cases += [("torch sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("torch sdpa flash", SDPBackend.FLASH_ATTENTION)]
+    return cases
+
+
+def _stages(q, k, v, args: argparse.Namespace, stage_cases) -> list[tuple[str, Callable[[], object]]]:
+    """(label, callable) timing quantize once and predict / attend for every sparge case."""
+    quant_kw = {"pv_precision": args.pv_precision}
+    quantized = sparge.quantize(q, k, v, **quant_kw)
+    stages = [("sparge / quantize", lambda: sparge.quantize(q, k, v, **quant_kw))]
+    attend_kw = {"is_causal": args.causal}
+    for label, kwargs in stage_cases:
+        select_kw = {key: val for key, val in kwargs.items() if key in ("mode", "topk", "cdfthreshd", "is_causal")}
+        pred = sparge.predict(quantized, **select_kw)
+        stages.append((f"{label} / predict", lambda kw=select_kw: sparge.predict(quantized, **kw)))
+        stages.append((f"{label} / attend", lambda p=pred: sparge.attend(quantized, p.index, p.count, **attend_kw)))
+    return stages
+
+
+def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
+    """Runs every case; returns the results and the configuration (for --json)."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    repeats = args.repeats if args.repeats is not None else (20 if on_gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    if args.grid is not None:
+        args.seq_len = args.seq_len_k = math.prod(args.grid)
+    heads_kv = args.heads_kv or args.heads
+    len_k = args.seq_len_k or args.seq_len
+    dtype = _DTYPES[args.dtype]
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    _log(
+        f"sparge {sparge.__version__} | torch {torch.__version__} | {name} | B={args.batch} Hq={args.heads} "
+        f"Hkv={heads_kv} Lq={args.seq_len} Lk={len_k} D={args.head_dim} {args.dtype} causal={args.causal}"
+        + (f" grid={tuple(args.grid)}" if args.grid else "")
+    )
+    q, k, v = structured_qkv(args.batch, args.heads, heads_kv, args.seq_len, len_k, args.head_dim, dtype=dtype,
+                             device=device, grid=tuple(args.grid) if args.grid else None, seed=args.seed)  # fmt: skip
+    _log("computing exact attention (fp32 on GPU, fp64 on CPU) ...")
+    ref, _ = reference_attention(q, k, v, is_causal=args.causal)
+    flops = 4.0 * args.batch * args.heads * args.seq_len * len_k * args.head_dim * (0.5 if args.causal else 1.0)
+    timer = _Timer(device, warmup, repeats)
+    gqa = {"enable_gqa": True} if heads_kv != args.heads else {}
+
+    cases: list[tuple[str, Callable[[], torch.Tensor], Optional[Callable[[], float]]]] = []
+    for case_name, backend in _sdpa_cases(device):
+        def sdpa(backend=backend):
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal, **gqa)
+            with torch.nn.attention.sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal, **gqa)
+
+        cases.append((case_name, sdpa, None))
+    stage_cases = []
+    for mode, value in args.modes:
+        kwargs = {"mode": mode, "is_causal": args.causal, "pv_precision": args.pv_precision}
+        if mode == "topk":
+            kwargs["topk"] = value
+        elif mode == "cdf":
+            kwargs["cdfthreshd"] = value
+        label = f"sparge {mode}" + (f" {value:g}" if value is not None else "")
+        cases.append((label, lambda kw=kwargs: sparge.attention(q, k, v, **kw),
+                      lambda kw=kwargs: float(sparge.attention(q, k, v, return_sparsity=True, **kw)[1])))  # fmt: skip
+        if args.stages:
+            stage_cases.append((label, kwargs))
+
+    results: list[Result] = []
+    total = len(cases) + (1 + 2 * len(stage_cases) if stage_cases else 0)
+    for i, (case_name, fn, sparsity_fn) in enumerate(cases, 1):
+        _log(f"[{i}/{total}] {case_name} ...")
+        try:
+            out = fn()
+        except RuntimeError as e:
+            note = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _log(f"[{i}/{total}] {case_name}: skipped ({note})")
+            results.append(Result(case_name, note=f"unavailable: {note}"))
+            continue
+        times = timer(fn)
+        res = Result(case_name, time_ms=statistics.median(times), times_ms=times,
+                     sparsity=sparsity_fn() if sparsity_fn else 0.0,
+                     cosine=cosine_similarity(out, ref), rel_l1=relative_l1(out, ref))  # fmt: skip
+        res.tops = flops / (res.time_ms * 1e-3) / 1e12
+        results.append(res)
+        _log(f"[{i}/{total}] {case_name}: {res.time_ms:.3f} ms")
+
+    if stage_cases:
+        try:
+            stages = _stages(q, k, v, args, stage_cases)
+        except RuntimeError as e:
+            note = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _log(f"stage timings skipped ({note})")
+            results.append(Result("  sparge stages", note=f"unavailable: {note}"))
+            stages = []
+        for i, (label, fn) in enumerate(stages, len(cases) + 1):
+            _log(f"[{i}/{total}] {label} ...")
+            times = timer(fn)
+            results.append(Result(f"  {label}", time_ms=statistics.median(times), times_ms=times))
+
+    baseline = next((r.time_ms for r in results if r.case == "torch sdpa" and r.time_ms), None)
+    for r in results:
+        if baseline and r.time_ms and r.tops is not None:
+            r.speedup = baseline / r.time_ms
+    return results, {
+        "device": name,
+        "torch": torch.__version__,
+        "sparge": sparge.__version__,
+        "batch": args.batch,
+        "heads_q": args.heads,
+        "heads_kv": heads_kv,
+        "len_q": args.seq_len,
+        "len_k": len_k,
+        "head_dim": args.head_dim,
+        "dtype": args.dtype,
+        "causal": args.causal,
+        "grid": list(args.grid) if args.grid else None,
+        "pv_precision": args.pv_precision,
+        "repeats": repeats,
+        "warmup": warmup,
+        "flops": flops,
+        "reference": "fp32" if on_gpu else "fp64",
+    }
+
+
+def format_table(results: list[Result]) -> str:
+    """The results as an aligned text table; unavailable cases are listed under it."""
+
+    def fmt(x, spec, suffix=""):
+        return "-" if x is None else format(x, spec) + suffix
+
+    header = ("case", "time ms", "speed-up", "TOPS", "sparsity", "cos sim", "rel L1")
+    rows = [
+        (r.case, fmt(r.time_ms, ".3f"), fmt(r.speedup, ".2f", "x"), fmt(r.tops, ".4g"), fmt(r.sparsity, ".3f"),
+         fmt(r.cosine, ".6f"), fmt(r.rel_l1, ".5f"))
+        for r in results
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    lines += [f"note: {r.case}: {r.note}" for r in results if r.note]
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], config: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {e}") from e
+    points = [r for r in results if r.speedup is not None and r.sparsity is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "speedup", "speed-up vs torch sdpa"), (axes[1], "rel_l1", "relative L1 vs exact")):
+        for r in points:
+            ax.scatter(r.sparsity, getattr(r, key), s=36)
+            ax.annotate(r.case, (r.sparsity, getattr(r, key)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("block sparsity")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    fig.suptitle(
+        f"{config['device']}: B={config['batch']} Hq={config['heads_q']} Hkv={config['heads_kv']} "
+        f"L={config['len_q']} D={config['head_dim']} {config['dtype']}" + (" causal" if config["causal"] else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("batch", "heads", "seq_len", "head_dim"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    results, config = run(args)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "results": [asdict(r) for r in results]}, f, indent=2)
+        _log(f"wrote {args.json}")
+    if args.plot:
+        plot(results, config, args.plot)
+        _log(f"wrote {args.plot}")
+    return 0

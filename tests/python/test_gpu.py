@@ -1,0 +1,218 @@
+"""CUDA backend through Python (run where a GPU exists; skipped when torch.cuda.is_available() is False).
+
+Reference chain (DESIGN §3): the CUDA stages are compared with the CPU backend on identical
+quantized inputs (tight bounds), and CUDA attention with exact fp32 attention (format bounds).
+A build without the CUDA backend fails these tests on a GPU machine, on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import sparge
+from helpers import assert_close_to, assert_equal
+from sparge.testing import reference_attention, relative_l1, structured_qkv
+
+pytestmark = pytest.mark.gpu
+
+DENSE_FP8 = dict(cos_min=0.999, rel_l1_max=0.03)  # as test_attention.py: e4m3 P and V
+SPARSE_BOUNDS = {  # as test_attention.py::test_sparse_modes_degrade_gracefully (L = 1024)
+    ("dense", None): DENSE_FP8,
+    ("topk", 0.5): dict(cos_min=0.98, rel_l1_max=0.2),
+    ("cdf", 0.98): dict(cos_min=0.99, rel_l1_max=0.08),
+}
+
+
+def _to(quantized: sparge.QuantizedQKV, device) -> sparge.QuantizedQKV:
+    return quantized._replace(**{name: getattr(quantized, name).to(device) for name in quantized._fields[:12]})
+
+
+def _kwargs(mode, value):
+    return {"mode": mode, **({"topk": value} if mode == "topk" else {"cdfthreshd": value} if mode == "cdf" else {})}
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode,value", list(SPARSE_BOUNDS), ids=lambda x: str(x))
+def test_cuda_attention_matches_fp32_truth(seed, head_dim, dtype, causal, mode, value):
+    q, k, v = structured_qkv(2, 4, 2, 1024, 1000, head_dim, dtype=dtype, device="cuda", seed=seed)
+    ref, ref_lse = reference_attention(q, k, v, is_causal=causal)
+    o, lse, s = sparge.attention(q, k, v, is_causal=causal, return_lse=True, return_sparsity=True,
+                                 **_kwargs(mode, value))  # fmt: skip
+    assert o.device == q.device and o.dtype == dtype and s.device == q.device
+    assert_close_to(o, ref, **SPARSE_BOUNDS[mode, value], context=f"cuda {mode} {value} causal={causal} seed={seed}")
+    if mode == "dense":
+        finite = ref_lse.isfinite()
+        assert float((lse - ref_lse)[finite].abs().max()) <= 0.1, f"lse seed={seed}"
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 333, 270, 64), (2, 2, 1, 129, 1000, 128), (1, 8, 8, 1024, 1024, 64)])
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, shape, pv, causal):
+    """Same quantized inputs and block lists on both backends. Scores are exact int32 dots times
+    the same fp32 scale product, so row maxima and P·V skip decisions agree exactly; P differs
+    by the exp2 implementation, which can flip single e4m3 (or fp16) roundings: rel-L1 <= 2e-3."""
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, seed=seed)
+    causal_kw = {"is_causal": causal is not None, "causal_alignment": causal or "top_left"}
+    quantized = sparge.quantize(q, k, v, pv_precision=pv)
+    pred = sparge.predict(quantized, topk=0.5, **causal_kw)
+    o_cpu, lse_cpu, st_cpu = sparge.attend(quantized, pred.index, pred.count, pvthreshd=8.0, return_lse=True,
+                                           return_stats=True, **causal_kw)  # fmt: skip
+    o_gpu, lse_gpu, st_gpu = sparge.attend(_to(quantized, "cuda"), pred.index.cuda(), pred.count.cuda(), pvthreshd=8.0,
+                                           return_lse=True, return_stats=True, **causal_kw)  # fmt: skip
+    context = f"{shape} {pv} causal={causal} seed={seed}"
+    assert_close_to(o_gpu.cpu(), o_cpu, cos_min=0.99999, rel_l1_max=2e-3, context=context)
+    finite = lse_cpu.isfinite()
+    assert torch.equal(lse_gpu.cpu().isfinite(), finite), context
+    if finite.any():
+        assert float((lse_gpu.cpu() - lse_cpu)[finite].abs().max()) <= 1e-4, context
+    assert torch.all(o_gpu.cpu()[~finite] == 0), context
+    assert torch.equal(st_gpu.cpu(), st_cpu), f"P·V units / skips: {st_gpu.tolist()} vs {st_cpu.tolist()}, {context}"
+
+
+@pytest.mark.parametrize("gran", ["per_thread", "per_warp", "per_block"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_quantize_matches_cpu_backend(seed, gran, dtype):
+    """Integer outputs may differ by one step where a value lies on a rounding boundary after a
+    differently ordered mean (k) — at most 1e-3 of the elements; floats agree to fp32 rounding."""
+    q, k, v = structured_qkv(2, 4, 2, 300, 333, 128, dtype=dtype, seed=seed)
+    cpu = sparge.quantize(q, k, v, qk_quant_gran=gran)
+    gpu = _to(sparge.quantize(q.cuda(), k.cuda(), v.cuda(), qk_quant_gran=gran), "cpu")
+    for name in ("q", "k"):
+        diff = (getattr(gpu, name).int() - getattr(cpu, name).int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3, f"{name} seed={seed}"
+    v_diff = (gpu.v.float() - cpu.v.float()).abs() > 0
+    assert float(v_diff.float().mean()) <= 1e-3, f"v seed={seed}"
+    for name in ("q_scale", "k_scale", "k_mean", "v_scale", "lse_shift", "q_pool", "q_sim", "k_pool", "k_sim"):
+        torch.testing.assert_close(getattr(gpu, name), getattr(cpu, name), rtol=1e-5, atol=1e-5, msg=f"{name} seed={seed}")
+    assert torch.all(gpu.v[..., 333:].float() == 0), "V padding must be zero"
+
+
+@pytest.mark.parametrize("case", [dict(mode="dense"), dict(mode="topk", topk=0.3), dict(mode="cdf", cdfthreshd=0.95),
+                                  dict(mode="topk", topk=0.5, is_causal=True, attention_sink=True),
+                                  dict(mode="cdf", cdfthreshd=0.9, is_causal=True, causal_alignment="bottom_right"),
+                                  dict(mode="block_mask")], ids=str)  # fmt: skip
+def test_cuda_predict_matches_cpu_backend(seed, case):
+    """Same block statistics on both backends. Dense and block-mask selections are exact; topk
+    and cdf rank fp32 dot products summed in another order, so a near-tie may swap: at most
+    1e-3 of the blocks differ."""
+    q, k, v = structured_qkv(2, 4, 2, 1024, 900, 64, seed=seed)
+    quantized = sparge.quantize(q, k, v)
+    case = dict(case)
+    if case["mode"] == "block_mask":
+        case["block_mask"] = torch.rand(2, 4, 8, 15, generator=torch.Generator().manual_seed(seed)) < 0.4
+    cpu = sparge.predict(quantized, **case)
+    gpu_case = {key: val.cuda() if isinstance(val, torch.Tensor) else val for key, val in case.items()}
+    gpu = sparge.predict(_to(quantized, "cuda"), **gpu_case)
+    gpu = sparge.Prediction(*(x.cpu() for x in gpu))
+    if case["mode"] in ("dense", "block_mask"):
+        for a, b, name in zip(gpu, cpu, sparge.Prediction._fields):
+            assert_equal(a, b, f"{name} {case} seed={seed}")
+        return
+    mismatch = float((gpu.mask != cpu.mask).float().mean())
+    assert mismatch <= 1e-3, f"{case}: {mismatch:.2%} of the blocks differ, seed={seed}"
+
+
+def test_cuda_graph_capture_replay_equals_eager(seed):
+    q, k, v = structured_qkv(1, 4, 2, 777, 777, 64, device="cuda", seed=seed)
+    kwargs = dict(topk=torch.tensor([0.3, 0.5, 0.7, 0.9], device="cuda"), is_causal=True, return_lse=True,
+                  return_sparsity=True)  # fmt: skip
+    static = [x.clone() for x in (q, k, v)]
+    sparge.attention(*static, **kwargs)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparge.attention(*static, **kwargs)
+    for trial in range(2):
+        new = structured_qkv(1, 4, 2, 777, 777, 64, device="cuda", seed=seed + 1 + trial)
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        graph.replay()
+        eager = sparge.attention(*new, **kwargs)
+        for a, b, name in zip(out, eager, ("o", "lse", "sparsity")):
+            assert_equal(a, b, f"graph replay {trial}: {name} seed={seed}")
+
+
+def test_cuda_compile_reduce_overhead(seed):
+    q, k, v = structured_qkv(1, 4, 4, 512, 512, 128, device="cuda", seed=seed)
+
+    def f(q, k, v):
+        return sparge.attention(q, k, v, mode="cdf", cdfthreshd=0.95, return_sparsity=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = compiled(q, k, v)
+    for a, b, name in zip(out, f(q, k, v), ("o", "sparsity")):
+        assert_equal(a, b, f"reduce-overhead {name} seed={seed}")
+
+
+def test_cuda_runs_on_the_current_stream(seed):
+    q, k, v = structured_qkv(1, 4, 2, 2048, 2048, 64, device="cuda", seed=seed)
+    expected = sparge.attention(q, k, v)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        o = sparge.attention(q, k, v)
+        o_ref = o.clone()  # ordered after the op on the same stream
+    torch.cuda.current_stream().wait_stream(side)
+    assert_equal(o_ref, expected, f"side stream seed={seed}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_device_guard(seed):
+    q, k, v = structured_qkv(1, 2, 2, 300, 300, 64, seed=seed)
+    expected = sparge.attention(q.to("cuda:0"), k.to("cuda:0"), v.to("cuda:0"))
+    with torch.cuda.device(0):
+        o = sparge.attention(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"))
+    assert o.device == torch.device("cuda:1")
+    assert_equal(o.cpu(), expected.cpu(), f"cuda:1 vs cuda:0 seed={seed}")
+
+
+def test_cuda_input_errors():
+    q = torch.randn(1, 2, 64, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match=r"k: expected a tensor on cuda:0 \(the device of q\), got cpu"):
+        sparge.attention(q, q.cpu(), q)
+    with pytest.raises(ValueError, match=r"topk\[1\]: expected a value in \[0, 1\], got 2.0"):
+        sparge.attention(q, q, q, topk=torch.tensor([0.5, 2.0], device="cuda"))
+    with pytest.raises(ValueError, match=r"block_mask: expected a tensor on cuda:0"):
+        sparge.attention(q, q, q, block_mask=torch.ones(1, 2, 1, 1, dtype=torch.bool))
+    empty = torch.empty(0, 2, 64, 64, dtype=torch.float16, device="cuda")
+    assert sparge.attention(empty, empty, empty).shape == empty.shape
+
+
+def test_cuda_head_dims_work_or_raise_clearly(seed):
+    """Every head dim either runs accurately or raises NotImplementedError naming the head dim."""
+    for d in (32, 40, 64, 80, 96, 128, 256):
+        q, k, v = structured_qkv(1, 2, 2, 256, 256, d, device="cuda", seed=seed)
+        try:
+            o = sparge.attention(q, k, v, mode="dense")
+        except NotImplementedError as e:
+            assert "head_dim" in str(e), f"D={d}: {e}"
+            continue
+        ref, _ = reference_attention(q, k, v)
+        assert relative_l1(o, ref) <= DENSE_FP8["rel_l1_max"], f"D={d} seed={seed}"
+
+
+def test_cuda_without_backend_raises_not_implemented():
+    if sparge.cuda_backend_built():
+        pytest.skip("this build has the CUDA backend")
+    q = torch.randn(1, 1, 16, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(NotImplementedError, match="CUDA backend is not built"):
+        sparge.attention(q, q, q)
+
+
+def test_cuda_benchmark_cli_smoke(tmp_path):
+    from sparge.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["-L", "1024", "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
+    results = {r["case"]: r for r in json.loads(out.read_text())["results"]}
+    assert math.isfinite(results["sparge dense"]["time_ms"]) and results["sparge dense"]["rel_l1"] <= 0.03
