@@ -96,9 +96,9 @@ struct QuantOptions {
 // Output of the quantize stage, input of predict and attend. All buffers are contiguous in the
 // order written; layout.h gives their sizes and carves them out of one allocation.
 struct QuantizedQKV {
-  int8_t* q = nullptr;         // [B, Hq, Lq, D]          round(q / q_dequant)
+  int8_t* q = nullptr;         // [B, Hq, Lq, D]          rne(q · 127 / amax) per scale group
   float* q_scale = nullptr;    // [B, Hq, q_groups]       q_dequant · sm_scale · log2(e)
-  int8_t* k = nullptr;         // [B, Hkv, Lk, D]         round((k - k_mean) / k_scale)
+  int8_t* k = nullptr;         // [B, Hkv, Lk, D]         rne((k - k_mean) · 127 / amax) per scale group
   float* k_scale = nullptr;    // [B, Hkv, k_groups]
   float* k_mean = nullptr;     // [B, Hkv, D]             token mean of K (zero when smooth_k is off)
   void* v = nullptr;           // [B, Hkv, D, Lk_pad]     V / v_scale as e4m3 (kFp8) or fp16, transposed
@@ -194,7 +194,7 @@ struct AttentionParams {
   DType o_dtype = DType::kFloat16;
   Strides o_strides;
   float* lse = nullptr;        // optional [B, Hq, Lq]
-  int64_t* stats_out = nullptr;  // optional [kStatCount]
+  int64_t* stats_out = nullptr;  // optional [kStatCount]; left untouched when B·Hq·Lq = 0
   void* workspace = nullptr;   // workspace_size(params) bytes on the backend's device, 256-byte aligned
   size_t workspace_bytes = 0;
 };

@@ -1,6 +1,6 @@
-// CPU backend: reading and writing strided [B, H, L, D] tensors of the public dtypes.
-// The last (D) dimension is contiguous; the other strides are arbitrary non-negative element
-// strides (0 included, e.g. heads expanded from one).
+// CPU backend: access to host data. Strided [B, H, L, D] tensors of the public dtypes (the last,
+// D, dimension is contiguous; the other strides are arbitrary non-negative element strides, 0
+// included, e.g. heads expanded from one) and per-head hyperparameters.
 #pragma once
 
 #include <cstdint>
@@ -59,10 +59,5 @@ inline void store_row(void* base, DType dtype, int64_t offset, int64_t n, const 
 
 // The value of a HeadParam for query head h (host memory on the CPU backend).
 inline float head_value(const HeadParam& p, int64_t h) { return p.per_head != nullptr ? p.per_head[h] : p.value; }
-
-// The P·V format of the method: the value x takes after conversion to e4m3 (kFp8) or fp16 (kFp16).
-inline float round_pv(float x, PvPrecision pv) {
-  return pv == PvPrecision::kFp8 ? num::round_e4m3(x) : num::round_fp16(x);
-}
 
 }  // namespace sparge::cpu
