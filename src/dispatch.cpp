@@ -206,8 +206,8 @@ Status check_output(void* o, DType dtype, const Strides& strides, const Shape& s
   SPARGE_RETURN_IF_ERROR(check_pointer("o", o, !is_empty(s)));
   SPARGE_RETURN_IF_ERROR(check_strides("o_strides", strides));
   // Overlapping output rows would race and silently lose results.
-  if ((s.batch > 1 && strides.batch == 0) || (s.heads_q > 1 && strides.head == 0) ||
-      (s.len_q > 1 && strides.token == 0)) {
+  if (!is_empty(s) && ((s.batch > 1 && strides.batch == 0) || (s.heads_q > 1 && strides.head == 0) ||
+                        (s.len_q > 1 && strides.token == 0))) {
     std::ostringstream os;
     os << "(" << strides.batch << ", " << strides.head << ", " << strides.token << ")";
     return invalid("o_strides", "non-zero strides for dimensions of size > 1", os.str());

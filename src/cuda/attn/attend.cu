@@ -1,0 +1,161 @@
+// Stage 2 dispatch: from the runtime request to the instantiated mma.sync kernel (sm80/attend_mma.cuh).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "common/status_macros.h"
+#include "cuda/attn/attend.h"
+#include "cuda/attn/sm80/attend_mma.h"
+#include "cuda/common/device_utils.cuh"
+#include "sparge/layout.h"
+
+namespace sparge::cuda {
+namespace {
+
+constexpr int kMinComputeCapability = 80;      // ldmatrix, cp.async, mma.sync int8 / fp16
+constexpr int kMinFp8ComputeCapability = 89;   // mma.sync with e4m3 operands
+constexpr int64_t kHeadDimStep = 16;           // head dims are whole 16-byte rows of int8 chunks
+constexpr int64_t kMinHeadDim = 16;
+constexpr int64_t kMaxGridYZ = 65535;          // gridDim.y (heads) and gridDim.z (batch)
+constexpr int64_t kMaxLength = std::numeric_limits<int32_t>::max() / 2;  // int32 row / key arithmetic
+constexpr size_t kStaticSmemAllowance = 1024;  // the kernel's static __shared__ data, rounded up
+
+// Head dims are padded to the next instantiated width; padded columns are zero in shared memory.
+int head_dim_pad(int64_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
+
+const char* pv_name(PvPrecision pv) { return pv == PvPrecision::kFp8 ? "kFp8" : "kFp16"; }
+
+std::string cc_name(int cc) { return std::to_string(cc / 10) + "." + std::to_string(cc % 10); }
+
+Status unsupported(const std::string& message) { return {StatusCode::kUnsupported, message}; }
+
+template <int kHeadDimPad, int kBlockK>
+Status dispatch_pv(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) {
+  switch (p.quant.pv) {
+    case PvPrecision::kFp8: return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8>(kp, grid, p.stream);
+    case PvPrecision::kFp16: return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp16>(kp, grid, p.stream);
+  }
+  return unsupported("quant.pv: no attention kernel for value " + std::to_string(static_cast<int>(p.quant.pv)));
+}
+
+template <int kHeadDimPad>
+Status dispatch_block_k(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) {
+  switch (p.blocks.block_k) {
+    case 64: return dispatch_pv<kHeadDimPad, 64>(p, kp, grid);
+    case 128: return dispatch_pv<kHeadDimPad, 128>(p, kp, grid);
+  }
+  return unsupported("blocks.block_k: the CUDA attention kernel supports 64 or 128, got " +
+                     std::to_string(p.blocks.block_k));
+}
+
+Status dispatch_head_dim(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) {
+  switch (head_dim_pad(p.shape.head_dim)) {
+    case 64: return dispatch_block_k<64>(p, kp, grid);
+    case 128: return dispatch_block_k<128>(p, kp, grid);
+    case 256: return dispatch_block_k<256>(p, kp, grid);
+  }
+  return unsupported("shape.head_dim: no attention kernel for " + std::to_string(p.shape.head_dim));
+}
+
+}  // namespace
+
+Status attend_supports(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, int compute_capability) {
+  if (compute_capability < kMinComputeCapability) {
+    return unsupported("device: the CUDA attention kernel needs compute capability " + cc_name(kMinComputeCapability) +
+                       " or newer, got " + cc_name(compute_capability));
+  }
+  if (quant.pv == PvPrecision::kFp8 && compute_capability < kMinFp8ComputeCapability) {
+    return unsupported("quant.pv: kFp8 needs compute capability " + cc_name(kMinFp8ComputeCapability) +
+                       " or newer (e4m3 mma), got " + cc_name(compute_capability) + "; use kFp16");
+  }
+  if (shape.head_dim % kHeadDimStep != 0 || shape.head_dim < kMinHeadDim || shape.head_dim > kMaxHeadDim) {
+    return unsupported("shape.head_dim: the CUDA attention kernel needs a multiple of 16 in [16, 256], got " +
+                       std::to_string(shape.head_dim));
+  }
+  if (blocks.block_q % kMmaAttendRows != 0) {
+    return unsupported("blocks.block_q: the CUDA attention kernel needs a multiple of " +
+                       std::to_string(kMmaAttendRows) + ", got " + std::to_string(blocks.block_q));
+  }
+  if (blocks.block_k != 64 && blocks.block_k != 128) {
+    return unsupported("blocks.block_k: the CUDA attention kernel supports 64 or 128, got " +
+                       std::to_string(blocks.block_k));
+  }
+  if (shape.len_q > kMaxLength || shape.len_k > kMaxLength) {
+    return unsupported("shape.len_q / shape.len_k: the CUDA attention kernel supports at most " +
+                       std::to_string(kMaxLength) + " tokens, got " + std::to_string(shape.len_q) + " / " +
+                       std::to_string(shape.len_k));
+  }
+  if (shape.heads_q > kMaxGridYZ || shape.batch > kMaxGridYZ) {
+    return unsupported("shape.heads_q / shape.batch: the CUDA attention kernel supports at most " +
+                       std::to_string(kMaxGridYZ) + ", got " + std::to_string(shape.heads_q) + " / " +
+                       std::to_string(shape.batch));
+  }
+
+  const int pad = head_dim_pad(shape.head_dim);
+  const size_t need = mma_attend_smem_bytes(pad, static_cast<int>(blocks.block_k), quant.pv);
+  int device = 0;
+  int optin = 0;
+  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (need + kStaticSmemAllowance > static_cast<size_t>(optin)) {
+    return unsupported("blocks.block_k: head_dim " + std::to_string(shape.head_dim) + " (padded to " +
+                       std::to_string(pad) + ") with block_k " + std::to_string(blocks.block_k) + " and pv " +
+                       pv_name(quant.pv) + " needs " + std::to_string(need) +
+                       " bytes of shared memory per CTA, the device allows " + std::to_string(optin) +
+                       "; use block_k 64");
+  }
+  return Status::Ok();
+}
+
+Status launch_attend(const AttendParams& p) {
+  static_assert(kStatPvSkipped == kStatPvUnits + 1, "the two P·V counters are cleared with one memset");
+  if (p.stats_out != nullptr) {
+    SPARGE_CUDA_TRY(cudaMemsetAsync(p.stats_out + kStatPvUnits, 0, 2 * sizeof(int64_t), p.stream),
+                    "cudaMemsetAsync(stats_out)");
+  }
+  const Shape& s = p.shape;
+  if (s.batch == 0 || s.heads_q == 0 || s.len_q == 0) return Status::Ok();
+
+  const QuantGranularity g = p.quant.granularity;
+  const auto [nbq, nbk] = block_counts(s, p.blocks);
+  const MmaAttendParams kp{.q = p.quantized.q,
+                           .q_scale = p.quantized.q_scale,
+                           .k = p.quantized.k,
+                           .k_scale = p.quantized.k_scale,
+                           .v = p.quantized.v,
+                           .v_scale = p.quantized.v_scale,
+                           .lse_shift = p.quantized.lse_shift,
+                           .index = p.index.index,
+                           .count = p.index.count,
+                           .o = p.o,
+                           .lse = p.lse,
+                           .stats = p.stats_out,
+                           .pvthreshd_per_head = p.pvthreshd.per_head,
+                           .pvthreshd = p.pvthreshd.value,
+                           .o_stride_batch = p.o_strides.batch,
+                           .o_stride_head = p.o_strides.head,
+                           .o_stride_token = p.o_strides.token,
+                           .o_dtype = p.o_dtype,
+                           .causal = p.causal,
+                           .granularity = g,
+                           .heads_q = static_cast<int32_t>(s.heads_q),
+                           .heads_per_kv = static_cast<int32_t>(s.heads_q / s.heads_kv),
+                           .heads_kv = static_cast<int32_t>(s.heads_kv),
+                           .len_q = static_cast<int32_t>(s.len_q),
+                           .len_k = static_cast<int32_t>(s.len_k),
+                           .len_k_pad = static_cast<int32_t>(padded_len_k(s.len_k)),
+                           .head_dim = static_cast<int32_t>(s.head_dim),
+                           .block_q = static_cast<int32_t>(p.blocks.block_q),
+                           .nbq = static_cast<int32_t>(nbq),
+                           .nbk = static_cast<int32_t>(nbk),
+                           .q_groups = static_cast<int32_t>(q_scale_groups(s.len_q, g)),
+                           .k_groups = static_cast<int32_t>(k_scale_groups(s.len_k, g))};
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.len_q, kMmaAttendRows)), static_cast<unsigned>(s.heads_q),
+                  static_cast<unsigned>(s.batch));
+  return dispatch_head_dim(p, kp, grid);
+}
+
+}  // namespace sparge::cuda

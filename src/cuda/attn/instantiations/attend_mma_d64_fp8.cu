@@ -1,0 +1,9 @@
+// Explicit instantiations of the mma.sync attention kernel: head dims padded to 64, P·V in fp8.
+#include "cuda/attn/sm80/attend_mma.cuh"
+
+namespace sparge::cuda {
+
+template Status launch_mma_attend<64, 64, PvPrecision::kFp8>(const MmaAttendParams&, dim3, cudaStream_t);
+template Status launch_mma_attend<64, 128, PvPrecision::kFp8>(const MmaAttendParams&, dim3, cudaStream_t);
+
+}  // namespace sparge::cuda

@@ -1,0 +1,94 @@
+// PTX wrappers for shared-memory traffic of the mma.sync kernels (sm_80+): cp.async copies,
+// ldmatrix fragment loads, and a padded row-major shared tile free of ldmatrix bank conflicts.
+#pragma once
+
+#include <cstdint>
+
+namespace sparge::cuda {
+
+inline constexpr int kCpAsyncBytes = 16;  // one cp.async.cg copy; also one ldmatrix row
+
+// 32-bit shared-state-space address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 bytes global → shared when `valid`, else writes 16 zero bytes and reads nothing
+// (src-size 0). `src` must still be a valid global address (pass the tensor base when !valid).
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? kCpAsyncBytes : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(kCpAsyncBytes),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// Copies 4 bytes global → shared when `valid`, else writes 4 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_4_zfill(uint32_t dst, const void* src, bool valid) {
+  constexpr int kBytes = 4;
+  const int src_bytes = valid ? kBytes : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(kBytes), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most `kPending` committed groups of this thread are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Four 8x8 b16 matrices (8 rows of 16 bytes each). Lanes 8m .. 8m+7 give the row addresses of
+// matrix m; lane l receives, in r[m], bytes 4·(l%4) .. 4·(l%4)+3 of row l/4 of matrix m.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// A row-major shared tile of kRows rows × kRowBytes bytes whose rows are padded by one 16-byte
+// chunk, so the 8 row addresses of one ldmatrix matrix (8 consecutive rows, same column) fall
+// into 8 distinct 16-byte bank groups: the row stride is kRowBytes + 16 with kRowBytes a multiple
+// of 64, so 8 consecutive rows start at 8 distinct multiples of 16 modulo 128. Unlike an XOR
+// swizzle, the offset of (row0 + lane row, chunk0 + lane chunk) is a lane base plus a
+// compile-time constant, which ldmatrix takes as an immediate.
+template <int kRows, int kRowBytes>
+struct PaddedTile {
+  static constexpr int kRowChunks = kRowBytes / kCpAsyncBytes;
+  static constexpr int kRowStride = kRowBytes + kCpAsyncBytes;
+  static constexpr int kBytes = kRows * kRowStride;
+  static constexpr int kChunks = kRows * kRowChunks;
+  static_assert(kRowBytes % 64 == 0, "rows of whole 64-byte lines keep the padded rows conflict-free");
+
+  // Byte offset of chunk `chunk` (16 bytes) of row `row`.
+  __device__ __forceinline__ static constexpr uint32_t offset(int row, int chunk) {
+    return static_cast<uint32_t>(row * kRowStride + chunk * kCpAsyncBytes);
+  }
+};
+
+// Returns x unchanged while hiding that from the optimizer: address math derived from it is
+// recomputed where it is used instead of being hoisted out of a loop into registers that stay
+// live across the loop body (per-chunk copy addresses would otherwise cost two registers each).
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+// Asynchronously fills a PaddedTile at shared address `base` with kThreads threads:
+// source(row, chunk, valid) returns the global address of the chunk and sets valid = false for
+// chunks to zero-fill (then the returned address must still be dereferenceable memory).
+template <class Tile, int kThreads, class Source>
+__device__ __forceinline__ void load_tile_async(uint32_t base, int thread, Source&& source) {
+  static_assert(Tile::kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < Tile::kChunks / kThreads; ++i) {
+    const int id = i * kThreads + thread;
+    const int row = id / Tile::kRowChunks;
+    const int chunk = id % Tile::kRowChunks;
+    bool valid = false;
+    const void* src = source(row, chunk, valid);
+    cp_async_16_zfill(base + Tile::offset(row, chunk), src, valid);
+  }
+}
+
+}  // namespace sparge::cuda
