@@ -19,7 +19,10 @@ constexpr int64_t kMaxKBlocks = 16384;
 // build carries no kernel image for it.
 Status device_compute_capability(int& cc) {
   int device = 0;
-  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) {
+    cudaGetLastError();
+    return {StatusCode::kCudaError, std::string("device: no usable CUDA device (") + cudaGetErrorString(err) + ")"};
+  }
   int major = 0, minor = 0;
   SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
   SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "compute capability");
