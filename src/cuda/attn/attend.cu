@@ -1,13 +1,17 @@
-// Stage 2 dispatch: from the runtime request to the instantiated mma.sync kernel (sm80/attend_mma.cuh).
+// Stage 2 dispatch: from the runtime request to the instantiated kernels: the wgmma + TMA kernel
+// (sm90/attend_wgmma.cuh) on sm_90 where it covers the request, else the mma.sync kernel
+// (sm80/attend_mma.cuh).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <string_view>
 
 #include "common/status_macros.h"
 #include "cuda/attn/attend.h"
 #include "cuda/attn/sm80/attend_mma.h"
+#include "cuda/attn/sm90/attend_wgmma.h"
 #include "cuda/common/device_utils.cuh"
 #include "sparge/layout.h"
 
@@ -16,6 +20,12 @@ namespace {
 
 constexpr int kMinComputeCapability = 80;      // ldmatrix, cp.async, mma.sync int8 / fp16
 constexpr int kMinFp8ComputeCapability = 89;   // mma.sync with e4m3 operands
+constexpr int kWgmmaComputeCapability = 90;    // wgmma / TMA, built for sm_90a only
+#if defined(SPARGE_CUDA_ARCHS)
+constexpr bool kBuiltSm90a = std::string_view(SPARGE_CUDA_ARCHS).find("90a") != std::string_view::npos;
+#else
+constexpr bool kBuiltSm90a = false;
+#endif
 constexpr int64_t kHeadDimStep = 16;           // head dims are whole 16-byte rows of int8 chunks
 constexpr int64_t kMinHeadDim = 16;
 constexpr int64_t kMaxGridYZ = 65535;          // gridDim.y (heads) and gridDim.z (batch)
@@ -48,6 +58,40 @@ Status dispatch_block_k(const AttendParams& p, const MmaAttendParams& kp, dim3 g
   }
   return unsupported("blocks.block_k: the CUDA attention kernel supports 64 or 128, got " +
                      std::to_string(p.blocks.block_k));
+}
+
+template <int kHeadDimPad>
+Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
+  const int batch = static_cast<int>(p.shape.batch);
+  switch (p.blocks.block_k) {
+    case 64: return launch_wgmma_attend<kHeadDimPad, 64>(kp, batch, p.stream);
+    case 128: return launch_wgmma_attend<kHeadDimPad, 128>(kp, batch, p.stream);
+  }
+  return unsupported("blocks.block_k: the wgmma attention kernel supports 64 or 128, got " +
+                     std::to_string(p.blocks.block_k));
+}
+
+Status dispatch_wgmma_head_dim(const AttendParams& p, const MmaAttendParams& kp) {
+  switch (head_dim_pad(p.shape.head_dim)) {
+    case 64: return dispatch_wgmma_block_k<64>(p, kp);
+    case 128: return dispatch_wgmma_block_k<128>(p, kp);
+  }
+  return unsupported("shape.head_dim: no wgmma attention kernel for " + std::to_string(p.shape.head_dim));
+}
+
+// Whether the current device runs the sm_90a wgmma kernel (compute capability exactly 9.0; the
+// sm_90a cubin runs on no other).
+Status device_has_wgmma(bool* has) {
+  int device = 0;
+  int major = 0;
+  int minor = 0;
+  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                  "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+                  "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  *has = major * 10 + minor == kWgmmaComputeCapability;
+  return Status::Ok();
 }
 
 Status dispatch_head_dim(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) {
@@ -153,6 +197,11 @@ Status launch_attend(const AttendParams& p) {
                            .nbk = static_cast<int32_t>(nbk),
                            .q_groups = static_cast<int32_t>(q_scale_groups(s.len_q, g)),
                            .k_groups = static_cast<int32_t>(k_scale_groups(s.len_k, g))};
+  if (kBuiltSm90a && wgmma_attend_covers(s.head_dim, p.blocks.block_q, p.blocks.block_k, p.quant.pv, s.len_k)) {
+    bool has_wgmma = false;
+    SPARGE_RETURN_IF_ERROR(device_has_wgmma(&has_wgmma));
+    if (has_wgmma) return dispatch_wgmma_head_dim(p, kp);
+  }
   const dim3 grid(static_cast<unsigned>(ceil_div(s.len_q, kMmaAttendRows)), static_cast<unsigned>(s.heads_q),
                   static_cast<unsigned>(s.batch));
   return dispatch_head_dim(p, kp, grid);

@@ -1,0 +1,541 @@
+// Stage 2 (docs/method.md §2) on Hopper: TMA loads of Q, K and V^T tiles through an mbarrier
+// pipeline, INT8 Q·K^T on wgmma (m64nBLOCK_Kk32.s32.s8.s8, both operands from shared memory),
+// online softmax in the log2 domain with the per-16-row-group P·V skip, and P·V on wgmma
+// (m64nDk32.f32.e4m3.e4m3, P from registers). Include only from instantiations/attend_wgmma_*.cu.
+//
+// One CTA = 128 query rows of one (b, h), inside one prediction Q block (block_q % 128 == 0).
+// Warpgroup 0 produces: one thread loads Q once, then the K and V^T tiles of the kept blocks in
+// order into kWgmmaAttendStages stages. Warpgroups 1 and 2 consume 64 rows each; warp w of a
+// consumer warpgroup owns rows [16w, 16w + 16) of them, exactly one P·V group of the method.
+//
+// P·V skip: a warp decides for its group like the reference. The wgmma is warpgroup-wide, so it
+// is skipped only when all 4 warps skip (a named-barrier vote); otherwise a skipping warp feeds
+// P = 0 and α = 1, which leaves its m, l and acc unchanged.
+//
+// Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
+// columns 8j + 2t + {0, 1} of n-tile j. The 8-bit A fragment of k-step s wants keys
+// 32s + 4t + {0..3} and 32s + 16 + 4t + {0..3}; two quad shuffles per row and k-step move them
+// there (pack_p_fragment), so V^T is read in natural key order.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "common/status_macros.h"
+#include "cuda/attn/sm90/attend_wgmma.h"
+#include "cuda/common/device_utils.cuh"
+#include "cuda/common/ptx_convert.cuh"
+#include "cuda/common/ptx_memory.cuh"
+#include "cuda/common/ptx_tma.cuh"
+#include "cuda/common/ptx_wgmma.cuh"
+#include "sparge/layout.h"
+
+namespace sparge::cuda {
+
+// What the kernel reads: the tensor maps (built on the host per launch) and the mma.sync
+// kernel's parameters (the same fields mean the same things).
+struct WgmmaAttendParams {
+  CUtensorMap tmap_q;  // Q [B·Hq, Lq, D] int8, box (D_PAD, 128, 1), swizzle D_PAD bytes
+  CUtensorMap tmap_k;  // K [B·Hkv, Lk, D] int8, box (D_PAD, BLOCK_K, 1), swizzle D_PAD bytes
+  CUtensorMap tmap_v;  // V^T [B·Hkv, D, Lk_pad] e4m3, box (BLOCK_K, D_PAD, 1), swizzle BLOCK_K bytes
+  MmaAttendParams a;
+};
+
+namespace wgmma_attend {
+
+inline constexpr float kNegInf = -INFINITY;
+inline constexpr float kLn2 = 0.6931471805599453f;
+inline constexpr unsigned kFullWarp = 0xffffffffu;
+inline constexpr int kQuadLanes = 4;
+inline constexpr int kNTile = 8;  // columns of one accumulator n-tile
+inline constexpr int kProducerRegs = 40;
+inline constexpr int kConsumerRegs = 232;
+inline constexpr int kMaxTrackedDevices = 64;
+
+template <int kHeadDimPad_, int kBlockK_>
+struct Config {
+  static constexpr int kHeadDimPad = kHeadDimPad_;
+  static constexpr int kBlockK = kBlockK_;
+  static constexpr int kStages = kWgmmaAttendStages;
+  static constexpr int kConsumerWarps = kWgmmaAttendConsumerGroups * 4;
+  static constexpr int kQkSteps = kHeadDimPad / kWgmmaK8Bit;  // k-steps of Q·K^T over the head dim
+  static constexpr int kPvSteps = kBlockK / kWgmmaK8Bit;      // k-steps of P·V over the keys
+  static constexpr int kSRegs = kBlockK / 2;                  // S per thread: (64, BLOCK_K) / 128
+  static constexpr int kORegs = kHeadDimPad / 2;              // O per thread: (64, D_PAD) / 128
+  static constexpr int kSTiles = kBlockK / kNTile;
+  // P·V output columns per wgmma chain: D_PAD, halved when (64, 128) scores and (64, 128) fresh
+  // products would not fit the register budget next to the accumulators.
+  static constexpr int kPvChunkCols = kHeadDimPad == 128 && kBlockK == 128 ? 64 : kHeadDimPad;
+  static constexpr int kPvChunks = kHeadDimPad / kPvChunkCols;
+  static constexpr int kPvChunkRegs = kPvChunkCols / 2;
+  static constexpr int kOTiles = kHeadDimPad / kNTile;
+
+  static constexpr int kQBytes = kWgmmaAttendRows * kHeadDimPad;  // (128, D_PAD) int8, rows of D_PAD bytes
+  static constexpr int kKBytes = kBlockK * kHeadDimPad;           // (BLOCK_K, D_PAD) int8
+  static constexpr int kVBytes = kHeadDimPad * kBlockK;           // (D_PAD, BLOCK_K) e4m3 = V^T
+  static constexpr int kQOffset = 0;
+  static constexpr int kKOffset = kQOffset + kQBytes;
+  static constexpr int kVOffset = kKOffset + kStages * kKBytes;
+  static constexpr int kBarOffset = kVOffset + kStages * kVBytes;
+  // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages]
+  static constexpr int kBarBytes = 8;
+  static constexpr int kSmemBytes = 1024 + kBarOffset + 1024;
+
+  static_assert(kHeadDimPad == 64 || kHeadDimPad == 128, "rows of one 64- or 128-byte swizzle span");
+  static_assert(kBlockK == 64 || kBlockK == 128, "V^T rows of one 64- or 128-byte swizzle span");
+  static_assert(kQBytes % kSwizzleAlign == 0 && kKBytes % kSwizzleAlign == 0 && kVBytes % kSwizzleAlign == 0,
+                "every tile starts on the swizzle atom grid");
+  static_assert((1 + 3 * kStages) * kBarBytes <= 1024, "barriers fit their slot");
+  static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK), "host/device smem size agree");
+  static_assert(kPvChunkCols * kBlockK % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
+  static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
+};
+
+// P of one 32-key k-step as the 8-bit A fragment. p0[e] / p1[e] hold S n-tiles 4s .. 4s+3 of row
+// g / g + 8 (tile jj's columns 2t, 2t+1 at [2jj], [2jj+1]), already scaled by 448.
+// X = keys {2t, 2t+1, 8+2t, 9+2t}, Y = keys {16+2t, 17+2t, 24+2t, 25+2t} of the step; lane t needs
+// keys 4t..4t+3 (from quad lanes 2t % 4 and (2t+1) % 4, half t / 2 of X) and 16+4t..16+4t+3
+// (the same halves of Y). Sources pick the half by their own parity, so two shuffles suffice.
+struct PFragmentLane {
+  uint32_t send_first;   // prmt selector of the word pulled by the first shuffle
+  uint32_t send_second;  // ... by the second
+  uint32_t take_lo;      // prmt selector assembling keys 4t..4t+3 from the two pulled words
+  uint32_t take_hi;      // ... keys 16+4t..16+4t+3
+  int src_first;         // lanes pulled from
+  int src_second;
+};
+
+__device__ __forceinline__ PFragmentLane p_fragment_lane(int lane) {
+  constexpr uint32_t kLowHalves = 0x5410;   // (x.lo, y.lo)
+  constexpr uint32_t kHighHalves = 0x7632;  // (x.hi, y.hi)
+  const int t = lane % kQuadLanes;
+  const int quad = lane - t;
+  const bool even = t % 2 == 0;
+  const bool low = t < 2;
+  const int first = ((t & 1) << 1) | (t >> 1);  // t = 0, 1, 2, 3 → lanes 0, 2, 1, 3 of the quad
+  return {.send_first = even ? kLowHalves : kHighHalves,
+          .send_second = even ? kHighHalves : kLowHalves,
+          .take_lo = low ? 0x5410u : 0x1054u,
+          .take_hi = low ? 0x7632u : 0x3276u,
+          .src_first = quad + first,
+          .src_second = quad + (first ^ 1)};  // lanes 1, 3, 0, 2
+}
+
+// Returns {keys 4t..4t+3, keys 16+4t..16+4t+3} of the step for one row.
+__device__ __forceinline__ uint2 p_fragment_row(const PFragmentLane& pl, const float (&p)[8]) {
+  const uint32_t x = pack_e4m3x4(p[0], p[1], p[2], p[3]);
+  const uint32_t y = pack_e4m3x4(p[4], p[5], p[6], p[7]);
+  const uint32_t first = __shfl_sync(kFullWarp, __byte_perm(x, y, pl.send_first), pl.src_first);
+  const uint32_t second = __shfl_sync(kFullWarp, __byte_perm(x, y, pl.send_second), pl.src_second);
+  return make_uint2(__byte_perm(first, second, pl.take_lo), __byte_perm(first, second, pl.take_hi));
+}
+
+template <typename T>
+__device__ __forceinline__ void store_output_pair(T* dst, float x0, float x1) {
+  if (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T)) == 0) {
+    if constexpr (std::is_same_v<T, __half>) {
+      *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(x0, x1);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
+    } else {
+      *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
+    }
+  } else {
+    dst[0] = store_from_float<T>(x0);
+    dst[1] = store_from_float<T>(x1);
+  }
+}
+
+template <int kHeadDimPad, int kBlockK>
+__global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
+    wgmma_attend_kernel(const __grid_constant__ WgmmaAttendParams params) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // wgmma / setmaxnreg exist on sm_90a only; attend.cu dispatches here only on such builds
+#else
+  using Cfg = Config<kHeadDimPad, kBlockK>;
+  constexpr int kStages = Cfg::kStages;
+  const MmaAttendParams& p = params.a;
+
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem = (smem_address(smem_raw) + kSwizzleAlign - 1) & ~static_cast<uint32_t>(kSwizzleAlign - 1);
+  const uint32_t q_smem = smem + Cfg::kQOffset;
+  auto k_smem = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kKBytes; };
+  auto v_smem = [&](int stage) { return smem + Cfg::kVOffset + stage * Cfg::kVBytes; };
+  const uint32_t q_full = smem + Cfg::kBarOffset;
+  auto k_full = [&](int stage) { return q_full + (1 + stage) * Cfg::kBarBytes; };
+  auto v_full = [&](int stage) { return q_full + (1 + kStages + stage) * Cfg::kBarBytes; };
+  auto empty = [&](int stage) { return q_full + (1 + 2 * kStages + stage) * Cfg::kBarBytes; };
+
+  const int thread = threadIdx.x;
+  const int warp = thread / kWarpSize;
+  const int lane = thread % kWarpSize;
+  const int warpgroup = thread / kWarpgroupThreads;
+  const int row0 = blockIdx.x * kWgmmaAttendRows;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
+  const int64_t bhk = static_cast<int64_t>(b) * p.heads_kv + h / p.heads_per_kv;
+  const int64_t q_block = bh * p.nbq + row0 / p.block_q;
+  const int32_t* kept = p.index + q_block * p.nbk;  // [count]
+  const int n_kept = p.count[q_block];
+
+  if (thread == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(k_full(s), 1);
+      mbarrier_init(v_full(s), 1);
+      mbarrier_init(empty(s), Cfg::kConsumerWarps);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer: Q once, then K / V^T of kept block i into stage i % kStages -------------------
+    setmaxnreg_dec<kProducerRegs>();
+    if (thread == 0) {
+      tma_prefetch_descriptor(&params.tmap_q);
+      tma_prefetch_descriptor(&params.tmap_k);
+      tma_prefetch_descriptor(&params.tmap_v);
+      mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
+      tma_load_3d(q_smem, &params.tmap_q, q_full, 0, row0, static_cast<int>(bh));
+      for (int i = 0; i < n_kept; ++i) {
+        const int stage = i % kStages;
+        const int round = i / kStages;
+        if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
+        const int key0 = kept[i] * kBlockK;
+        mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
+        tma_load_3d(k_smem(stage), &params.tmap_k, k_full(stage), 0, key0, static_cast<int>(bhk));
+        mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVBytes);
+        tma_load_3d(v_smem(stage), &params.tmap_v, v_full(stage), key0, 0, static_cast<int>(bhk));
+      }
+    }
+    return;
+  }
+
+  // ---- consumers -----------------------------------------------------------------------------------
+  setmaxnreg_inc<kConsumerRegs>();
+  const int consumer_group = warpgroup - 1;  // 0, 1: rows [64c, 64c + 64) of the CTA
+  const int group_warp = warp % 4;           // rows [16w, 16w + 16) of those
+  const int g = lane / kQuadLanes;
+  const int t = lane % kQuadLanes;
+  const int warp_row0 = row0 + consumer_group * kWgmmaM + group_warp * 16;
+  const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
+
+  bool row_valid[2];
+  float q_scale_row[2];
+  int col_end[2];  // keys c < col_end are visible (and < Lk)
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp_row0 + g + i * kNTile;
+    row_valid[i] = r < p.len_q;
+    q_scale_row[i] = row_valid[i] ? p.q_scale[bh * p.q_groups + q_scale_group(r, p.granularity)] : 0.0f;
+    col_end[i] = row_valid[i] ? static_cast<int>(visible_end(r, p.causal, p.len_q, p.len_k)) : 0;
+  }
+  const float pvthreshd = p.pvthreshd_per_head != nullptr ? p.pvthreshd_per_head[h] : p.pvthreshd;
+  const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
+  const PFragmentLane p_lane = p_fragment_lane(lane);
+
+  const uint64_t q_desc = wgmma_desc(q_smem + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
+  float m[2] = {kNegInf, kNegInf};  // running max (log2 units), rows g and g + 8
+  float l[2] = {0.0f, 0.0f};        // running sum of this lane's columns
+  float acc[Cfg::kORegs];           // (64, D_PAD) of the warpgroup: running Σ fmt(p · 448) · v_q
+#pragma unroll
+  for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
+  int skipped = 0;
+
+  mbarrier_wait(q_full, 0);
+  for (int i = 0; i < n_kept; ++i) {
+    const int stage = i % kStages;
+    const uint32_t parity = (i / kStages) & 1;
+    const int key0 = kept[i] * kBlockK;
+
+    // K scale of this lane's columns, per 64-key half (one group per lane and half in every
+    // granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
+    constexpr int kHalves = kBlockK / kQuantBlockRows;
+    float k_scale_half[kHalves];
+#pragma unroll
+    for (int hh = 0; hh < kHalves; ++hh) {
+      const int key = key0 + hh * static_cast<int>(kQuantBlockRows) + 2 * t;
+      k_scale_half[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
+    }
+
+    // ---- 1. S = Q K^T: (64, BLOCK_K) int32 per warpgroup ---------------------------------------
+    mbarrier_wait(k_full(stage), parity);
+    int32_t s_acc[Cfg::kSRegs];
+    const uint64_t k_desc = wgmma_desc(k_smem(stage), kHeadDimPad);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kQkSteps; ++kk) {
+      const uint32_t step = kk * kWgmmaK8Bit;
+      if constexpr (kBlockK == 128) {
+        wgmma_m64n128k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), kk > 0);
+      } else {
+        wgmma_m64n64k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), kk > 0);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+
+    // s = float(dot) · (q_scale · k_scale), −inf where invisible; row maxima over the quad.
+    const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};  // in column offsets
+    float s[Cfg::kSRegs];
+    float m_blk[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int j = 0; j < Cfg::kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i_row = e / 2;
+        const float scale = q_scale_row[i_row] * k_scale_half[j * kNTile / kQuantBlockRows];
+        const int col = j * kNTile + e % 2;
+        s[4 * j + e] = col < visible[i_row] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
+        m_blk[i_row] = fmaxf(m_blk[i_row], s[4 * j + e]);
+      }
+    }
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+      for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+        m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
+      }
+    }
+
+    // ---- 2. the P·V filter, per warp (= 16-row group), then per warpgroup -------------------------
+    bool negligible = true;
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
+    }
+    const bool warp_skips = __all_sync(kFullWarp, negligible);
+    skipped += warp_active && warp_skips;
+    const bool group_skips = named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
+
+    // Every consumer waits for V^T, used or not, so the stage's phases stay in step.
+    mbarrier_wait(v_full(stage), parity);
+    if (!group_skips) {
+      // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) ------------------------------
+      float alpha[2] = {1.0f, 1.0f};
+      uint32_t p_frag[Cfg::kPvSteps][4];
+      if (!warp_skips) {
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+          const float m_new = fmaxf(m[i_row], m_blk[i_row]);
+          alpha[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
+          m[i_row] = m_new;
+        }
+        float row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) {
+          const int i_row = (e % 4) / 2;
+          s[e] = s[e] == kNegInf ? 0.0f : fast_exp2(s[e] - m[i_row]);  // now p
+          row_sum[i_row] += s[e];
+        }
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
+#pragma unroll
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+          float row_p[2][8];  // n-tiles 4ks .. 4ks+3, columns 2t, 2t+1, per row, times 448
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c] * kPScale;
+              row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c] * kPScale;
+            }
+          }
+          const uint2 r0 = p_fragment_row(p_lane, row_p[0]);
+          const uint2 r1 = p_fragment_row(p_lane, row_p[1]);
+          p_frag[ks][0] = r0.x;
+          p_frag[ks][1] = r1.x;
+          p_frag[ks][2] = r0.y;
+          p_frag[ks][3] = r1.y;
+        }
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p_frag[ks][e] = 0u;
+        }
+      }
+
+      // ---- P·V of the block in fresh registers, then acc = acc · α + pv (the method's order), per
+      // chunk of output columns ------------------------------------------------------------------
+#pragma unroll
+      for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
+        float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
+        const uint64_t v_desc = wgmma_desc(v_smem(stage) + chunk * Cfg::kPvChunkCols * kBlockK, kBlockK);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+          const uint64_t desc = wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit);
+          if constexpr (Cfg::kPvChunkCols == 128) {
+            wgmma_m64n128k32_f32_e4m3_rs(pv, p_frag[ks], desc, ks > 0);
+          } else {
+            wgmma_m64n64k32_f32_e4m3_rs(pv, p_frag[ks], desc, ks > 0);
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int e = 0; e < Cfg::kPvChunkRegs; ++e) {
+          wgmma_fence_operand(pv[e]);
+          float& o = acc[chunk * Cfg::kPvChunkRegs + e];
+          o = o * alpha[(e % 4) / 2] + pv[e];
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+  }
+
+  // ---- 4. epilogue: o = acc · v_scale / (448 · l), 0 when l = 0; rows >= Lq never stored ----------
+  float inv_denom[2];
+#pragma unroll
+  for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+    for (int mask = 1; mask < kQuadLanes; mask *= 2) l[i_row] += __shfl_xor_sync(kFullWarp, l[i_row], mask);
+    inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / (kPScale * l[i_row]);
+  }
+  const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
+#pragma unroll
+  for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
+    const int d = dt * kNTile + 2 * t;
+    const float2 vs = d < p.head_dim ? *reinterpret_cast<const float2*>(v_scale_head + d) : make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      float& x0 = acc[4 * dt + 2 * i_row];
+      float& x1 = acc[4 * dt + 2 * i_row + 1];
+      x0 = l[i_row] == 0.0f ? 0.0f : x0 * vs.x * inv_denom[i_row];
+      x1 = l[i_row] == 0.0f ? 0.0f : x1 * vs.y * inv_denom[i_row];
+    }
+  }
+  auto store_rows = [&](auto* o_base) {
+    using T = std::remove_pointer_t<decltype(o_base)>;
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      if (!row_valid[i_row]) continue;
+      T* o_row = o_base + b * p.o_stride_batch + h * p.o_stride_head +
+                 static_cast<int64_t>(warp_row0 + g + i_row * kNTile) * p.o_stride_token;
+#pragma unroll
+      for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
+        const int d = dt * kNTile + 2 * t;
+        if (d < p.head_dim) store_output_pair(o_row + d, acc[4 * dt + 2 * i_row], acc[4 * dt + 2 * i_row + 1]);
+      }
+    }
+  };
+  switch (p.o_dtype) {
+    case DType::kFloat16: store_rows(static_cast<__half*>(p.o)); break;
+    case DType::kBFloat16: store_rows(static_cast<__nv_bfloat16*>(p.o)); break;
+    case DType::kFloat32: store_rows(static_cast<float*>(p.o)); break;
+  }
+  if (p.lse != nullptr && t == 0) {
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      if (!row_valid[i_row]) continue;
+      const int64_t at = bh * p.len_q + warp_row0 + g + i_row * kNTile;
+      p.lse[at] = l[i_row] == 0.0f ? kNegInf : __fadd_rn(__fmul_rn(kLn2, m[i_row] + log2f(l[i_row])), p.lse_shift[at]);
+    }
+  }
+
+  // ---- P·V statistics: one atomic per counter and warp ---------------------------------------------
+  if (p.stats != nullptr && lane == 0 && warp_active) {
+    auto* stats = reinterpret_cast<unsigned long long*>(p.stats);
+    if (n_kept > 0) atomicAdd(stats + kStatPvUnits, static_cast<unsigned long long>(n_kept));
+    if (skipped > 0) atomicAdd(stats + kStatPvSkipped, static_cast<unsigned long long>(skipped));
+  }
+#endif
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link).
+inline Status tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000* out) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    constexpr unsigned kDriverVersion = 12000;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, kDriverVersion, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return {StatusCode::kCudaError, "cuTensorMapEncodeTiled: driver entry point not found"};
+  *out = encode;
+  return Status::Ok();
+}
+
+// A 3-D tiled map over an 8-bit tensor (dims innermost first, dim 0 contiguous).
+inline Status encode_map_3d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map, const void* base,
+                            const uint64_t (&dims)[3], const uint64_t (&strides_bytes)[2], const uint32_t (&box)[3],
+                            int swizzle_bytes, const char* what) {
+  const cuuint64_t global_dim[3] = {dims[0], dims[1], dims[2]};
+  const cuuint64_t global_stride[2] = {strides_bytes[0], strides_bytes[1]};
+  const cuuint32_t box_dim[3] = {box[0], box[1], box[2]};
+  const cuuint32_t element_stride[3] = {1, 1, 1};
+  const CUtensorMapSwizzle swizzle = swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), global_dim, global_stride,
+                            box_dim, element_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return {StatusCode::kCudaError, std::string("cuTensorMapEncodeTiled(") + what + ") failed with " + std::to_string(r)};
+  }
+  return Status::Ok();
+}
+
+}  // namespace wgmma_attend
+
+template <int kHeadDimPad, int kBlockK>
+Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t stream) {
+  using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK>;
+  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK>;
+  const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
+                           ", BLOCK_K=" + std::to_string(kBlockK) + ", kFp8>";
+
+  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::tensor_map_encoder(&encode));
+  WgmmaAttendParams params{};
+  params.a = a;
+  const uint64_t dim = static_cast<uint64_t>(a.head_dim);
+  const uint64_t len_q = static_cast<uint64_t>(a.len_q);
+  const uint64_t len_k = static_cast<uint64_t>(a.len_k);
+  const uint64_t len_k_pad = static_cast<uint64_t>(a.len_k_pad);
+  const uint64_t bhq = static_cast<uint64_t>(batch) * a.heads_q;
+  const uint64_t bhk = static_cast<uint64_t>(batch) * a.heads_kv;
+  constexpr uint32_t kD = kHeadDimPad;
+  constexpr uint32_t kK = kBlockK;
+  constexpr uint32_t kRows = kWgmmaAttendRows;
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_q, a.q, {dim, len_q, bhq},
+                                                     {dim, dim * len_q}, {kD, kRows, 1}, kHeadDimPad, "Q"));
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_k, a.k, {dim, len_k, bhk},
+                                                     {dim, dim * len_k}, {kD, kK, 1}, kHeadDimPad, "K"));
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_v, a.v, {len_k_pad, dim, bhk},
+                                                     {len_k_pad, len_k_pad * dim}, {kK, kD, 1}, kBlockK, "V^T"));
+
+  // Once per device and instantiation (devices past kMaxTrackedDevices: every launch).
+  static std::atomic<uint64_t> raised_on_device{0};
+  int device = 0;
+  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+  const uint64_t bit = device < wgmma_attend::kMaxTrackedDevices ? uint64_t{1} << device : 0;
+  if (bit == 0 || (raised_on_device.load(std::memory_order_acquire) & bit) == 0) {
+    SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+                    (name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)").c_str());
+    raised_on_device.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.len_q, kWgmmaAttendRows)), static_cast<unsigned>(a.heads_q),
+                  static_cast<unsigned>(batch));
+  kernel<<<grid, kWgmmaAttendThreads, Cfg::kSmemBytes, stream>>>(params);
+  return launch_status(name.c_str());
+}
+
+}  // namespace sparge::cuda

@@ -1,0 +1,46 @@
+// Stage 2 on Hopper wgmma + TMA (sm_90a): declarations shared by the dispatcher (attend.cu), the
+// kernel template (attend_wgmma.cuh) and its instantiations (instantiations/attend_wgmma_*.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/attn/sm80/attend_mma.h"
+#include "sparge/params.h"
+#include "sparge/status.h"
+
+namespace sparge::cuda {
+
+// One CTA: a producer warpgroup (one thread issues the TMA loads) and two consumer warpgroups of
+// 64 query rows each; warp w of a consumer warpgroup owns one 16-row P·V group of docs/method.md §2.
+inline constexpr int kWgmmaAttendConsumerGroups = 2;
+inline constexpr int kWgmmaAttendThreads = (1 + kWgmmaAttendConsumerGroups) * 128;
+inline constexpr int kWgmmaAttendRows = kWgmmaAttendConsumerGroups * 64;  // query rows per CTA
+inline constexpr int kWgmmaAttendStages = 3;                              // K / V^T pipeline depth
+
+// Whether the wgmma kernel covers this request (head dim padded to 64 or 128, block_q a multiple
+// of 128, block_k 64 or 128, fp8 P·V, non-empty keys); the rest runs on the mma.sync kernel.
+constexpr bool wgmma_attend_covers(int64_t head_dim, int64_t block_q, int64_t block_k, PvPrecision pv, int64_t len_k) {
+  return head_dim >= 16 && head_dim <= 128 && head_dim % 16 == 0 && block_q % kWgmmaAttendRows == 0 &&
+         (block_k == 64 || block_k == 128) && pv == PvPrecision::kFp8 && len_k > 0;
+}
+
+// Dynamic shared memory of one CTA: the Q tile and kWgmmaAttendStages (K tile, V^T tile), each
+// 1024-byte aligned for the swizzle, the mbarriers, and 1024 bytes to align the base.
+constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
+  constexpr size_t kAlignSlack = 1024;
+  constexpr size_t kBarrierBytes = 1024;
+  const size_t q_tile = static_cast<size_t>(kWgmmaAttendRows) * head_dim_pad;
+  const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * 2 * block_k * head_dim_pad;
+  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes;
+}
+
+// Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim,
+// K block) on `stream` for `batch` sequences; grid (ceil(Lq / 128), Hq, B). Defined in attend_wgmma.cuh, instantiated
+// under instantiations/attend_wgmma_*.cu. P·V is e4m3.
+template <int kHeadDimPad, int kBlockK>
+Status launch_wgmma_attend(const MmaAttendParams& params, int batch, cudaStream_t stream);
+
+}  // namespace sparge::cuda
