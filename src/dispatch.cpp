@@ -152,6 +152,9 @@ Status check_selection(const Selection& s, Device device, int64_t heads_q) {
   }
   if (s.mode == SelectMode::kTopK || s.mode == SelectMode::kCdf) {
     SPARGE_RETURN_IF_ERROR(check_head_param("select.simthreshd1", s.simthreshd1, device, heads_q, -1.0f, 1.0f));
+    if (s.block_score != BlockScore::kMean && s.block_score != BlockScore::kSpikes) {
+      return invalid("select.block_score", "kMean or kSpikes", static_cast<int>(s.block_score));
+    }
   }
   return Status::Ok();
 }
@@ -250,6 +253,10 @@ Status check(const PredictParams& p) {
   SPARGE_RETURN_IF_ERROR(check_selection(p.select, p.device, p.shape.heads_q));
   if (p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf) {
     SPARGE_RETURN_IF_ERROR(check_quantized("stats", p.stats, p.shape, /*stats_only=*/true));
+    if (p.select.block_score == BlockScore::kSpikes) {
+      const bool has_kv = p.shape.batch * p.shape.heads_kv * p.shape.len_k > 0;
+      SPARGE_RETURN_IF_ERROR(check_pointer("stats.k_spikes", p.stats.k_spikes, has_kv));
+    }
   }
   SPARGE_RETURN_IF_ERROR(check_index("out", p.out, p.shape));
   return check_cuda_support(p.device, p.shape, p.blocks, nullptr);

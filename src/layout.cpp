@@ -41,6 +41,7 @@ StageBuffers carve(Carver& c, const Shape& s, const BlockConfig& b, QuantGranula
   q.q_sim = c.take<float>(bhq * nbq);
   q.k_pool = c.take<float>(bhk * nbk * d);
   q.k_sim = c.take<float>(bhk * nbk);
+  q.k_spikes = c.take<float>(bhk * nbk * kSpikeKeys * d);
   out.index.index = c.take<int32_t>(bhq * nbq * nbk);
   out.index.count = c.take<int32_t>(bhq * nbq);
   return out;

@@ -24,6 +24,7 @@ inline constexpr float kVQuantMax = 448.0f;     // V is scaled into [-448, 448] 
 inline constexpr float kInt8Max = 127.0f;
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr int64_t kMaxHeadDim = 256;
+inline constexpr int64_t kSpikeKeys = 2;        // keys per K block kept by QuantizedQKV::k_spikes
 inline constexpr int64_t kMinBlock = 16;
 inline constexpr int64_t kMaxBlock = 1024;
 inline constexpr size_t kWorkspaceAlign = 256;

@@ -44,6 +44,13 @@ enum class SelectMode : int32_t {
   kBlockMask = 3,  // the caller's block_mask, intersected with the causal mask
 };
 
+// How stage 1 scores a (Q block, K block) pair (docs/method.md §1, "Block scores").
+enum class BlockScore : int32_t {
+  kMean = 0,    // sm_scale · (q_pool · k_pool): the original SpargeAttn score
+  kSpikes = 1,  // log-mass estimate from q_pool, the kSpikeKeys largest-norm keys and the mean of the
+                // other keys of the block: keeps sinks and retrieval keys a block mean dilutes
+};
+
 // Problem shape. Q is [B, Hq, Lq, D]; K and V are [B, Hkv, Lk, D].
 struct Shape {
   int64_t batch = 0;
@@ -108,6 +115,9 @@ struct QuantizedQKV {
   float* q_sim = nullptr;      // [B, Hq, nbq]            mean pairwise cosine similarity of those rows
   float* k_pool = nullptr;     // [B, Hkv, nbk, D]        mean of the smoothed K rows of each block
   float* k_sim = nullptr;      // [B, Hkv, nbk]
+  float* k_spikes = nullptr;   // [B, Hkv, nbk, kSpikeKeys, D]  the smoothed K rows of largest norm of each
+                               // block, by descending norm (zeros past the block's rows); optional for
+                               // quantize (skipped when null), needed by BlockScore::kSpikes
 };
 
 // Kept K blocks of every Q block: index[b][h][i][0 .. count[b][h][i]) ascending.
@@ -118,6 +128,7 @@ struct BlockIndex {
 
 struct Selection {
   SelectMode mode = SelectMode::kTopK;
+  BlockScore block_score = BlockScore::kMean;  // kTopK / kCdf: the compressed score of a block pair
   HeadParam topk{0.5f};          // kTopK: fraction of the allowed blocks to keep, in [0, 1]
   HeadParam cdfthreshd{0.98f};   // kCdf: probability mass to keep, in [0, 1]
   HeadParam simthreshd1{-0.1f};  // a block is uniform when its self-similarity exceeds this, in [-1, 1]
@@ -154,7 +165,7 @@ struct PredictParams {
   Causal causal = Causal::kNone;
   float sm_scale = 0.0f;  // 0 means D^-0.5
   Selection select;
-  QuantizedQKV stats;        // reads q_pool, q_sim, k_pool, k_sim
+  QuantizedQKV stats;        // reads q_pool, q_sim, k_pool, k_sim (and k_spikes for BlockScore::kSpikes)
   BlockIndex out;
   uint8_t* mask_out = nullptr;  // optional [B, Hq, nbq, nbk]: 1 where a block is kept
   int64_t* stats_out = nullptr;  // optional [kStatCount]: writes kStatBlocksKept and kStatBlocksAllowed

@@ -31,6 +31,7 @@ from .api import (
     quantize,
     scaled_dot_product_attention,
 )
+from . import compat  # noqa: E402,F401  (sparge.compat: the original libraries' entry points)
 
 __version__: str = _C.version()
 

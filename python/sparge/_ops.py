@@ -8,6 +8,7 @@ The schemas use plain integers for the enums of ``include/sparge/params.h``:
 
 * ``layout``: 0 = HND ``[B, H, L, D]``, 1 = NHD ``[B, L, H, D]``
 * ``mode`` (``SelectMode``): 0 dense, 1 topk, 2 cdf, 3 block_mask
+* ``block_score`` (``BlockScore``): 0 mean, 1 spikes
 * ``causal`` (``Causal``): 0 none, 1 top-left, 2 bottom-right
 * ``granularity`` (``QuantGranularity``): 0 per-block, 1 per-warp, 2 per-thread
 * ``pv`` (``PvPrecision``): 0 fp8, 1 fp16
@@ -31,6 +32,7 @@ from . import _C
 
 LAYOUT_HND, LAYOUT_NHD = 0, 1
 MODE_DENSE, MODE_TOPK, MODE_CDF, MODE_BLOCK_MASK = 0, 1, 2, 3
+SCORE_MEAN, SCORE_SPIKES = 0, 1
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 GRAN_PER_BLOCK, GRAN_PER_WARP, GRAN_PER_THREAD = 0, 1, 2
 PV_FP8, PV_FP16 = 0, 1
@@ -40,7 +42,7 @@ V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16}
 
 QUANTIZED_FIELDS = (
     "q", "q_scale", "k", "k_scale", "k_mean", "v", "v_scale",
-    "lse_shift", "q_pool", "q_sim", "k_pool", "k_sim",
+    "lse_shift", "q_pool", "q_sim", "k_pool", "k_sim", "k_spikes",
 )  # fmt: skip
 
 
@@ -82,6 +84,7 @@ def quantized_specs(batch, heads_q, heads_kv, len_q, len_k, head_dim, block_q, b
         ((*bq, nbq), f32),
         ((*bk, nbk, d), f32),
         ((*bk, nbk), f32),
+        ((*bk, nbk, _C.SPIKE_KEYS, d), f32),
     )
 
 
@@ -188,6 +191,7 @@ def attention(
     pvthreshd_per_head: Optional[Tensor],
     layout: int,
     mode: int,
+    block_score: int,
     topk: float,
     cdfthreshd: float,
     simthreshd1: float,
@@ -255,6 +259,7 @@ def attention(
             granularity=granularity,
             pv=pv,
             mode=mode,
+            block_score=block_score,
             topk=topk,
             topk_per_head=_addr(topk_per_head),
             cdfthreshd=cdfthreshd,
@@ -278,8 +283,8 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head, layout,
-      mode, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, attention_sink, smooth_k,
-      granularity, pv, output_dtype, return_lse, return_stats):  # fmt: skip
+      mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, attention_sink,
+      smooth_k, granularity, pv, output_dtype, return_lse, return_stats):  # fmt: skip
     batch, heads_q, _, len_q, _, head_dim = _check_inputs(q, k, v, layout)
     o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
     lse = q.new_empty((batch, heads_q, len_q) if return_lse else (0,), dtype=torch.float32)
@@ -302,8 +307,8 @@ def quantize(
     pv: int,
     block_q: int,
     block_k: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Stage 0. Returns the 12 QuantizedQKV buffers in QUANTIZED_FIELDS order."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Stage 0. Returns the 13 QuantizedQKV buffers in QUANTIZED_FIELDS order."""
     shape = _check_inputs(q, k, v, layout)
     _check_blocks(block_q, block_k)
     _require(pv in V_DTYPES, f"pv: expected 0 (fp8) or 1 (fp16), got {pv}")
@@ -368,6 +373,7 @@ def predict(
     cdfthreshd_per_head: Optional[Tensor],
     simthreshd1_per_head: Optional[Tensor],
     mode: int,
+    block_score: int,
     topk: float,
     cdfthreshd: float,
     simthreshd1: float,
@@ -415,6 +421,7 @@ def predict(
             causal=causal,
             sm_scale=scale,
             mode=mode,
+            block_score=block_score,
             topk=topk,
             topk_per_head=_addr(topk_per_head),
             cdfthreshd=cdfthreshd,
@@ -433,8 +440,8 @@ def predict(
 
 
 @predict.register_fake
-def _(quantized, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, mode, topk, cdfthreshd,
-      simthreshd1, causal, scale, granularity, block_q, block_k, attention_sink):  # fmt: skip
+def _(quantized, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, mode, block_score, topk,
+      cdfthreshd, simthreshd1, causal, scale, granularity, block_q, block_k, attention_sink):  # fmt: skip
     batch, heads_q, _, len_q, len_k, _ = _predict_shape(quantized)
     nbq, nbk = ceil_div(len_q, block_q), ceil_div(len_k, block_k)
     q8 = quantized[0]

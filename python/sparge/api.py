@@ -53,6 +53,7 @@ from . import _C, _ops
 HeadParam = Union[float, Tensor, Sequence[float]]
 
 _LAYOUTS = {"HND": _ops.LAYOUT_HND, "NHD": _ops.LAYOUT_NHD}
+_SCORES = {"mean": _ops.SCORE_MEAN, "spikes": _ops.SCORE_SPIKES}
 _MODES = {"dense": _ops.MODE_DENSE, "topk": _ops.MODE_TOPK, "cdf": _ops.MODE_CDF, "block_mask": _ops.MODE_BLOCK_MASK}
 _ALIGNMENTS = {"top_left": _ops.CAUSAL_TOP_LEFT, "bottom_right": _ops.CAUSAL_BOTTOM_RIGHT}
 _GRANULARITIES = {"per_block": _ops.GRAN_PER_BLOCK, "per_warp": _ops.GRAN_PER_WARP, "per_thread": _ops.GRAN_PER_THREAD}
@@ -80,6 +81,7 @@ class QuantizedQKV(NamedTuple):
     q_sim: Tensor  #: fp32 [B, Hq, nbq]: mean pairwise cosine similarity of those rows
     k_pool: Tensor  #: fp32 [B, Hkv, nbk, D]: mean of the smoothed k rows of each block
     k_sim: Tensor  #: fp32 [B, Hkv, nbk]
+    k_spikes: Tensor  #: fp32 [B, Hkv, nbk, 2, D]: the 2 smoothed k rows of largest norm of each block
     block_size: tuple[int, int] = (128, 64)
     scale: Optional[float] = None
     qk_quant_gran: str = "per_thread"
@@ -88,7 +90,7 @@ class QuantizedQKV(NamedTuple):
     layout: str = "HND"  #: layout of the quantized inputs (default output layout of attend)
 
     def buffers(self) -> tuple[Tensor, ...]:
-        """The 12 tensors in the order of the C++ struct."""
+        """The 13 tensors in the order of the C++ struct."""
         return tuple(self[: len(_ops.QUANTIZED_FIELDS)])
 
 
@@ -293,6 +295,7 @@ def attention(
     topk: HeadParam = 0.5,
     cdfthreshd: HeadParam = 0.98,
     simthreshd1: HeadParam = -0.1,
+    block_score: str = "mean",
     pvthreshd: HeadParam = 15.0,
     is_causal: bool = False,
     causal_alignment: str = "top_left",
@@ -329,6 +332,10 @@ def attention(
         cdfthreshd: probability mass to keep (mode "cdf"), in [0, 1]; float or per head.
         simthreshd1: a block is uniform (can be skipped) when the mean pairwise cosine similarity
             of its rows exceeds this, in [-1, 1]; float or per head.
+        block_score: how topk and cdf modes score a (Q block, K block) pair: ``"mean"`` (the original
+            SpargeAttn score, pooled q · pooled k) or ``"spikes"`` (a log-mass estimate that also
+            scores the 2 largest-norm keys of each K block, so attention sinks and retrieval keys
+            are not diluted by the block mean; see docs/method.md).
         pvthreshd: threshold of the P·V filter in log2 units, >= 0 (``float("inf")`` disables it);
             float or per head.
         is_causal, causal_alignment: causal mask, ``"top_left"`` (as SDPA) or ``"bottom_right"``.
@@ -368,6 +375,7 @@ def attention(
         pv_t,
         layout=layout_code,
         mode=code,
+        block_score=_choice("block_score", block_score, _SCORES),
         topk=topk_v,
         cdfthreshd=cdf_v,
         simthreshd1=sim_v,
@@ -399,9 +407,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, 
     nonzero = keep, size-1 dimensions broadcast, intersected with the causal mask).
 
     Same keyword arguments and returns as :func:`attention` with ``mode="block_mask"``; the
-    selection arguments (``topk``, ``cdfthreshd``, ``simthreshd1``, ``attention_sink``) do not apply.
+    selection arguments (``topk``, ``cdfthreshd``, ``simthreshd1``, ``block_score``, ``attention_sink``) do
+    not apply.
     """
-    for name in ("mode", "topk", "cdfthreshd", "simthreshd1", "attention_sink"):
+    for name in ("mode", "topk", "cdfthreshd", "simthreshd1", "block_score", "attention_sink"):
         if name in kwargs:
             raise TypeError(f"block_sparse_attention: unexpected argument {name!r} (the block mask selects the blocks)")
     if block_mask is None:
@@ -448,6 +457,7 @@ def predict_blocks(
     topk: HeadParam = 0.5,
     cdfthreshd: HeadParam = 0.98,
     simthreshd1: HeadParam = -0.1,
+    block_score: str = "mean",
     is_causal: bool = False,
     causal_alignment: str = "top_left",
     scale: Optional[float] = None,
@@ -473,6 +483,7 @@ def predict_blocks(
         topk=topk,
         cdfthreshd=cdfthreshd,
         simthreshd1=simthreshd1,
+        block_score=block_score,
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         attention_sink=attention_sink,
@@ -532,6 +543,7 @@ def predict(
     topk: HeadParam = 0.5,
     cdfthreshd: HeadParam = 0.98,
     simthreshd1: HeadParam = -0.1,
+    block_score: str = "mean",
     is_causal: bool = False,
     causal_alignment: str = "top_left",
     attention_sink: bool = False,
@@ -556,6 +568,7 @@ def predict(
         cdf_t,
         sim_t,
         mode=code,
+        block_score=_choice("block_score", block_score, _SCORES),
         topk=topk_v,
         cdfthreshd=cdf_v,
         simthreshd1=sim_v,

@@ -194,3 +194,132 @@ def relative_l1(x: Tensor, ref: Tensor) -> float:
     denom = float(ref.abs().sum())
     num = float((x - ref).abs().sum())
     return 0.0 if num == 0.0 else num / denom if denom > 0 else math.inf
+
+
+# ---- workloads of the prediction-quality benchmark (bench/prediction_quality.py) ------------------
+
+
+def sink_retrieval_qkv(
+    batch: int = 1,
+    heads: int = 4,
+    length: int = 1024,
+    head_dim: int = 64,
+    *,
+    dtype: torch.dtype = torch.float16,
+    device="cpu",
+    sink_logit: float = 9.0,
+    retrieval_keys: int = 6,
+    retrieval_span: int = 256,
+    retrieval_logit: float = 12.0,
+    seed: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A smooth 1-D workload (:func:`structured_qkv`) plus the spikes a block mean dilutes.
+
+    * **Sink**: key 0 gets a direction ``u`` that every query shares, raising its logit by about
+      ``sink_logit`` nats for every query.
+    * **Retrieval keys**: ``retrieval_keys`` keys at random positions, each with its own direction
+      ``w``; the queries of one random span of ``retrieval_span`` rows share ``w``, raising the
+      logit of that one key by about ``retrieval_logit`` nats for them.
+
+    Mean pooling over 64 keys divides each spike by 64. Deterministic for a given ``seed``.
+    """
+    q, k, v = structured_qkv(batch, heads, heads, length, length, head_dim, dtype=torch.float64, seed=seed)
+    gen = torch.Generator().manual_seed((torch.seed() if seed is None else seed) + 1)
+    f64 = torch.float64
+    scale = head_dim**-0.5
+    k_norm = float(k.std() * math.sqrt(head_dim))
+
+    def boost(rows: slice, col: int, bh: tuple[int, int], logit: float) -> None:
+        w = torch.randn(head_dim, generator=gen, dtype=f64)
+        w /= w.norm()
+        b_k = 2.0 * k_norm  # the spike key stands out after K smoothing
+        a_q = logit / (b_k * scale)
+        q[bh[0], bh[1], rows] += a_q * w
+        k[bh[0], bh[1], col] += b_k * w
+
+    for b in range(batch):
+        for h in range(heads):
+            boost(slice(0, length), 0, (b, h), sink_logit)
+            for _ in range(retrieval_keys):
+                col = int(torch.randint(1, max(length, 2), (), generator=gen))
+                r0 = int(torch.randint(0, max(length - retrieval_span, 1), (), generator=gen))
+                boost(slice(r0, r0 + retrieval_span), col, (b, h), retrieval_logit)
+    return tuple(x.to(dtype).to(device) for x in (q, k, v))
+
+
+def noise_qkv(
+    batch: int = 1,
+    heads: int = 4,
+    length: int = 1024,
+    head_dim: int = 64,
+    *,
+    dtype: torch.dtype = torch.float16,
+    device="cpu",
+    seed: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """i.i.d. standard normal q, k, v: flat attention maps where no block can be pruned."""
+    gen = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
+    shape = (batch, heads, length, head_dim)
+    return tuple(torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(3))
+
+
+def prediction_workloads(length: int = 2048, heads: int = 4, head_dim: int = 128, seed: int = 0) -> dict:
+    """The workloads of the prediction-quality benchmark: name → (q, k, v), [1, heads, length, head_dim]
+    fp16, deterministic from ``seed``. ``video_3d`` uses a (T, H, W) grid with T·H·W = length
+    (``length`` a multiple of 64, H = W = 8 or 16 or 32 depending on the length)."""
+    side = 32 if length >= 8192 else 16 if length >= 1024 else 8
+    if length % (side * side) != 0:
+        raise ValueError(f"length: expected a multiple of {side * side} for the video grid, got {length}")
+    grid = (length // (side * side), side, side)
+    return {
+        "local_1d": structured_qkv(1, heads, heads, length, length, head_dim, seed=seed),
+        "video_3d": structured_qkv(1, heads, heads, length, length, head_dim, grid=grid, width=(1 / 16, 1 / 4),
+                                   sharpness=(12.0, 24.0), seed=seed + 1),  # fmt: skip
+        "sink_retrieval": sink_retrieval_qkv(1, heads, length, head_dim, seed=seed + 2),
+        "peaked": structured_qkv(1, heads, heads, length, length, head_dim, sharpness=(40.0, 64.0),
+                                 width=(1 / 64, 1 / 8), noise=0.5, seed=seed + 3),  # fmt: skip
+        "noise": noise_qkv(1, heads, length, head_dim, seed=seed + 4),
+    }
+
+
+def block_attention_mass(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 64),
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    dtype: torch.dtype = torch.float32,
+    max_chunk_elements: int = 1 << 24,
+) -> Tensor:
+    """Exact attention mass of every (Q block, K block): ``Σ_{r in block i} Σ_{c in block j} P[r, c]``
+    with ``P`` the softmax of the scaled scores (top-left causal when ``is_causal``), as fp64
+    ``[B, Hq, nbq, nbk]`` on the CPU. ``q`` ``[B, Hq, Lq, D]``, ``k`` ``[B, Hkv, Lk, D]`` (HND)."""
+    batch, heads_q, len_q, head_dim = q.shape
+    heads_kv, len_k = k.size(1), k.size(2)
+    group = heads_q // heads_kv
+    scale = head_dim**-0.5 if scale is None else scale
+    bq, bk = block_size
+    nbq, nbk = -(-len_q // bq), -(-len_k // bk)
+    mass = torch.zeros(batch, heads_q, nbq, nbk, dtype=torch.float64)
+    key_block = torch.arange(len_k) // bk
+    rows_per_chunk = max(bq, (max_chunk_elements // max(len_k, 1)) // bq * bq)
+    for b in range(batch):
+        for h in range(heads_q):
+            kh = k[b, h // group].to(dtype)
+            for r0 in range(0, len_q, rows_per_chunk):
+                rows = torch.arange(r0, min(r0 + rows_per_chunk, len_q))
+                s = (q[b, h, rows].to(dtype) @ kh.T) * scale
+                s = s.masked_fill(~_visible(rows, len_q, len_k, is_causal, "top_left"), -math.inf)
+                p = torch.softmax(s, dim=1).nan_to_num(0.0).double()
+                per_key_block = torch.zeros(rows.numel(), nbk, dtype=torch.float64).index_add_(1, key_block, p)
+                mass[b, h].index_add_(0, rows // bq, per_key_block)
+    return mass
+
+
+def oracle_block_mask(mass: Tensor, counts: Tensor) -> Tensor:
+    """The oracle selection: for every (b, h, Q block) the ``counts[b, h, i]`` K blocks of largest
+    exact mass (``mass`` from :func:`block_attention_mass`; ties by lower index) as a bool mask."""
+    order = torch.sort(-mass, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(mass.size(-1)).expand_as(order))
+    return rank < counts.to(torch.int64).unsqueeze(-1)

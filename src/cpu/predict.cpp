@@ -1,5 +1,6 @@
 // CPU reference of docs/method.md §1: which K blocks each Q block keeps.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -32,6 +33,40 @@ QBlockGeometry geometry(const PredictParams& p, int64_t i) {
   return {allowed, visible_end(r0, p.causal, s.len_q, s.len_k), p.blocks.block_k, s.len_k};
 }
 
+// Compressed score of K block j for the pooled query q_pool (method.md §1, "Block scores").
+float block_score(const PredictParams& p, const float* q_pool, int64_t bhk, int64_t j) {
+  const Shape& s = p.shape;
+  const int64_t dim = s.head_dim;
+  const int64_t nbk = block_counts(s, p.blocks).nbk;
+  const float* k_pool = p.stats.k_pool + (bhk * nbk + j) * dim;
+  float dot = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) dot += q_pool[d] * k_pool[d];
+  if (p.select.block_score == BlockScore::kMean) return dot * p.sm_scale;
+
+  // kSpikes: log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys.
+  const int64_t n = std::min(p.blocks.block_k, s.len_k - j * p.blocks.block_k);
+  const int64_t m = std::min(kSpikeKeys, n);
+  std::array<float, kSpikeKeys + 1> term{};
+  float spike_sum = 0.0f;
+  for (int64_t t = 0; t < m; ++t) {
+    const float* spike = p.stats.k_spikes + ((bhk * nbk + j) * kSpikeKeys + t) * dim;
+    float b = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) b += q_pool[d] * spike[d];
+    spike_sum += b;
+    term[t] = b * p.sm_scale;
+  }
+  int64_t terms = m;
+  if (n > m) {
+    const float rest = static_cast<float>(n - m);
+    term[terms++] = (static_cast<float>(n) * dot - spike_sum) / rest * p.sm_scale + std::log(rest);
+  }
+  float max_term = term[0];
+  for (int64_t t = 1; t < terms; ++t) max_term = std::max(max_term, term[t]);
+  float sum = 0.0f;
+  for (int64_t t = 0; t < terms; ++t) sum += std::exp(term[t] - max_term);
+  return max_term + std::log(sum);
+}
+
 // kTopK / kCdf for Q block i of head (b, h): marks the kept blocks of [0, geo.allowed) in `keep`.
 void select_by_scores(const PredictParams& p, int64_t b, int64_t h, int64_t i, const QBlockGeometry& geo,
                       std::vector<uint8_t>& keep) {
@@ -58,10 +93,7 @@ void select_by_scores(const PredictParams& p, int64_t b, int64_t h, int64_t i, c
       keep[j] = 1;
       continue;
     }
-    const float* k_pool = p.stats.k_pool + (bhk * nbk + j) * dim;
-    float dot = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) dot += q_pool[d] * k_pool[d];
-    score[j] = dot * p.sm_scale;
+    score[j] = block_score(p, q_pool, bhk, j);
     cand.push_back(j);
   }
 

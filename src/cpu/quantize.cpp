@@ -1,6 +1,7 @@
 // CPU reference of docs/method.md §0: K smoothing, INT8 Q and K, V in the P·V format, LSE
 // shift and the block statistics (pool, self-similarity) read by prediction.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -69,6 +70,39 @@ void block_stats(const float* x, int64_t n, int64_t dim, float* pool, float* sim
   *sim = (sum_norm2 - unit_norm2_sum) / (static_cast<float>(n) * static_cast<float>(n - 1));
 }
 
+// The kSpikeKeys rows of x [n, D] with the largest squared norm (fp32, summed over d in order;
+// ties: the lower row first), by descending norm, copied to spikes [kSpikeKeys, D]; slots past
+// n are zeros.
+void block_spikes(const float* x, int64_t n, int64_t dim, float* spikes) {
+  std::array<int64_t, kSpikeKeys> row;
+  std::array<float, kSpikeKeys> norm2;
+  row.fill(-1);
+  norm2.fill(-1.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    float nr = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) nr += x[r * dim + d] * x[r * dim + d];
+    for (int64_t t = 0; t < kSpikeKeys; ++t) {
+      if (nr > norm2[t]) {  // insert at t, shifting the rest down
+        for (int64_t u = kSpikeKeys - 1; u > t; --u) {
+          norm2[u] = norm2[u - 1];
+          row[u] = row[u - 1];
+        }
+        norm2[t] = nr;
+        row[t] = r;
+        break;
+      }
+    }
+  }
+  for (int64_t t = 0; t < kSpikeKeys; ++t) {
+    float* out = spikes + t * dim;
+    if (row[t] < 0) {
+      std::fill(out, out + dim, 0.0f);
+    } else {
+      std::copy(x + row[t] * dim, x + (row[t] + 1) * dim, out);
+    }
+  }
+}
+
 // Statistics of every block of `block` rows of x [len, D] (the last block holds the rest).
 void all_block_stats(const float* x, int64_t len, int64_t dim, int64_t block, float* pool, float* sim) {
   for (int64_t i = 0; i * block < len; ++i) {
@@ -117,6 +151,13 @@ void quantize_kv_head(const QuantizeParams& p, int64_t b, int64_t hk) {
       out.k + bh * len * dim, out.k_scale + bh * k_scale_groups(len, g));
   const int64_t nbk = ceil_div(len, p.blocks.block_k);
   all_block_stats(k.data(), len, dim, p.blocks.block_k, out.k_pool + bh * nbk * dim, out.k_sim + bh * nbk);
+  if (out.k_spikes != nullptr) {
+    const int64_t bk = p.blocks.block_k;
+    for (int64_t j = 0; j < nbk; ++j) {
+      block_spikes(k.data() + j * bk * dim, std::min(bk, len - j * bk), dim,
+                   out.k_spikes + (bh * nbk + j) * kSpikeKeys * dim);
+    }
+  }
 
   std::vector<float> v(len * dim);  // [Lk, D]
   load_head(p.in.v, p.in.dtype, p.in.v_strides, b, hk, len, dim, v.data());

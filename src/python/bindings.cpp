@@ -7,8 +7,8 @@
 //   shape      (B, Hq, Hkv, Lq, Lk, D)
 //   blocks     (block_q, block_k)
 //   *_strides  (batch, head, token) element strides of a [B, H, L, D] view; D has stride 1
-//   quantized  the 12 addresses of QuantizedQKV in declaration order:
-//              (q, q_scale, k, k_scale, k_mean, v, v_scale, lse_shift, q_pool, q_sim, k_pool, k_sim)
+//   quantized  the 13 addresses of QuantizedQKV in declaration order:
+//              (q, q_scale, k, k_scale, k_mean, v, v_scale, lse_shift, q_pool, q_sim, k_pool, k_sim, k_spikes)
 //
 // A per-head hyperparameter is a float `x` plus an address `x_per_head` ([Hq] fp32 on the
 // backend's device, 0 for none). A non-ok Status is raised as ValueError (kInvalidArgument),
@@ -30,7 +30,7 @@ using Addr = std::uintptr_t;
 using ShapeArg = std::array<int64_t, 6>;
 using BlocksArg = std::array<int64_t, 2>;
 using StridesArg = std::array<int64_t, 3>;
-using QuantizedArg = std::array<Addr, 12>;
+using QuantizedArg = std::array<Addr, 13>;
 
 template <typename T>
 T* ptr(Addr a) {
@@ -63,7 +63,8 @@ sparge::QuantizedQKV to_quantized(const QuantizedArg& a) {
           .q_pool = ptr<float>(a[8]),
           .q_sim = ptr<float>(a[9]),
           .k_pool = ptr<float>(a[10]),
-          .k_sim = ptr<float>(a[11])};
+          .k_sim = ptr<float>(a[11]),
+          .k_spikes = ptr<float>(a[12])};
 }
 
 sparge::QuantOptions to_quant(double sm_scale, bool smooth_k, int granularity, int pv) {
@@ -111,9 +112,11 @@ void quantize(int device, Addr stream, const ShapeArg& shape, const BlocksArg& b
                                                 .out = to_quantized(out)});
 }
 
-sparge::Selection to_selection(int mode, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head,
-                               double simthreshd1, Addr simthreshd1_per_head, bool attention_sink, Addr block_mask) {
+sparge::Selection to_selection(int mode, int block_score, double topk, Addr topk_per_head, double cdfthreshd,
+                               Addr cdfthreshd_per_head, double simthreshd1, Addr simthreshd1_per_head,
+                               bool attention_sink, Addr block_mask) {
   return {.mode = static_cast<sparge::SelectMode>(mode),
+          .block_score = static_cast<sparge::BlockScore>(block_score),
           .topk = head_param(topk, topk_per_head),
           .cdfthreshd = head_param(cdfthreshd, cdfthreshd_per_head),
           .simthreshd1 = head_param(simthreshd1, simthreshd1_per_head),
@@ -122,9 +125,9 @@ sparge::Selection to_selection(int mode, double topk, Addr topk_per_head, double
 }
 
 void predict(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, int causal, double sm_scale,
-             int mode, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head, double simthreshd1,
-             Addr simthreshd1_per_head, bool attention_sink, Addr block_mask, const QuantizedArg& quantized,
-             Addr index, Addr count, Addr mask_out, Addr stats_out) {
+             int mode, int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head,
+             double simthreshd1, Addr simthreshd1_per_head, bool attention_sink, Addr block_mask,
+             const QuantizedArg& quantized, Addr index, Addr count, Addr mask_out, Addr stats_out) {
   run(&sparge::predict,
       sparge::PredictParams{.device = static_cast<sparge::Device>(device),
                             .stream = to_stream(stream),
@@ -132,8 +135,9 @@ void predict(int device, Addr stream, const ShapeArg& shape, const BlocksArg& bl
                             .blocks = to_blocks(blocks),
                             .causal = static_cast<sparge::Causal>(causal),
                             .sm_scale = static_cast<float>(sm_scale),
-                            .select = to_selection(mode, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head,
-                                                   simthreshd1, simthreshd1_per_head, attention_sink, block_mask),
+                            .select = to_selection(mode, block_score, topk, topk_per_head, cdfthreshd,
+                                                   cdfthreshd_per_head, simthreshd1, simthreshd1_per_head,
+                                                   attention_sink, block_mask),
                             .stats = to_quantized(quantized),
                             .out = {.index = ptr<int32_t>(index), .count = ptr<int32_t>(count)},
                             .mask_out = ptr<uint8_t>(mask_out),
@@ -162,7 +166,7 @@ void attend(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blo
 void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, int causal, Addr q, Addr k,
                Addr v, int dtype, const StridesArg& q_strides, const StridesArg& k_strides,
                const StridesArg& v_strides, double sm_scale, bool smooth_k, int granularity, int pv, int mode,
-               double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head, double simthreshd1,
+               int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head, double simthreshd1,
                Addr simthreshd1_per_head, bool attention_sink, Addr block_mask, double pvthreshd,
                Addr pvthreshd_per_head, Addr o, int o_dtype, const StridesArg& o_strides, Addr lse, Addr stats_out,
                Addr workspace, size_t workspace_bytes) {
@@ -180,8 +184,9 @@ void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& 
                                      .k_strides = to_strides(k_strides),
                                      .v_strides = to_strides(v_strides)},
                               .quant = to_quant(sm_scale, smooth_k, granularity, pv),
-                              .select = to_selection(mode, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head,
-                                                     simthreshd1, simthreshd1_per_head, attention_sink, block_mask),
+                              .select = to_selection(mode, block_score, topk, topk_per_head, cdfthreshd,
+                                                     cdfthreshd_per_head, simthreshd1, simthreshd1_per_head,
+                                                   attention_sink, block_mask),
                               .pvthreshd = head_param(pvthreshd, pvthreshd_per_head),
                               .o = ptr<void>(o),
                               .o_dtype = static_cast<sparge::DType>(o_dtype),
@@ -227,7 +232,8 @@ NB_MODULE(_C, m) {
         nb::arg("pv"), nb::arg("out"), "Stage 0: smoothing, INT8 Q/K, V in the P·V format, block statistics.");
 
   m.def("predict", &predict, nb::kw_only(), nb::arg("device"), nb::arg("stream"), nb::arg("shape"),
-        nb::arg("blocks"), nb::arg("causal"), nb::arg("sm_scale"), nb::arg("mode"), nb::arg("topk"),
+        nb::arg("blocks"), nb::arg("causal"), nb::arg("sm_scale"), nb::arg("mode"), nb::arg("block_score"),
+        nb::arg("topk"),
         nb::arg("topk_per_head"), nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"),
         nb::arg("simthreshd1_per_head"), nb::arg("attention_sink"), nb::arg("block_mask"), nb::arg("quantized"),
         nb::arg("index"), nb::arg("count"), nb::arg("mask_out"), nb::arg("stats_out"),
@@ -242,7 +248,8 @@ NB_MODULE(_C, m) {
   m.def("attention", &attention, nb::kw_only(), nb::arg("device"), nb::arg("stream"), nb::arg("shape"),
         nb::arg("blocks"), nb::arg("causal"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("dtype"),
         nb::arg("q_strides"), nb::arg("k_strides"), nb::arg("v_strides"), nb::arg("sm_scale"), nb::arg("smooth_k"),
-        nb::arg("granularity"), nb::arg("pv"), nb::arg("mode"), nb::arg("topk"), nb::arg("topk_per_head"),
+        nb::arg("granularity"), nb::arg("pv"), nb::arg("mode"), nb::arg("block_score"), nb::arg("topk"),
+        nb::arg("topk_per_head"),
         nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"),
         nb::arg("simthreshd1_per_head"), nb::arg("attention_sink"), nb::arg("block_mask"), nb::arg("pvthreshd"),
         nb::arg("pvthreshd_per_head"), nb::arg("o"), nb::arg("o_dtype"), nb::arg("o_strides"), nb::arg("lse"),
@@ -257,4 +264,5 @@ NB_MODULE(_C, m) {
   m.attr("WORKSPACE_ALIGN") = sparge::kWorkspaceAlign;
   m.attr("MAX_HEAD_DIM") = sparge::kMaxHeadDim;
   m.attr("V_PAD_TOKENS") = sparge::kVPadTokens;
+  m.attr("SPIKE_KEYS") = sparge::kSpikeKeys;
 }

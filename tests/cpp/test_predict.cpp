@@ -27,7 +27,8 @@ struct Stats {
         q_pool(static_cast<size_t>(s.batch * s.heads_q * nbq * s.head_dim), 1.0f),
         q_sim(static_cast<size_t>(s.batch * s.heads_q * nbq), 1.0f),
         k_pool(static_cast<size_t>(s.batch * s.heads_kv * nbk * s.head_dim), 0.0f),
-        k_sim(static_cast<size_t>(s.batch * s.heads_kv * nbk), 1.0f) {}
+        k_sim(static_cast<size_t>(s.batch * s.heads_kv * nbk), 1.0f),
+        k_spikes(static_cast<size_t>(s.batch * s.heads_kv * nbk * kSpikeKeys * s.head_dim), 0.0f) {}
 
   // Compressed scores of the K blocks of kv head (b, hk) (head_dim 1).
   void set_scores(int64_t b, int64_t hk, const std::vector<float>& scores) {
@@ -39,13 +40,14 @@ struct Stats {
   }
 
   QuantizedQKV view() {
-    return {.q_pool = q_pool.data(), .q_sim = q_sim.data(), .k_pool = k_pool.data(), .k_sim = k_sim.data()};
+    return {.q_pool = q_pool.data(), .q_sim = q_sim.data(), .k_pool = k_pool.data(), .k_sim = k_sim.data(),
+            .k_spikes = k_spikes.data()};
   }
 
   Shape shape;
   BlockConfig blocks;
   int64_t nbq, nbk;
-  std::vector<float> q_pool, q_sim, k_pool, k_sim;
+  std::vector<float> q_pool, q_sim, k_pool, k_sim, k_spikes;
 };
 
 struct Prediction {
@@ -155,6 +157,79 @@ TEST(Predict, CdfKeepsTheShortestPrefixReachingTheThreshold) {
     SCOPED_TRACE(threshold);
     EXPECT_EQ(run_predict(st, Causal::kNone, cdf(threshold)).kept[0], expect);
   }
+}
+
+// BlockScore::kSpikes (method.md §1, "Block scores") with head_dim 1, q_pool = 1, sm_scale = 1:
+// block j of n keys with mean a and spike keys b0, b1 scores
+// ln(e^b0 + e^b1 + (n − 2) e^((n·a − b0 − b1) / (n − 2))).
+Selection with_spikes(Selection s) {
+  s.block_score = BlockScore::kSpikes;
+  return s;
+}
+
+TEST(Predict, SpikesScoreKeepsTheKeyTheMeanDilutes) {
+  Stats st(one_row_of_blocks(4), {});
+  // (a, b0, b1): a block of equal keys scores a + ln 64; block 2 holds one key at 8 among keys
+  // near 0.08: ln(e^8 + e^0.1 + 62 e^((12.8 − 8.1) / 62)) ≈ 8.0226, the best, while its mean
+  // 0.2 is the worst.
+  const std::vector<std::array<float, 3>> blocks = {{0.5f, 0.5f, 0.5f}, {1.0f, 1.0f, 1.0f}, {0.2f, 8.0f, 0.1f},
+                                                    {0.9f, 0.9f, 0.9f}};
+  for (int j = 0; j < 4; ++j) {
+    st.k_pool[j] = blocks[j][0];
+    st.k_spikes[j * kSpikeKeys + 0] = blocks[j][1];
+    st.k_spikes[j * kSpikeKeys + 1] = blocks[j][2];
+  }
+  EXPECT_EQ(run_predict(st, Causal::kNone, topk(0.25f)).kept[0], (Blocks{1}));
+  EXPECT_EQ(run_predict(st, Causal::kNone, topk(0.5f)).kept[0], (Blocks{1, 3}));
+  EXPECT_EQ(run_predict(st, Causal::kNone, with_spikes(topk(0.25f))).kept[0], (Blocks{2}));
+  EXPECT_EQ(run_predict(st, Causal::kNone, with_spikes(topk(0.5f))).kept[0], (Blocks{1, 2}));
+  // p̄ of block 2 = 3048.9 / (3048.9 + 64 (e^0.5 + e^1 + e^0.9)) ≈ 0.875, of block 1 ≈ 0.050.
+  EXPECT_EQ(run_predict(st, Causal::kNone, with_spikes(cdf(0.85f))).kept[0], (Blocks{2}));
+  EXPECT_EQ(run_predict(st, Causal::kNone, with_spikes(cdf(0.9f))).kept[0], (Blocks{1, 2}));
+}
+
+TEST(Predict, SpikesScoreCountsTheKeysOfShortBlocks) {
+  // Lk = 129: blocks 0 and 1 of 64 equal keys at 1 score 1 + ln 64 ≈ 5.159; block 2 holds one
+  // key, so m = 1 and it scores b0 alone (its second slot is unused).
+  Stats st({.batch = 1, .heads_q = 1, .heads_kv = 1, .len_q = 128, .len_k = 129, .head_dim = 1}, {});
+  for (int j = 0; j < 2; ++j) {
+    st.k_pool[j] = 1.0f;
+    st.k_spikes[j * kSpikeKeys + 0] = st.k_spikes[j * kSpikeKeys + 1] = 1.0f;
+  }
+  st.k_pool[2] = 5.0f;
+  st.k_spikes[2 * kSpikeKeys + 0] = 5.0f;
+  st.k_spikes[2 * kSpikeKeys + 1] = 100.0f;
+  EXPECT_EQ(run_predict(st, Causal::kNone, with_spikes(topk(0.3f))).kept[0], (Blocks{0}));
+  EXPECT_EQ(run_predict(st, Causal::kNone, topk(0.3f)).kept[0], (Blocks{2}));  // kMean: 5 > 1
+  st.k_pool[2] = st.k_spikes[2 * kSpikeKeys + 0] = 5.5f;
+  EXPECT_EQ(run_predict(st, Causal::kNone, with_spikes(topk(0.3f))).kept[0], (Blocks{2}));
+}
+
+TEST(Predict, SpikesScoreNeedsTheSpikeBuffer) {
+  Stats st(one_row_of_blocks(4), {});
+  QuantizedQKV stats = st.view();
+  stats.k_spikes = nullptr;
+  std::vector<int32_t> index(4), count(1);
+  const Status status = predict(PredictParams{.device = Device::kCPU,
+                                              .shape = st.shape,
+                                              .blocks = st.blocks,
+                                              .sm_scale = 1.0f,
+                                              .select = with_spikes(topk(0.5f)),
+                                              .stats = stats,
+                                              .out = {.index = index.data(), .count = count.data()}});
+  EXPECT_EQ(status.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("stats.k_spikes"), std::string::npos) << status.message();
+  Selection bad = topk(0.5f);
+  bad.block_score = static_cast<BlockScore>(7);
+  const Status bad_status = predict(PredictParams{.device = Device::kCPU,
+                                                  .shape = st.shape,
+                                                  .blocks = st.blocks,
+                                                  .sm_scale = 1.0f,
+                                                  .select = bad,
+                                                  .stats = st.view(),
+                                                  .out = {.index = index.data(), .count = count.data()}});
+  EXPECT_EQ(bad_status.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_status.message().find("select.block_score"), std::string::npos) << bad_status.message();
 }
 
 TEST(Predict, NonUniformQBlockKeepsEveryAllowedBlock) {

@@ -160,8 +160,8 @@ def test_stage_function_errors():
 def test_op_level_checks_protect_memory():
     """torch.ops.sparge.* called directly (bypassing sparge.api) still reject unsafe tensors."""
     q, k, v = _qkv()
-    args = dict(layout=0, mode=3, topk=0.5, cdfthreshd=0.9, simthreshd1=-0.1, pvthreshd=15.0, causal=0, scale=0.0,
-                block_q=128, block_k=64, attention_sink=False, smooth_k=True, granularity=2, pv=0,
+    args = dict(layout=0, mode=3, block_score=0, topk=0.5, cdfthreshd=0.9, simthreshd1=-0.1, pvthreshd=15.0, causal=0,
+                scale=0.0, block_q=128, block_k=64, attention_sink=False, smooth_k=True, granularity=2, pv=0,
                 output_dtype=torch.float16, return_lse=False, return_stats=False)  # fmt: skip
     small_mask = torch.ones(1, 1, 1, 1, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"block_mask: expected a contiguous uint8 tensor of shape \(1, 4, 1, 3\)"):
@@ -173,7 +173,7 @@ def test_op_level_checks_protect_memory():
 def test_core_status_codes_map_to_python_exceptions():
     """kInvalidArgument → ValueError, kNotBuilt / kUnsupported → NotImplementedError, with the Status message."""
     common = dict(stream=0, blocks=(128, 64), q=0, k=0, v=0, dtype=0, q_strides=(0, 0, 0), k_strides=(0, 0, 0),
-                  v_strides=(0, 0, 0), sm_scale=0.0, smooth_k=True, granularity=2, pv=0, out=(0,) * 12)  # fmt: skip
+                  v_strides=(0, 0, 0), sm_scale=0.0, smooth_k=True, granularity=2, pv=0, out=(0,) * 13)  # fmt: skip
     with pytest.raises(ValueError, match=r"shape.head_dim: expected 1..256, got 0"):
         _C.quantize(device=0, shape=(1, 1, 1, 1, 1, 0), **common)
     with pytest.raises(ValueError, match=r"device: expected kCPU \(0\) or kCUDA \(1\), got 7"):

@@ -15,7 +15,7 @@ import torch
 
 import sparge
 from helpers import assert_close_to, assert_equal
-from sparge.testing import reference_attention, relative_l1, structured_qkv
+from sparge.testing import reference_attention, relative_l1, sink_retrieval_qkv, structured_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +28,8 @@ SPARSE_BOUNDS = {  # as test_attention.py::test_sparse_modes_degrade_gracefully 
 
 
 def _to(quantized: sparge.QuantizedQKV, device) -> sparge.QuantizedQKV:
-    return quantized._replace(**{name: getattr(quantized, name).to(device) for name in quantized._fields[:12]})
+    fields = quantized._fields[: len(sparge._ops.QUANTIZED_FIELDS)]
+    return quantized._replace(**{name: getattr(quantized, name).to(device) for name in fields})
 
 
 def _kwargs(mode, value):
@@ -90,7 +91,8 @@ def test_cuda_quantize_matches_cpu_backend(seed, gran, dtype):
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3, f"{name} seed={seed}"
     v_diff = (gpu.v.float() - cpu.v.float()).abs() > 0
     assert float(v_diff.float().mean()) <= 1e-3, f"v seed={seed}"
-    for name in ("q_scale", "k_scale", "k_mean", "v_scale", "lse_shift", "q_pool", "q_sim", "k_pool", "k_sim"):
+    for name in ("q_scale", "k_scale", "k_mean", "v_scale", "lse_shift", "q_pool", "q_sim", "k_pool", "k_sim",
+                 "k_spikes"):  # fmt: skip
         torch.testing.assert_close(getattr(gpu, name), getattr(cpu, name), rtol=1e-5, atol=1e-5, msg=f"{name} seed={seed}")
     assert torch.all(gpu.v[..., 333:].float() == 0), "V padding must be zero"
 
@@ -98,6 +100,8 @@ def test_cuda_quantize_matches_cpu_backend(seed, gran, dtype):
 @pytest.mark.parametrize("case", [dict(mode="dense"), dict(mode="topk", topk=0.3), dict(mode="cdf", cdfthreshd=0.95),
                                   dict(mode="topk", topk=0.5, is_causal=True, attention_sink=True),
                                   dict(mode="cdf", cdfthreshd=0.9, is_causal=True, causal_alignment="bottom_right"),
+                                  dict(mode="topk", topk=0.3, block_score="spikes"),
+                                  dict(mode="cdf", cdfthreshd=0.95, block_score="spikes", is_causal=True),
                                   dict(mode="block_mask")], ids=str)  # fmt: skip
 def test_cuda_predict_matches_cpu_backend(seed, case):
     """Same block statistics on both backends. Dense and block-mask selections are exact; topk
@@ -118,6 +122,26 @@ def test_cuda_predict_matches_cpu_backend(seed, case):
         return
     mismatch = float((gpu.mask != cpu.mask).float().mean())
     assert mismatch <= 1e-3, f"{case}: {mismatch:.2%} of the blocks differ, seed={seed}"
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
+def test_cuda_spikes_score_matches_cpu_backend_on_sinks(seed, density):
+    """block_score="spikes" on the sink + retrieval workload: the CUDA spike keys and selection
+    match the CPU reference (spike keys picked by fp32 norms summed in another order: a near-tie
+    may swap a key, so at most 1e-3 of the blocks differ), and the GPU op is as accurate."""
+    q, k, v = sink_retrieval_qkv(1, 4, 2048, 128, seed=seed)
+    quantized = sparge.quantize(q, k, v)
+    gpu_quantized = sparge.quantize(q.cuda(), k.cuda(), v.cuda())
+    spikes_differ = (gpu_quantized.k_spikes.cpu() - quantized.k_spikes).abs().amax(dim=-1) > 1e-4
+    assert float(spikes_differ.float().mean()) <= 1e-3, f"k_spikes seed={seed}"
+    cpu = sparge.predict(quantized, topk=density, block_score="spikes")
+    gpu = sparge.predict(_to(quantized, "cuda"), topk=density, block_score="spikes")
+    mismatch = float((gpu.mask.cpu() != cpu.mask).float().mean())
+    assert mismatch <= 1e-3, f"{mismatch:.2%} of the blocks differ, density {density} seed={seed}"
+    ref, _ = reference_attention(q.cuda(), k.cuda(), v.cuda())
+    o_cpu = sparge.attention(q, k, v, topk=density, block_score="spikes")
+    o_gpu = sparge.attention(q.cuda(), k.cuda(), v.cuda(), topk=density, block_score="spikes")
+    assert relative_l1(o_gpu, ref) <= relative_l1(o_cpu, ref.cpu()) + 0.01, f"density {density} seed={seed}"
 
 
 def test_cuda_graph_capture_replay_equals_eager(seed):

@@ -148,7 +148,7 @@ def test_quantized_tuple_carries_its_settings(seed):
                          pv_precision="fp16")  # fmt: skip
     assert qz.block_size == (32, 32) and qz.scale == 0.3 and qz.qk_quant_gran == "per_block"
     assert qz.pv_precision == "fp16" and qz.dtype == torch.bfloat16 and qz.layout == "NHD"
-    assert qz.v.dtype == torch.float16 and len(qz.buffers()) == 12
+    assert qz.v.dtype == torch.float16 and len(qz.buffers()) == 13
     pred = sparge.predict(qz)
     o = sparge.attend(qz, pred.index, pred.count)
     assert o.shape == q.shape and o.dtype == torch.bfloat16

@@ -25,6 +25,7 @@ struct PredictArgs {
   const float* q_sim;   // [B, Hq, nbq]
   const float* k_pool;  // [B, Hkv, nbk, D]
   const float* k_sim;   // [B, Hkv, nbk]
+  const float* k_spikes;  // [B, Hkv, nbk, kSpikeKeys, D] (BlockScore::kSpikes)
   int32_t* index;       // [B, Hq, nbq, nbk]
   int32_t* count;       // [B, Hq, nbq]
   uint8_t* mask_out;    // [B, Hq, nbq, nbk] or null
@@ -59,6 +60,44 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
   }
   __syncthreads();
   return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// BlockScore::kSpikes score of K block j (method.md §1), from `dot` = q̄ · k̄ (warp-uniform):
+// log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄' + ...)) in the exact fp32 order of the CPU reference.
+__device__ __forceinline__ float spikes_score(const PredictArgs& a, const float* q_row, int64_t bhk, int64_t j,
+                                              float dot, int lane) {
+  const Shape& s = a.shape;
+  const int64_t bk = a.blocks.block_k;
+  const int64_t n = min(bk, s.len_k - j * bk);
+  const int64_t m = min(kSpikeKeys, n);
+  float term[kSpikeKeys + 1];
+  float spike_sum = 0.0f;
+#pragma unroll
+  for (int t = 0; t < kSpikeKeys; ++t) {
+    term[t] = 0.0f;
+    if (t < m) {
+      const float* kp = a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t) * s.head_dim;
+      float b = 0.0f;
+      for (int64_t d = lane; d < s.head_dim; d += kWarpSize) b += q_row[d] * kp[d];
+      b = warp_sum(b);
+      spike_sum += b;
+      term[t] = b * a.sm_scale;
+    }
+  }
+  int terms = static_cast<int>(m);
+  term[kSpikeKeys] = 0.0f;
+  if (n > m) {
+    const float rest = static_cast<float>(n - m);
+    const float value = __fmul_rn(__fdiv_rn(__fsub_rn(__fmul_rn(static_cast<float>(n), dot), spike_sum), rest),
+                                  a.sm_scale);
+    term[terms] = __fadd_rn(value, logf(rest));
+    ++terms;
+  }
+  float max_term = term[0];
+  for (int t = 1; t < terms; ++t) max_term = fmaxf(max_term, term[t]);
+  float sum = 0.0f;
+  for (int t = 0; t < terms; ++t) sum += expf(term[t] - max_term);
+  return max_term + logf(sum);
 }
 
 __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
@@ -121,7 +160,12 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
       float dot = 0.0f;
       for (int64_t d = lane; d < s.head_dim; d += kWarpSize) dot += q_row[d] * kp[d];
       dot = warp_sum(dot);
-      if (lane == 0) score[j] = dot * a.sm_scale;
+      if (a.select.block_score == BlockScore::kSpikes) {
+        dot = spikes_score(a, q_row, bhk, j, dot, lane);
+      } else {
+        dot *= a.sm_scale;
+      }
+      if (lane == 0) score[j] = dot;
     }
     __syncthreads();
 
@@ -251,7 +295,8 @@ Status predict(const PredictParams& p) {
   if (bhq == 0 || nbq == 0) return Status::Ok();
   const PredictArgs args{.shape = p.shape, .blocks = p.blocks, .causal = p.causal, .sm_scale = p.sm_scale,
                          .select = p.select, .q_pool = p.stats.q_pool, .q_sim = p.stats.q_sim,
-                         .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .index = p.out.index,
+                         .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
+                         .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk};
   const size_t smem = predict_smem_bytes(nbk);
   SPARGE_CUDA_TRY(cudaFuncSetAttribute(predict_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -4,7 +4,7 @@
 // Passes (all on the caller's stream):
 //   1. k_block_sums : raw K row sums per prediction K block      → k_pool (temporarily sums)
 //   2. k_mean       : k_mean = Σ block sums / Lk                   → k_mean
-//   3. rows<K>      : smoothed K → INT8 + scales + pooled mean/self-similarity
+//   3. rows<K>      : smoothed K → INT8 + scales + pooled mean/self-similarity + spike keys
 //   4. rows<Q>      : Q → INT8 + scales (× sm_scale·log2e) + LSE shift + pooled mean/self-similarity
 //   5. v_amax       : per-channel amax of V (exact atomic max)     → v_scale (temporarily amax)
 //   6. v_quant      : V / scale → e4m3 or fp16, transposed to [D, Lk_pad] with zero padding
@@ -40,6 +40,7 @@ struct RowsArgs {
   float* pool;            // [B, H, nblocks, D]
   float* sim;             // [B, H, nblocks]
   float* lse_shift;       // [B, H, L] (Q only) or null
+  float* spikes;          // [B, H, nblocks, kSpikeKeys, D] (K only) or null
 };
 
 template <bool kIsQ>
@@ -60,7 +61,10 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
   float* row_amax = unit_sum + d_count;          // [kTileRows]
   float* row_inv_norm = row_amax + kTileRows;    // [kTileRows]
   float* group_amax = row_inv_norm + kTileRows;  // [kTileRows] (a tile holds at most 32 groups)
+  float* row_norm2 = group_amax + kTileRows;     // [kTileRows] squared norm of each row (spike keys)
   __shared__ int nonzero_rows;
+  __shared__ float spike_norm2[kSpikeKeys];      // the largest row norms so far, descending
+  __shared__ int64_t spike_row[kSpikeKeys];      // their rows (-1: none yet)
 
   const int64_t block = blockIdx.x;
   const int64_t bh = blockIdx.y;
@@ -80,6 +84,10 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
     unit_sum[d] = 0.0f;
   }
   if (threadIdx.x == 0) nonzero_rows = 0;
+  if (threadIdx.x < kSpikeKeys) {
+    spike_norm2[threadIdx.x] = -1.0f;
+    spike_row[threadIdx.x] = -1;
+  }
   __syncthreads();
 
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
@@ -102,12 +110,30 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
       if (lane == 0) {
         row_amax[r] = amax;
         row_inv_norm[r] = sumsq > 0.0f ? rsqrtf(sumsq) : 0.0f;
+        row_norm2[r] = sumsq;
         if (sumsq > 0.0f) atomicAdd(&nonzero_rows, 1);
         if (kIsQ && a.lse_shift != nullptr) a.lse_shift[bh * a.len + row0 + r] = a.sm_scale * dot;
       }
     }
     if (threadIdx.x < kTileRows) group_amax[threadIdx.x] = 0.0f;
     __syncthreads();
+    if (!kIsQ && a.spikes != nullptr && threadIdx.x == 0) {
+      // Spike keys: the rows of largest squared norm in row order, ties to the earlier row.
+      for (int r = 0; r < rows; ++r) {
+        const float nr = row_norm2[r];
+        for (int t = 0; t < kSpikeKeys; ++t) {
+          if (nr > spike_norm2[t]) {
+            for (int u = kSpikeKeys - 1; u > t; --u) {
+              spike_norm2[u] = spike_norm2[u - 1];
+              spike_row[u] = spike_row[u - 1];
+            }
+            spike_norm2[t] = nr;
+            spike_row[t] = row0 + r;
+            break;
+          }
+        }
+      }
+    }
     const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
     if (threadIdx.x < rows) {
       const int64_t g = scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0;
@@ -156,6 +182,15 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
   if (threadIdx.x == 0) {
     const float nf = static_cast<float>(n);
     a.sim[bh * gridDim.x + block] = n == 1 ? 1.0f : (norm2 - static_cast<float>(nonzero_rows)) / (nf * (nf - 1.0f));
+  }
+  if (!kIsQ && a.spikes != nullptr) {
+    // Spike rows re-read from the input, smoothed exactly as in the tile; zeros for empty slots.
+    float* spikes = a.spikes + (bh * gridDim.x + block) * kSpikeKeys * d_count;
+    for (int64_t i = threadIdx.x; i < kSpikeKeys * d_count; i += kThreads) {
+      const int64_t t = i / d_count, d = i % d_count;
+      const int64_t r = spike_row[t];
+      spikes[i] = r < 0 ? 0.0f : load_as_float(x + r * a.strides.token + d) - kmean[d];
+    }
   }
 }
 
@@ -235,7 +270,7 @@ __global__ void v_finalize_kernel(float* scale, int64_t count) {
 }
 
 size_t rows_smem_bytes(int64_t head_dim) {
-  return sizeof(float) * (kTileRows * (head_dim + 1) + 3 * head_dim + 3 * kTileRows);
+  return sizeof(float) * (kTileRows * (head_dim + 1) + 3 * head_dim + 4 * kTileRows);
 }
 
 template <bool kIsQ, typename T>
@@ -279,7 +314,7 @@ Status quantize(const QuantizeParams& p) {
                         .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
                         .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
                         .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
-                        .sim = o.k_sim, .lse_shift = nullptr};
+                        .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
       SPARGE_RETURN_IF_ERROR(launch_rows<false, T>(ka, nbk, bhk, stream));
 
       SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");
@@ -314,7 +349,7 @@ Status quantize(const QuantizeParams& p) {
                         .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
                         .k_mean = o.k_mean, .scale_factor = c, .sm_scale = p.quant.sm_scale, .out = o.q,
                         .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
-                        .sim = o.q_sim, .lse_shift = o.lse_shift};
+                        .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr};
       SPARGE_RETURN_IF_ERROR(launch_rows<true, T>(qa, nbq, bhq, stream));
     }
     return Status::Ok();
