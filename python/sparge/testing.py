@@ -302,24 +302,26 @@ def block_attention_mass(
     bq, bk = block_size
     nbq, nbk = -(-len_q // bq), -(-len_k // bk)
     mass = torch.zeros(batch, heads_q, nbq, nbk, dtype=torch.float64)
-    key_block = torch.arange(len_k) // bk
+    key_block = torch.arange(len_k, device=q.device) // bk
     rows_per_chunk = max(bq, (max_chunk_elements // max(len_k, 1)) // bq * bq)
     for b in range(batch):
         for h in range(heads_q):
             kh = k[b, h // group].to(dtype)
             for r0 in range(0, len_q, rows_per_chunk):
-                rows = torch.arange(r0, min(r0 + rows_per_chunk, len_q))
+                rows = torch.arange(r0, min(r0 + rows_per_chunk, len_q), device=q.device)
                 s = (q[b, h, rows].to(dtype) @ kh.T) * scale
                 s = s.masked_fill(~_visible(rows, len_q, len_k, is_causal, "top_left"), -math.inf)
                 p = torch.softmax(s, dim=1).nan_to_num(0.0).double()
-                per_key_block = torch.zeros(rows.numel(), nbk, dtype=torch.float64).index_add_(1, key_block, p)
-                mass[b, h].index_add_(0, rows // bq, per_key_block)
+                per_key_block = torch.zeros(rows.numel(), nbk, dtype=torch.float64, device=q.device)
+                per_key_block.index_add_(1, key_block, p)
+                mass[b, h].index_add_(0, (rows // bq).cpu(), per_key_block.cpu())
     return mass
 
 
 def oracle_block_mask(mass: Tensor, counts: Tensor) -> Tensor:
     """The oracle selection: for every (b, h, Q block) the ``counts[b, h, i]`` K blocks of largest
-    exact mass (``mass`` from :func:`block_attention_mass`; ties by lower index) as a bool mask."""
+    exact mass (``mass`` from :func:`block_attention_mass`; ties by lower index) as a bool mask on
+    the device of ``counts``."""
     order = torch.sort(-mass, dim=-1, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(mass.size(-1)).expand_as(order))
-    return rank < counts.to(torch.int64).unsqueeze(-1)
+    return (rank < counts.cpu().to(torch.int64).unsqueeze(-1)).to(counts.device)
