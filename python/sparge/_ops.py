@@ -109,6 +109,15 @@ def _addr(x: Optional[Tensor]) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
+                    simthreshd1_per_head, attention_sink, block_mask) -> dict:
+    """The stage-1 keyword arguments shared by ``_C.attention`` and ``_C.predict``."""
+    return dict(mode=mode, block_score=block_score, topk=topk, topk_per_head=_addr(topk_per_head),
+                cdfthreshd=cdfthreshd, cdfthreshd_per_head=_addr(cdfthreshd_per_head), simthreshd1=simthreshd1,
+                simthreshd1_per_head=_addr(simthreshd1_per_head), attention_sink=attention_sink,
+                block_mask=_addr(block_mask))  # fmt: skip
+
+
 def _empty_out(batch, heads, length, head_dim, layout: int, dtype, device) -> Tensor:
     """An uninitialised [B, H, L, D] (HND) or [B, L, H, D] (NHD) output."""
     if layout == LAYOUT_NHD:
@@ -258,16 +267,8 @@ def attention(
             smooth_k=smooth_k,
             granularity=granularity,
             pv=pv,
-            mode=mode,
-            block_score=block_score,
-            topk=topk,
-            topk_per_head=_addr(topk_per_head),
-            cdfthreshd=cdfthreshd,
-            cdfthreshd_per_head=_addr(cdfthreshd_per_head),
-            simthreshd1=simthreshd1,
-            simthreshd1_per_head=_addr(simthreshd1_per_head),
-            attention_sink=attention_sink,
-            block_mask=_addr(block_mask),
+            **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
+                              simthreshd1_per_head, attention_sink, block_mask),
             pvthreshd=pvthreshd,
             pvthreshd_per_head=_addr(pvthreshd_per_head),
             o=o.data_ptr(),
@@ -420,16 +421,8 @@ def predict(
             blocks=(block_q, block_k),
             causal=causal,
             sm_scale=scale,
-            mode=mode,
-            block_score=block_score,
-            topk=topk,
-            topk_per_head=_addr(topk_per_head),
-            cdfthreshd=cdfthreshd,
-            cdfthreshd_per_head=_addr(cdfthreshd_per_head),
-            simthreshd1=simthreshd1,
-            simthreshd1_per_head=_addr(simthreshd1_per_head),
-            attention_sink=attention_sink,
-            block_mask=_addr(block_mask),
+            **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
+                              simthreshd1_per_head, attention_sink, block_mask),
             quantized=tuple(x.data_ptr() for x in quantized),
             index=index.data_ptr(),
             count=count.data_ptr(),

@@ -67,6 +67,17 @@ sparge::QuantizedQKV to_quantized(const QuantizedArg& a) {
           .k_spikes = ptr<float>(a[12])};
 }
 
+sparge::Inputs to_inputs(Addr q, Addr k, Addr v, int dtype, const StridesArg& q_strides, const StridesArg& k_strides,
+                         const StridesArg& v_strides) {
+  return {.q = ptr<const void>(q),
+          .k = ptr<const void>(k),
+          .v = ptr<const void>(v),
+          .dtype = static_cast<sparge::DType>(dtype),
+          .q_strides = to_strides(q_strides),
+          .k_strides = to_strides(k_strides),
+          .v_strides = to_strides(v_strides)};
+}
+
 sparge::QuantOptions to_quant(double sm_scale, bool smooth_k, int granularity, int pv) {
   return {.sm_scale = static_cast<float>(sm_scale),
           .smooth_k = smooth_k,
@@ -101,13 +112,7 @@ void quantize(int device, Addr stream, const ShapeArg& shape, const BlocksArg& b
                                                 .stream = to_stream(stream),
                                                 .shape = to_shape(shape),
                                                 .blocks = to_blocks(blocks),
-                                                .in = {.q = ptr<const void>(q),
-                                                       .k = ptr<const void>(k),
-                                                       .v = ptr<const void>(v),
-                                                       .dtype = static_cast<sparge::DType>(dtype),
-                                                       .q_strides = to_strides(q_strides),
-                                                       .k_strides = to_strides(k_strides),
-                                                       .v_strides = to_strides(v_strides)},
+                                                .in = to_inputs(q, k, v, dtype, q_strides, k_strides, v_strides),
                                                 .quant = to_quant(sm_scale, smooth_k, granularity, pv),
                                                 .out = to_quantized(out)});
 }
@@ -166,8 +171,8 @@ void attend(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blo
 void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, int causal, Addr q, Addr k,
                Addr v, int dtype, const StridesArg& q_strides, const StridesArg& k_strides,
                const StridesArg& v_strides, double sm_scale, bool smooth_k, int granularity, int pv, int mode,
-               int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head, double simthreshd1,
-               Addr simthreshd1_per_head, bool attention_sink, Addr block_mask, double pvthreshd,
+               int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head,
+               double simthreshd1, Addr simthreshd1_per_head, bool attention_sink, Addr block_mask, double pvthreshd,
                Addr pvthreshd_per_head, Addr o, int o_dtype, const StridesArg& o_strides, Addr lse, Addr stats_out,
                Addr workspace, size_t workspace_bytes) {
   run(&sparge::attention,
@@ -176,17 +181,11 @@ void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& 
                               .shape = to_shape(shape),
                               .blocks = to_blocks(blocks),
                               .causal = static_cast<sparge::Causal>(causal),
-                              .in = {.q = ptr<const void>(q),
-                                     .k = ptr<const void>(k),
-                                     .v = ptr<const void>(v),
-                                     .dtype = static_cast<sparge::DType>(dtype),
-                                     .q_strides = to_strides(q_strides),
-                                     .k_strides = to_strides(k_strides),
-                                     .v_strides = to_strides(v_strides)},
+                              .in = to_inputs(q, k, v, dtype, q_strides, k_strides, v_strides),
                               .quant = to_quant(sm_scale, smooth_k, granularity, pv),
                               .select = to_selection(mode, block_score, topk, topk_per_head, cdfthreshd,
                                                      cdfthreshd_per_head, simthreshd1, simthreshd1_per_head,
-                                                   attention_sink, block_mask),
+                                                     attention_sink, block_mask),
                               .pvthreshd = head_param(pvthreshd, pvthreshd_per_head),
                               .o = ptr<void>(o),
                               .o_dtype = static_cast<sparge::DType>(o_dtype),
