@@ -144,6 +144,39 @@ def _stages(q, k, v, args: argparse.Namespace, stage_cases) -> list[tuple[str, C
     return stages
 
 
+def _flex_case(q, k, v, label: str, kwargs: dict, causal: bool, gqa: bool):
+    """FlexAttention (compiled) over the blocks sparge keeps for the same inputs: the
+    block-sparse baseline of DESIGN §4. Times only the attention, not the prediction."""
+    select = {key: val for key, val in kwargs.items() if key in ("mode", "topk", "cdfthreshd", "is_causal")}
+    pred = sparge.predict(sparge.quantize(q, k, v), **select)
+    len_q, len_k = q.size(2), k.size(2)
+
+    def build():
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        kept = pred.mask  # [B, H, nbq, nbk]: the same blocks, so any path of flex_attention agrees
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = kept[b, h, q_idx // 128, kv_idx // 64]
+            return keep & (q_idx >= kv_idx) if causal else keep
+
+        mask = BlockMask.from_kv_blocks(pred.count, pred.index.clamp_min(0), BLOCK_SIZE=(128, 64), mask_mod=mask_mod,
+                                        seq_lengths=(len_q, len_k))  # fmt: skip
+        return torch.compile(flex_attention, dynamic=False), mask
+
+    state = {}
+
+    def run_flex():
+        try:
+            if not state:
+                state["fn"], state["mask"] = build()
+            return state["fn"](q, k, v, block_mask=state["mask"], enable_gqa=gqa)
+        except Exception as e:  # FlexAttention missing or failing to compile: reported as unavailable
+            raise RuntimeError(f"FlexAttention: {type(e).__name__}: {e}") from e
+
+    return (f"flex {label[len('sparge '):]}", run_flex, lambda: float(sparge.block_sparsity(pred.stats)))
+
+
 def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
     """Runs every case; returns the results and the configuration (for --json)."""
     if args.device == "auto":
@@ -191,6 +224,8 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         label = f"sparge {mode}" + (f" {value:g}" if value is not None else "")
         cases.append((label, lambda kw=kwargs: sparge.attention(q, k, v, **kw),
                       lambda kw=kwargs: float(sparge.attention(q, k, v, return_sparsity=True, **kw)[1])))  # fmt: skip
+        if on_gpu and mode != "dense":
+            cases.append(_flex_case(q, k, v, label, kwargs, args.causal, bool(gqa)))
         if args.stages:
             stage_cases.append((label, kwargs))
 
