@@ -36,6 +36,9 @@ d128_L32k_pv16|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5 --pv-precision 
 d128_B2_L8k|-B 2 -H 16 -L 8192 -D 128 --modes dense,topk:0.5
 d64_L32k|-B 1 -H 32 -L 32768 -D 64 --modes dense,topk:0.5
 d128_L32k_causal|-B 1 -H 16 -L 32768 -D 128 --causal --modes dense}"
+phase "matrix-unit ceilings"
+timeout 60 python3 "$ROOT/scripts/gemm_ceiling.py" 2>&1 | tee "$OUT/gemm_ceiling.txt"
+
 phase "benchmark"
 while IFS='|' read -r label bench_args; do
   [ -n "$label" ] || continue
