@@ -84,4 +84,13 @@ __device__ __forceinline__ bool named_barrier_all(int id, int threads, bool pred
   return result != 0;
 }
 
+// Named barrier `id` over `threads` threads: wait for them (sync) or only count this thread in
+// (arrive). Used for the ping-pong order of the consumer warpgroups' wgmma issue.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 }  // namespace sparge::cuda

@@ -8,9 +8,22 @@
 // order into kWgmmaAttendStages stages. Warpgroups 1 and 2 consume 64 rows each; warp w of a
 // consumer warpgroup owns rows [16w, 16w + 16) of them, exactly one P·V group of the method.
 //
-// P·V skip: a warp decides for its group like the reference. The wgmma is warpgroup-wide, so it
-// is skipped only when all 4 warps skip (a named-barrier vote); otherwise a skipping warp feeds
-// P = 0 and α = 1, which leaves its m, l and acc unchanged.
+// Schedule: the consumer warpgroups take turns issuing their wgmma (ping-pong, named barriers 3
+// and 4), so one's softmax overlaps the other's products. With kOverlap (all but D_PAD = BLOCK_K =
+// 128) a turn issues S of block i + 1 and P·V of block i, and the softmax of block i + 1 runs
+// while P·V of block i is in flight; otherwise a turn runs P·V of block i to completion, then
+// issues S of block i + 1. ptxas serializes every wgmma of the kernel when one stays in flight
+// across a divergent branch, or when a wgmma.fence is not in the wgmma's basic block: keep it so
+// (check the C75xx infos of -Xptxas=-v).
+//
+// P·V skip: a warp decides for its group like the reference; a skipping warp feeds P = 0 and
+// α = 1, which leaves its m, l and acc unchanged. Without kOverlap the wgmma is skipped when all
+// 4 warps skip (a named-barrier vote); with kOverlap it is always issued (a branch around it
+// would serialize the pipeline), so a skip saves the softmax work but not the tensor work.
+//
+// Softmax: p · 448 = exp2(s − (m − log2 448)), l sums p · 448; on a fully visible block the row
+// maximum is max(float(dot)) · scale (bit-identical to max(float(dot) · scale)) and
+// s − m' is one fma.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. The 8-bit A fragment of k-step s wants keys
@@ -57,8 +70,10 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 inline constexpr unsigned kFullWarp = 0xffffffffu;
 inline constexpr int kQuadLanes = 4;
 inline constexpr int kNTile = 8;  // columns of one accumulator n-tile
-inline constexpr int kProducerRegs = 40;
-inline constexpr int kConsumerRegs = 232;
+inline constexpr int kProducerRegs = 24;
+inline constexpr int kConsumerRegs = 240;
+inline constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale)
+inline constexpr int kPingPongBarrier0 = 3;  // named barriers 3, 4 (1, 2: the skip votes)
 inline constexpr int kMaxTrackedDevices = 64;
 
 template <int kHeadDimPad_, int kBlockK_>
@@ -76,6 +91,9 @@ struct Config {
   // products would not fit the register budget next to the accumulators.
   static constexpr int kPvChunkCols = kHeadDimPad == 128 && kBlockK == 128 ? 64 : kHeadDimPad;
   static constexpr int kPvChunks = kHeadDimPad / kPvChunkCols;
+  // Softmax of block i + 1 overlapping P·V of block i: needs (64, D_PAD) fresh products, two P
+  // fragments and S next to the accumulators; not within budget for D_PAD = BLOCK_K = 128.
+  static constexpr bool kOverlap = kPvChunks == 1;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
   static constexpr int kOTiles = kHeadDimPad / kNTile;
 
@@ -241,171 +259,489 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     q_scale_row[i] = row_valid[i] ? p.q_scale[bh * p.q_groups + q_scale_group(r, p.granularity)] : 0.0f;
     col_end[i] = row_valid[i] ? static_cast<int>(visible_end(r, p.causal, p.len_q, p.len_k)) : 0;
   }
+  const int col_end_min = min(col_end[0], col_end[1]);
   const float pvthreshd = p.pvthreshd_per_head != nullptr ? p.pvthreshd_per_head[h] : p.pvthreshd;
   const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
   const PFragmentLane p_lane = p_fragment_lane(lane);
 
-  const uint64_t q_desc = wgmma_desc(q_smem + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
-  float m[2] = {kNegInf, kNegInf};  // running max (log2 units), rows g and g + 8
-  float l[2] = {0.0f, 0.0f};        // running sum of this lane's columns
-  float acc[Cfg::kORegs];           // (64, D_PAD) of the warpgroup: running Σ fmt(p · 448) · v_q
-#pragma unroll
-  for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
-  int skipped = 0;
-
-  mbarrier_wait(q_full, 0);
-  for (int i = 0; i < n_kept; ++i) {
-    const int stage = i % kStages;
-    const uint32_t parity = (i / kStages) & 1;
-    const int key0 = kept[i] * kBlockK;
-
-    // K scale of this lane's columns, per 64-key half (one group per lane and half in every
-    // granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
-    constexpr int kHalves = kBlockK / kQuantBlockRows;
-    float k_scale_half[kHalves];
+  // K scale of this lane's columns of block `key0`, per 64-key half (one group per lane and half in
+  // every granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
+  constexpr int kHalves = kBlockK / kQuantBlockRows;
+  auto load_k_scales = [&](int key0, float (&ks)[kHalves]) {
 #pragma unroll
     for (int hh = 0; hh < kHalves; ++hh) {
       const int key = key0 + hh * static_cast<int>(kQuantBlockRows) + 2 * t;
-      k_scale_half[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
+      ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
     }
+  };
 
-    // ---- 1. S = Q K^T: (64, BLOCK_K) int32 per warpgroup ---------------------------------------
-    mbarrier_wait(k_full(stage), parity);
-    int32_t s_acc[Cfg::kSRegs];
+  // Ping-pong: the two consumer warpgroups take turns issuing their wgmma (named barriers 3, 4), so
+  // one's softmax runs while the other's products occupy the tensor cores.
+  const int my_turn = kPingPongBarrier0 + consumer_group;
+  const int other_turn = kPingPongBarrier0 + (1 - consumer_group);
+  if (consumer_group == 1) named_barrier_arrive(kPingPongBarrier0, 2 * kWarpgroupThreads);  // group 0 starts
+
+  const uint64_t q_desc = wgmma_desc(q_smem + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
+  int32_t s_acc[Cfg::kSRegs];  // S = Q K^T of the block in flight, (64, BLOCK_K) int32 per warpgroup
+  auto wait_k = [&](int i) { mbarrier_wait(k_full(i % kStages), (i / kStages) & 1); };
+  // Issues S = Q K^T of kept block i (its K tile landed: wait_k); completes with the next wait.
+  auto issue_qk = [&](int i) {
+    const int stage = i % kStages;
     const uint64_t k_desc = wgmma_desc(k_smem(stage), kHeadDimPad);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Cfg::kQkSteps; ++kk) {
       const uint32_t step = kk * kWgmmaK8Bit;
       if constexpr (kBlockK == 128) {
-        wgmma_m64n128k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), kk > 0);
+        if (kk == 0) {
+          wgmma_m64n128k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
+        } else {
+          wgmma_m64n128k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
+        }
       } else {
-        wgmma_m64n64k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), kk > 0);
+        if (kk == 0) {
+          wgmma_m64n64k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
+        } else {
+          wgmma_m64n64k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
+        }
       }
     }
     wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+  };
 
-    // s = float(dot) · (q_scale · k_scale), −inf where invisible; row maxima over the quad.
-    const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};  // in column offsets
-    float s[Cfg::kSRegs];
-    float m_blk[2] = {kNegInf, kNegInf};
+  float m[2] = {kNegInf, kNegInf};  // running max (log2 units), rows g and g + 8
+  float l[2] = {0.0f, 0.0f};        // running sum of this lane's columns of p · 448
+  float acc[Cfg::kORegs];           // (64, D_PAD) of the warpgroup: running Σ fmt(p · 448) · v_q
 #pragma unroll
-    for (int j = 0; j < Cfg::kSTiles; ++j) {
+  for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
+  int skipped = 0;
+
+  int key0_next = n_kept > 0 ? kept[0] * kBlockK : 0;
+  float k_scale_next[kHalves];
+  load_k_scales(key0_next, k_scale_next);
+
+  if constexpr (Cfg::kOverlap) {
+    // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
+    // the softmax of block i + 1 runs while P·V of block i is in flight. No divergent branch may
+    // be crossed by an in-flight wgmma (ptxas would serialize), so P·V is always issued: a
+    // warpgroup whose 4 warps all skip multiplies P = 0 (acc · 1 + 0 leaves acc unchanged).
+    // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m, l and
+    // the skip count.
+    auto softmax = [&](int key0, const float (&k_scale_half)[kHalves], uint32_t (&p_out)[Cfg::kPvSteps][4],
+                       float (&alpha_out)[2]) {
+      float s[Cfg::kSRegs];
+      float sc[2][kHalves];
+      float mx[2][kHalves];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i_row = e / 2;
-        const float scale = q_scale_row[i_row] * k_scale_half[j * kNTile / kQuantBlockRows];
-        const int col = j * kNTile + e % 2;
-        s[4 * j + e] = col < visible[i_row] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
-        m_blk[i_row] = fmaxf(m_blk[i_row], s[4 * j + e]);
+      for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
       }
-    }
+      if (key0 + kBlockK <= col_end_min) {
 #pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
+        for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
-      for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-        m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
+          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
+        }
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) {
+          s[e] = static_cast<float>(s_acc[e]);
+          float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
+          x = fmaxf(x, s[e]);
+        }
+      } else {
+        const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = 1.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < Cfg::kSTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i_row = e / 2;
+            const int hh = j * kNTile / kQuantBlockRows;
+            const float scale = q_scale_row[i_row] * k_scale_half[hh];
+            const int col = j * kNTile + e % 2;
+            s[4 * j + e] = col < visible[i_row] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
+            mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
+          }
+        }
       }
-    }
-
-    // ---- 2. the P·V filter, per warp (= 16-row group), then per warpgroup -------------------------
-    bool negligible = true;
+      float m_blk[2];
 #pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-      negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
-    }
-    const bool warp_skips = __all_sync(kFullWarp, negligible);
-    skipped += warp_active && warp_skips;
-    const bool group_skips = named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
-
-    // Every consumer waits for V^T, used or not, so the stage's phases stay in step.
-    mbarrier_wait(v_full(stage), parity);
-    if (!group_skips) {
-      // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) ------------------------------
-      float alpha[2] = {1.0f, 1.0f};
-      uint32_t p_frag[Cfg::kPvSteps][4];
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
+#pragma unroll
+        for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
+#pragma unroll
+        for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+          m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
+        }
+      }
+      bool negligible = true;
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
+      }
+      const bool warp_skips = __all_sync(kFullWarp, negligible);
+      skipped += warp_active && warp_skips;
+      alpha_out[0] = 1.0f;
+      alpha_out[1] = 1.0f;
       if (!warp_skips) {
+        float m_sub[2];
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
           const float m_new = fmaxf(m[i_row], m_blk[i_row]);
-          alpha[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
+          alpha_out[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
           m[i_row] = m_new;
+          m_sub[i_row] = (m_new == kNegInf ? 0.0f : m_new) - kLog2PScale;
         }
         float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) {
           const int i_row = (e % 4) / 2;
-          s[e] = s[e] == kNegInf ? 0.0f : fast_exp2(s[e] - m[i_row]);  // now p
+          s[e] = fast_exp2(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]));  // p · 448
           row_sum[i_row] += s[e];
         }
 #pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
+        for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha_out[i_row] + row_sum[i_row];
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-          float row_p[2][8];  // n-tiles 4ks .. 4ks+3, columns 2t, 2t+1, per row, times 448
+          float row_p[2][8];
 #pragma unroll
           for (int jj = 0; jj < 4; ++jj) {
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-              row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c] * kPScale;
-              row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c] * kPScale;
+              row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c];
+              row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c];
             }
           }
           const uint2 r0 = p_fragment_row(p_lane, row_p[0]);
           const uint2 r1 = p_fragment_row(p_lane, row_p[1]);
-          p_frag[ks][0] = r0.x;
-          p_frag[ks][1] = r1.x;
-          p_frag[ks][2] = r0.y;
-          p_frag[ks][3] = r1.y;
+          p_out[ks][0] = r0.x;
+          p_out[ks][1] = r1.x;
+          p_out[ks][2] = r0.y;
+          p_out[ks][3] = r1.y;
         }
       } else {
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) p_frag[ks][e] = 0u;
+          for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
+        }
+      }
+    };
+
+    float pv[Cfg::kORegs];  // P·V of the block in flight, (64, D_PAD) fp32
+    auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
+      const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+        const uint64_t desc = wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit);
+        if constexpr (kHeadDimPad == 128) {
+          if (ks == 0) {
+            wgmma_m64n128k32_f32_e4m3_rs_first(pv, pf[ks], desc);
+          } else {
+            wgmma_m64n128k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
+          }
+        } else {
+          if (ks == 0) {
+            wgmma_m64n64k32_f32_e4m3_rs_first(pv, pf[ks], desc);
+          } else {
+            wgmma_m64n64k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
+          }
+        }
+      }
+      wgmma_commit();
+    };
+
+    // P and α of the block whose P·V is issued next, in two buffers that alternate between steps
+    // (no register copies that ptxas could place inside a wgmma pipeline).
+    uint32_t p_a[Cfg::kPvSteps][4], p_b[Cfg::kPvSteps][4];
+    float alpha_a[2], alpha_b[2];
+    // Keeps P fragments read by an in-flight wgmma in their registers until its wait.
+    auto fence_p = [](uint32_t (&pf)[Cfg::kPvSteps][4]) {
+#pragma unroll
+      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) wgmma_fence_operand(pf[ks][e]);
+      }
+    };
+    auto step = [&](int i, auto has_next_c, uint32_t (&p_cur)[Cfg::kPvSteps][4], float (&alpha_cur)[2],
+                    uint32_t (&p_nxt)[Cfg::kPvSteps][4], float (&alpha_nxt)[2]) {
+      constexpr bool has_next = decltype(has_next_c)::value;
+      const int stage = i % kStages;
+      int key0_b = 0;  // block i + 1, whose softmax comes next (loads land during the turn)
+      float k_scale_b[kHalves];
+      if constexpr (has_next) {
+        key0_b = kept[i + 1] * kBlockK;
+        load_k_scales(key0_b, k_scale_b);
+      }
+      mbarrier_wait(v_full(stage), (i / kStages) & 1);
+      if constexpr (has_next) wait_k(i + 1);
+      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+      if constexpr (has_next) issue_qk(i + 1);
+      issue_pv(stage, p_cur);
+      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+      if constexpr (has_next) {
+        wgmma_wait<1>();  // S of block i + 1
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+        softmax(key0_b, k_scale_b, p_nxt, alpha_nxt);
+        wgmma_wait<0>();  // P·V of block i
+        fence_p(p_cur);
+#pragma unroll
+        for (int e = 0; e < Cfg::kORegs; ++e) {
+          wgmma_fence_operand(pv[e]);
+          acc[e] = acc[e] * alpha_cur[(e % 4) / 2] + pv[e];
+        }
+      } else {
+        wgmma_wait<0>();
+        fence_p(p_cur);
+#pragma unroll
+        for (int e = 0; e < Cfg::kORegs; ++e) {
+          wgmma_fence_operand(pv[e]);
+          acc[e] = acc[e] * alpha_cur[(e % 4) / 2] + pv[e];
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+    };
+
+    mbarrier_wait(q_full, 0);
+    if (n_kept > 0) {
+      wait_k(0);
+      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+      issue_qk(0);
+      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+      wgmma_wait<0>();
+#pragma unroll
+      for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+      softmax(key0_next, k_scale_next, p_a, alpha_a);
+      int i = 0;
+      for (; i + 2 < n_kept; i += 2) {
+        step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
+        step(i + 1, std::true_type{}, p_b, alpha_b, p_a, alpha_a);
+      }
+      if (i + 1 < n_kept) {
+        step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
+        step(i + 1, std::false_type{}, p_b, alpha_b, p_a, alpha_a);
+      } else {
+        step(i, std::false_type{}, p_a, alpha_a, p_b, alpha_b);
+      }
+    }
+  } else {
+    // One kept block: its softmax, then this warpgroup's turn (P·V of the block, S of the next).
+    auto block = [&](int i, auto has_next_c) {
+      constexpr bool has_next = decltype(has_next_c)::value;
+      const int stage = i % kStages;
+      const uint32_t parity = (i / kStages) & 1;
+      const int key0 = key0_next;
+      float k_scale_half[kHalves];
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) k_scale_half[hh] = k_scale_next[hh];
+      if constexpr (has_next) {
+        key0_next = kept[i + 1] * kBlockK;
+        load_k_scales(key0_next, k_scale_next);
+      }
+
+      // ---- 1. S of this block (issued in the previous turn) --------------------------------------
+      wgmma_wait<0>();
+#pragma unroll
+      for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+
+      // s = float(dot) · (q_scale · k_scale), −inf where invisible. A fully visible block keeps
+      // float(dot) and its scale apart: the row maximum of s is max(float(dot)) · scale exactly (the
+      // scale is >= 0 and rounding is monotonic), and p is formed by one fma below.
+      // sc[row][half]: the factor that turns s[] into scores (1 where s[] already holds them).
+      float s[Cfg::kSRegs];
+      float sc[2][kHalves];
+      float mx[2][kHalves];
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
+      }
+      if (key0 + kBlockK <= col_end_min) {
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
+        }
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) {
+          s[e] = static_cast<float>(s_acc[e]);
+          float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
+          x = fmaxf(x, s[e]);
+        }
+      } else {
+        const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};  // in column offsets
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = 1.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < Cfg::kSTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i_row = e / 2;
+            const int hh = j * kNTile / kQuantBlockRows;
+            const float scale = q_scale_row[i_row] * k_scale_half[hh];
+            const int col = j * kNTile + e % 2;
+            s[4 * j + e] = col < visible[i_row] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
+            mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
+          }
+        }
+      }
+      float m_blk[2];
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
+#pragma unroll
+        for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
+#pragma unroll
+        for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+          m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
         }
       }
 
-      // ---- P·V of the block in fresh registers, then acc = acc · α + pv (the method's order), per
-      // chunk of output columns ------------------------------------------------------------------
+      // ---- 2. the P·V filter, per warp (= 16-row group), then per warpgroup -------------------------
+      bool negligible = true;
 #pragma unroll
-      for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
-        float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
+      }
+      const bool warp_skips = __all_sync(kFullWarp, negligible);
+      skipped += warp_active && warp_skips;
+      const bool group_skips = named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
+
+      // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
+      // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
+      float alpha[2] = {1.0f, 1.0f};
+      uint32_t p_frag[Cfg::kPvSteps][4];
+      if (!group_skips) {
+        if (!warp_skips) {
+          float m_sub[2];
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+            const float m_new = fmaxf(m[i_row], m_blk[i_row]);
+            alpha[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
+            m[i_row] = m_new;
+            m_sub[i_row] = (m_new == kNegInf ? 0.0f : m_new) - kLog2PScale;
+          }
+          float row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int e = 0; e < Cfg::kSRegs; ++e) {
+            const int i_row = (e % 4) / 2;
+            s[e] = fast_exp2(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]));  // p · 448
+            row_sum[i_row] += s[e];
+          }
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
+#pragma unroll
+          for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+            float row_p[2][8];  // n-tiles 4ks .. 4ks+3, columns 2t, 2t+1, per row
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c];
+                row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c];
+              }
+            }
+            const uint2 r0 = p_fragment_row(p_lane, row_p[0]);
+            const uint2 r1 = p_fragment_row(p_lane, row_p[1]);
+            p_frag[ks][0] = r0.x;
+            p_frag[ks][1] = r1.x;
+            p_frag[ks][2] = r0.y;
+            p_frag[ks][3] = r1.y;
+          }
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p_frag[ks][e] = 0u;
+          }
+        }
+      }
+
+      // ---- 4. this warpgroup's turn: P·V of the block (fresh registers, then acc = acc · α + pv, the
+      // method's order, per chunk of output columns) and S of the next block -------------------------
+      // Every consumer waits for V^T, used or not, so the stage's phases stay in step.
+      mbarrier_wait(v_full(stage), parity);
+      if constexpr (has_next) wait_k(i + 1);
+      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+      float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
+      auto issue_pv = [&](int chunk) {
         const uint64_t v_desc = wgmma_desc(v_smem(stage) + chunk * Cfg::kPvChunkCols * kBlockK, kBlockK);
-        wgmma_fence();
+        wgmma_fence();  // in the wgmma's own basic block (else ptxas adds one and serializes)
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
           const uint64_t desc = wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit);
           if constexpr (Cfg::kPvChunkCols == 128) {
-            wgmma_m64n128k32_f32_e4m3_rs(pv, p_frag[ks], desc, ks > 0);
+            if (ks == 0) {
+              wgmma_m64n128k32_f32_e4m3_rs_first(pv, p_frag[ks], desc);
+            } else {
+              wgmma_m64n128k32_f32_e4m3_rs(pv, p_frag[ks], desc, 1);
+            }
           } else {
-            wgmma_m64n64k32_f32_e4m3_rs(pv, p_frag[ks], desc, ks > 0);
+            if (ks == 0) {
+              wgmma_m64n64k32_f32_e4m3_rs_first(pv, p_frag[ks], desc);
+            } else {
+              wgmma_m64n64k32_f32_e4m3_rs(pv, p_frag[ks], desc, 1);
+            }
           }
         }
         wgmma_commit();
-        wgmma_wait<0>();
+      };
+      auto add_pv = [&](int chunk) {  // acc = acc · α + pv, the method's order
 #pragma unroll
         for (int e = 0; e < Cfg::kPvChunkRegs; ++e) {
           wgmma_fence_operand(pv[e]);
           float& o = acc[chunk * Cfg::kPvChunkRegs + e];
           o = o * alpha[(e % 4) / 2] + pv[e];
         }
+      };
+      // P·V, then S of the next block: no wgmma stays in flight across a divergent branch (ptxas
+      // would serialize them); the other warpgroup's turn starts once S is issued.
+      if (!group_skips) {
+#pragma unroll
+        for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
+          issue_pv(chunk);
+          wgmma_wait<0>();
+          add_pv(chunk);
+        }
       }
-    }
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
-  }
+      if constexpr (has_next) issue_qk(i + 1);
+      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+    };
 
-  // ---- 4. epilogue: o = acc · v_scale / (448 · l), 0 when l = 0; rows >= Lq never stored ----------
+    mbarrier_wait(q_full, 0);
+    if (n_kept > 0) {
+      wait_k(0);
+      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+      issue_qk(0);
+      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+      for (int i = 0; i + 1 < n_kept; ++i) block(i, std::true_type{});
+      block(n_kept - 1, std::false_type{});
+    }
+  }
+  // Balances the arrival group 1 made before its first turn (or after its last).
+  if (consumer_group == 0) named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+
+  // ---- 5. epilogue: o = acc · v_scale / l (l sums p · 448), 0 when l = 0; rows >= Lq never stored -
   float inv_denom[2];
 #pragma unroll
   for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
     for (int mask = 1; mask < kQuadLanes; mask *= 2) l[i_row] += __shfl_xor_sync(kFullWarp, l[i_row], mask);
-    inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / (kPScale * l[i_row]);
+    inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
   }
   const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
 #pragma unroll
@@ -444,7 +780,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     for (int i_row = 0; i_row < 2; ++i_row) {
       if (!row_valid[i_row]) continue;
       const int64_t at = bh * p.len_q + warp_row0 + g + i_row * kNTile;
-      p.lse[at] = l[i_row] == 0.0f ? kNegInf : __fadd_rn(__fmul_rn(kLn2, m[i_row] + log2f(l[i_row])), p.lse_shift[at]);
+      p.lse[at] = l[i_row] == 0.0f ? kNegInf
+                                   : __fadd_rn(__fmul_rn(kLn2, m[i_row] + (log2f(l[i_row]) - kLog2PScale)), p.lse_shift[at]);
     }
   }
 
