@@ -23,7 +23,10 @@
 //
 // Softmax: p · 448 = exp2(s − (m − log2 448)), l sums p · 448; on a fully visible block the row
 // maximum is max(float(dot)) · scale (bit-identical to max(float(dot) · scale)) and
-// s − m' is one fma.
+// s − m' is one fma. Work is moved off the 16/clk/SM pipes where it measured faster (Config):
+// int32 → fp32 by integer add + fadd, and 1 (D128) or 2 (D64) of every 8 exp2 as a polynomial on
+// the FMA pipe (exp2_fma); the ping-pong-only D128/bk128 keeps I2FP / MUFU and reduces row maxima
+// as trees instead.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. The 8-bit A fragment of k-step s wants keys
@@ -95,6 +98,14 @@ struct Config {
   // fragments and S next to the accumulators; not within budget for D_PAD = BLOCK_K = 128.
   static constexpr bool kOverlap = kPvChunks == 1;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
+  // Softmax work moved off the 16/clk/SM pipes (I2FP, MUFU.EX2): measured on H100 (harness, same
+  // run) +7% at D128/bk64 (kExpFmaPer8 1; 2 gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the
+  // ping-pong-only D128/bk128 lost 3-9% with either, so it keeps I2FP and MUFU.
+  static constexpr bool kAluI2f = kOverlap;
+  static constexpr int kExpFmaPer8 = !kOverlap ? 0 : kHeadDimPad == 64 ? 2 : 1;
+  // Row maxima as pairwise trees (on the int32 dots where the block is fully visible): +2% on the
+  // ping-pong-only D128/bk128, −1% to −4% on the overlap path (same run), so there only.
+  static constexpr bool kTreeMax = !kOverlap;
   static constexpr int kOTiles = kHeadDimPad / kNTile;
 
   static constexpr int kQBytes = kWgmmaAttendRows * kHeadDimPad;  // (128, D_PAD) int8, rows of D_PAD bytes
@@ -155,6 +166,86 @@ __device__ __forceinline__ uint2 p_fragment_row(const PFragmentLane& pl, const f
   const uint32_t first = __shfl_sync(kFullWarp, __byte_perm(x, y, pl.send_first), pl.src_first);
   const uint32_t second = __shfl_sync(kFullWarp, __byte_perm(x, y, pl.send_second), pl.src_second);
   return make_uint2(__byte_perm(first, second, pl.take_lo), __byte_perm(first, second, pl.take_hi));
+}
+
+inline constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23
+
+// Exact int32 → fp32 of a Q·K^T dot (|dot| <= 128 · 128 · 128 < 2^22). kAlu: on the integer and FMA
+// pipes (the bits 0x4B400000 + dot are the float 1.5 · 2^23 + dot) instead of I2FP.
+template <bool kAlu>
+__device__ __forceinline__ float dot_to_float(int32_t dot) {
+  if constexpr (kAlu) {
+    return __int_as_float(dot + 0x4B400000) - kRoundMagic;
+  } else {
+    return static_cast<float>(dot);
+  }
+}
+
+// 2^x on the FMA pipe: x clamped to >= −127, j = floor(x) by an add rounding down next to 1.5 · 2^23,
+// 2^(x − j) by a degree-3 polynomial with p(0) = 1 (relative error 8.6e-5, far below the e4m3 step
+// of P), j added into the exponent field. x <= −127 (−inf included) gives a denormal or 0, which
+// row_sum_add flushes and e4m3 rounds to 0, so 2^−inf still contributes exactly 0.
+__device__ __forceinline__ float exp2_fma(float x) {
+  x = fmaxf(x, -127.0f);
+  float t;
+  asm("add.rm.f32 %0, %1, %2;\n" : "=f"(t) : "f"(x), "f"(kRoundMagic));
+  const float f = x - (t - kRoundMagic);  // [0, 1), exact
+  const float q = fmaf(fmaf(fmaf(0.07706566154956818f, f, 0.22764649987220764f), f, 0.6951164603233337f), f, 1.0f);
+  return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
+}
+
+// p · 448 of element e of a thread's S registers (e is a compile-time constant after unrolling):
+// kFmaPer8 of every 8 on the FMA pipe, the others on MUFU (ex2.approx).
+template <int kFmaPer8>
+__device__ __forceinline__ float softmax_exp2(float x, int e) {
+  if (e % 8 < kFmaPer8) return exp2_fma(x);
+  return fast_exp2(x);
+}
+
+// Row-sum accumulation; flushes exp2_fma's denormals (a fully masked row keeps l = 0).
+template <int kFmaPer8>
+__device__ __forceinline__ float row_sum_add(float a, float b) {
+  if constexpr (kFmaPer8 != 0) {
+    float r;
+    asm("add.ftz.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+  } else {
+    return a + b;
+  }
+}
+
+// out[row][hh] = max of v over the thread's columns of row g (row 0) / g + 8 (row 1) in 64-key half hh,
+// as a pairwise tree (chains of log2 length instead of one chain per row and half).
+template <int kSRegs, int kHalves, typename T>
+__device__ __forceinline__ void row_half_max(const T (&v)[kSRegs], T (&out)[2][kHalves]) {
+  constexpr int kTiles = kSRegs / 4;
+  constexpr int kTilesPerHalf = kTiles / kHalves;
+  auto max2 = [](T a, T b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return fmaxf(a, b);
+    } else {
+      return max(a, b);
+    }
+  };
+  T a[2][kTiles];
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int row = 0; row < 2; ++row) a[row][j] = max2(v[4 * j + 2 * row], v[4 * j + 2 * row + 1]);
+  }
+#pragma unroll
+  for (int w = 1; w < kTilesPerHalf; w *= 2) {
+#pragma unroll
+    for (int j = 0; j < kTiles; j += 2 * w) {
+#pragma unroll
+      for (int row = 0; row < 2; ++row) a[row][j] = max2(a[row][j], a[row][j + w]);
+    }
+  }
+#pragma unroll
+  for (int row = 0; row < 2; ++row) {
+#pragma unroll
+    for (int hh = 0; hh < kHalves; ++hh) out[row][hh] = a[row][hh * kTilesPerHalf];
+  }
 }
 
 template <typename T>
@@ -345,9 +436,20 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         }
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) {
-          s[e] = static_cast<float>(s_acc[e]);
-          float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
-          x = fmaxf(x, s[e]);
+          s[e] = dot_to_float<Cfg::kAluI2f>(s_acc[e]);
+          if constexpr (!Cfg::kTreeMax) {
+            float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
+            x = fmaxf(x, s[e]);
+          }
+        }
+        if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the conversions
+          int32_t mi[2][kHalves];
+          row_half_max(s_acc, mi);
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = dot_to_float<Cfg::kAluI2f>(mi[i_row][hh]);
+          }
         }
       } else {
         const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};
@@ -364,10 +466,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
             const int hh = j * kNTile / kQuantBlockRows;
             const float scale = q_scale_row[i_row] * k_scale_half[hh];
             const int col = j * kNTile + e % 2;
-            s[4 * j + e] = col < visible[i_row] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
-            mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
+            s[4 * j + e] = col < visible[i_row] ? dot_to_float<Cfg::kAluI2f>(s_acc[4 * j + e]) * scale : kNegInf;
+            if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
           }
         }
+        if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
       }
       float m_blk[2];
 #pragma unroll
@@ -402,8 +505,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) {
           const int i_row = (e % 4) / 2;
-          s[e] = fast_exp2(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]));  // p · 448
-          row_sum[i_row] += s[e];
+          s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]), e);  // p · 448
+          row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
         }
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha_out[i_row] + row_sum[i_row];
@@ -573,9 +676,20 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         }
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) {
-          s[e] = static_cast<float>(s_acc[e]);
-          float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
-          x = fmaxf(x, s[e]);
+          s[e] = dot_to_float<Cfg::kAluI2f>(s_acc[e]);
+          if constexpr (!Cfg::kTreeMax) {
+            float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
+            x = fmaxf(x, s[e]);
+          }
+        }
+        if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the conversions
+          int32_t mi[2][kHalves];
+          row_half_max(s_acc, mi);
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = dot_to_float<Cfg::kAluI2f>(mi[i_row][hh]);
+          }
         }
       } else {
         const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};  // in column offsets
@@ -592,10 +706,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
             const int hh = j * kNTile / kQuantBlockRows;
             const float scale = q_scale_row[i_row] * k_scale_half[hh];
             const int col = j * kNTile + e % 2;
-            s[4 * j + e] = col < visible[i_row] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
-            mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
+            s[4 * j + e] = col < visible[i_row] ? dot_to_float<Cfg::kAluI2f>(s_acc[4 * j + e]) * scale : kNegInf;
+            if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
           }
         }
+        if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
       }
       float m_blk[2];
 #pragma unroll
@@ -637,8 +752,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
           for (int e = 0; e < Cfg::kSRegs; ++e) {
             const int i_row = (e % 4) / 2;
-            s[e] = fast_exp2(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]));  // p · 448
-            row_sum[i_row] += s[e];
+            s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]), e);  // p · 448
+            row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
           }
 #pragma unroll
           for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
