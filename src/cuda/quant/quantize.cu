@@ -9,6 +9,11 @@
 //   5. v_amax       : per-channel amax of V (exact atomic max)     → v_scale (temporarily amax)
 //   6. v_quant      : V / scale → e4m3 or fp16, transposed to [D, Lk_pad] with zero padding
 //   7. v_finalize   : v_scale = amax / 448
+// Fast path (quantize_fast, taken for 16-byte aligned rows with D / (16 / sizeof(T)) in {8, 16, 32}
+// and 64-multiple prediction blocks, i.e. every CUDA call the dispatcher accepts at D = 64/128/256
+// in fp16/bf16): 16-byte loads kept in registers, 1+5 fused into kv_stats_fast (K block sums and
+// V amax in one pass), a parallel k_mean, register-resident rows kernels, and a v_quant whose smem
+// transpose is bank-conflict-free on the load side. Same arithmetic per element as the passes above.
 #include <cuda_fp8.h>
 
 #include "cuda/common/device_utils.cuh"
@@ -283,6 +288,474 @@ Status launch_rows(const RowsArgs& a, int64_t nblocks, int64_t bh, cudaStream_t 
   return launch_status(kIsQ ? "quantize_rows<Q>" : "quantize_rows<K>");
 }
 
+
+// ---- Fast path: 16-byte vector loads, values kept in registers ------------------------------
+// A thread owns one 16-byte column chunk (VEC elements) of rows tid / CPR + k · (256 / CPR);
+// the CPR lanes of one row are consecutive, so row reductions are xor-shuffles inside a warp.
+// Used when every row is 16-byte aligned, D / VEC is 8, 16 or 32 and the prediction blocks
+// are multiples of 64 rows (every 64-row tile is 64-aligned: scale groups never straddle).
+
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+template <typename T>
+__device__ __forceinline__ void unpack_vec(const uint4& raw, float* f) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) f[k] = load_as_float(e + k);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* f) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) f[k] = load_as_float(e + k);
+}
+
+template <int CPR>
+__device__ __forceinline__ float row_sum(float x) {
+#pragma unroll
+  for (int o = CPR / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <int CPR>
+__device__ __forceinline__ float row_max(float x) {
+#pragma unroll
+  for (int o = CPR / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// (n1, r1) ranks before (n2, r2): larger norm, ties to the lower row.
+__device__ __forceinline__ bool spike_before(float n1, int64_t r1, float n2, int64_t r2) {
+  return n1 > n2 || (n1 == n2 && r1 < r2);
+}
+
+template <bool kIsQ, typename T, int CPR>
+__global__ void __launch_bounds__(kThreads, CPR <= 16 ? 4 : 2) quantize_rows_fast_kernel(RowsArgs a) {
+  constexpr int VEC = kVec<T>;
+  constexpr int RPP = kThreads / CPR;         // rows per pass
+  constexpr int ITERS = kTileRows / RPP;      // passes per 64-row tile
+  constexpr int D = CPR * VEC;
+  __shared__ float row_amax[kTileRows];
+  __shared__ float row_norm2[kTileRows];
+  __shared__ float group_amax[kTileRows];
+  __shared__ float red[2][kThreads * VEC];
+  __shared__ float spike_norm2[kSpikeKeys];
+  __shared__ int64_t spike_row[kSpikeKeys];
+  __shared__ float scratch[kWarps];
+
+  const int64_t block = blockIdx.x;
+  const int64_t bh = blockIdx.y;
+  const int heads = static_cast<int>(a.heads);
+  const int64_t b = blockIdx.y / heads;
+  const int64_t h = blockIdx.y % heads;
+  const int64_t hk = kIsQ ? static_cast<int>(h) / (heads / static_cast<int>(a.heads_kv)) : h;
+  const T* x = static_cast<const T*>(a.x) + b * a.strides.batch + h * a.strides.head;
+  const int64_t row_begin = block * a.block_rows;
+  const int64_t row_end = min(row_begin + a.block_rows, a.len);
+  const int c = threadIdx.x % CPR;
+  const int rsub = threadIdx.x / CPR;
+  const int col0 = c * VEC;
+
+  float km[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) km[k] = a.k_mean != nullptr ? a.k_mean[(b * a.heads_kv + hk) * D + col0 + k] : 0.0f;
+  float s_acc[VEC], u_acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) s_acc[k] = u_acc[k] = 0.0f;
+  int nonzero = 0;
+  if (threadIdx.x < kSpikeKeys) {
+    spike_norm2[threadIdx.x] = -1.0f;
+    spike_row[threadIdx.x] = -1;
+  }
+
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+    const int rows = static_cast<int>(row_end - row0 < kTileRows ? row_end - row0 : kTileRows);
+    // Raw 16-byte chunks stay packed in registers; fp32 values are rebuilt (identically) per use.
+    uint4 raw4[ITERS];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int r = rsub + it * RPP;
+      raw4[it] = r < rows ? __ldg(reinterpret_cast<const uint4*>(x + (row0 + r) * a.strides.token + col0))
+                          : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int r = rsub + it * RPP;
+      float amax = 0.0f, sumsq = 0.0f, dot = 0.0f;
+      float vv[VEC];
+      unpack_vec<T>(raw4[it], vv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float raw = vv[k];
+        const float y = kIsQ ? raw : raw - km[k];
+        vv[k] = y;
+        amax = fmaxf(amax, fabsf(y));
+        sumsq += y * y;
+        dot += raw * km[k];
+      }
+      amax = row_max<CPR>(amax);
+      sumsq = row_sum<CPR>(sumsq);
+      if (kIsQ) dot = row_sum<CPR>(dot);
+      const float inv_norm = sumsq > 0.0f ? rsqrtf(sumsq) : 0.0f;
+      if (r < rows) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          s_acc[k] += vv[k];
+          u_acc[k] += vv[k] * inv_norm;
+        }
+        if (c == 0) {
+          row_amax[r] = amax;
+          row_norm2[r] = sumsq;
+          if (sumsq > 0.0f) ++nonzero;
+          if (kIsQ && a.lse_shift != nullptr) a.lse_shift[bh * a.len + row0 + r] = a.sm_scale * dot;
+        }
+      }
+    }
+    if (threadIdx.x < kTileRows) group_amax[threadIdx.x] = 0.0f;
+    __syncthreads();
+    if (!kIsQ && a.spikes != nullptr && threadIdx.x < kWarpSize) {
+      // Top kSpikeKeys (= 2) rows of this tile by (norm desc, row asc), merged with the block's.
+      const int lane = threadIdx.x;
+      float n0 = lane < rows ? row_norm2[lane] : -2.0f;
+      int64_t r0 = row0 + lane;
+      float n1 = lane + 32 < rows ? row_norm2[lane + 32] : -2.0f;
+      int64_t r1 = row0 + lane + 32;
+      if (spike_before(n1, r1, n0, r0)) {
+        const float tn = n0; n0 = n1; n1 = tn;
+        const int64_t tr = r0; r0 = r1; r1 = tr;
+      }
+      // best pair (n0 ≥ n1 by the order) per lane; warp-merge pairs.
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) {
+        const float on0 = __shfl_xor_sync(0xffffffffu, n0, o);
+        const int64_t or0 = __shfl_xor_sync(0xffffffffu, r0, o);
+        const float on1 = __shfl_xor_sync(0xffffffffu, n1, o);
+        const int64_t or1 = __shfl_xor_sync(0xffffffffu, r1, o);
+        if (spike_before(on0, or0, n0, r0)) {
+          // other's first is best; second is the better of (mine first, other's second)
+          if (spike_before(on1, or1, n0, r0)) { n1 = on1; r1 = or1; } else { n1 = n0; r1 = r0; }
+          n0 = on0; r0 = or0;
+        } else if (spike_before(on0, or0, n1, r1)) {
+          n1 = on0; r1 = or0;
+        }
+      }
+      if (lane == 0) {
+        const float cn[4] = {spike_norm2[0], spike_norm2[1], n0, n1};
+        const int64_t cr[4] = {spike_row[0], spike_row[1], r0, r1};
+        // cn[0..1] and cn[2..3] are each ordered; merge the two lists.
+        int i = 0, j = 2;
+        for (int t = 0; t < kSpikeKeys; ++t) {
+          // invalid tile entries carry norm -2 and never beat an empty slot (-1)
+          if (j < 4 && (i >= 2 || spike_before(cn[j], cr[j], cn[i], cr[i]))) {
+            spike_norm2[t] = cn[j]; spike_row[t] = cr[j]; ++j;
+          } else {
+            spike_norm2[t] = cn[i]; spike_row[t] = cr[i]; ++i;
+          }
+        }
+        // keep -1 sentinel for empty slots
+        for (int t = 0; t < kSpikeKeys; ++t) {
+          if (spike_norm2[t] < -1.5f) { spike_norm2[t] = -1.0f; spike_row[t] = -1; }
+        }
+      }
+    }
+    const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
+    if (threadIdx.x < rows) {
+      const int64_t g = scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0;
+      atomic_max_nonneg(&group_amax[g], row_amax[threadIdx.x]);
+    }
+    __syncthreads();
+    const int64_t group_end = row0 + kTileRows >= a.len ? a.groups : scale_group<kIsQ>(row0 + kTileRows, a.gran);
+    for (int64_t g = group0 + threadIdx.x; g < group_end; g += kThreads) {
+      a.scales[bh * a.groups + g] = __fdiv_rn(group_amax[g - group0], kInt8Max) * a.scale_factor;
+    }
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int r = rsub + it * RPP;
+      if (r < rows) {
+        const float amax = group_amax[scale_group<kIsQ>(row0 + r, a.gran) - group0];
+        const float inv = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
+        float vv[VEC];
+        unpack_vec<T>(raw4[it], vv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) vv[k] = kIsQ ? vv[k] : vv[k] - km[k];
+        uint32_t packed[VEC / 4];
+#pragma unroll
+        for (int w = 0; w < VEC / 4; ++w) {
+          uint32_t word = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int q = __float2int_rn(__fmul_rn(vv[w * 4 + k], inv));
+            word |= (static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(max(-127, min(127, q)))))) << (8 * k);
+          }
+          packed[w] = word;
+        }
+        int8_t* dst = a.out + (bh * a.len + row0 + r) * D + col0;
+        if constexpr (VEC == 8) {
+          *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+        } else if constexpr (VEC == 4) {
+          *reinterpret_cast<uint32_t*>(dst) = packed[0];
+        } else {
+          *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // Column sums over this thread's rows → per-column totals (fixed order over the RPP partials).
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    red[0][threadIdx.x * VEC + k] = s_acc[k];
+    red[1][threadIdx.x * VEC + k] = u_acc[k];
+  }
+  __syncthreads();
+  const int64_t n = row_end - row_begin;
+  float* pool = a.pool + (bh * gridDim.x + block) * D;
+  float norm2 = 0.0f;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float s = 0.0f, u = 0.0f;
+    for (int j = 0; j < RPP; ++j) {
+      s += red[0][j * D + d];  // thread j·CPR + d / VEC, element d % VEC
+      u += red[1][j * D + d];
+    }
+    pool[d] = s / static_cast<float>(n);
+    norm2 += u * u;
+  }
+  norm2 = block_sum(norm2, scratch);
+  const int nonzero_rows = static_cast<int>(block_sum(static_cast<float>(nonzero), scratch));
+  if (threadIdx.x == 0) {
+    const float nf = static_cast<float>(n);
+    a.sim[bh * gridDim.x + block] = n == 1 ? 1.0f : (norm2 - static_cast<float>(nonzero_rows)) / (nf * (nf - 1.0f));
+  }
+  if (!kIsQ && a.spikes != nullptr) {
+    float* spikes = a.spikes + (bh * gridDim.x + block) * kSpikeKeys * D;
+    for (int i = threadIdx.x; i < kSpikeKeys * D; i += kThreads) {
+      const int t = i / D, d = i % D;
+      const int64_t r = spike_row[t];
+      const float mean = a.k_mean != nullptr ? a.k_mean[(b * a.heads_kv + hk) * D + d] : 0.0f;
+      spikes[i] = r < 0 ? 0.0f : load_as_float(x + r * a.strides.token + d) - mean;
+    }
+  }
+}
+
+// Raw K block sums (when sums != null) and V per-channel amax (atomic max into amax), one CTA per
+// prediction K block.
+template <typename T, int CPR>
+__global__ void __launch_bounds__(kThreads)
+    kv_stats_fast_kernel(const T* k, Strides ks, const T* v, Strides vs, int64_t heads, int64_t len,
+                         int64_t block_rows, float* sums, float* amax) {
+  constexpr int VEC = kVec<T>;
+  constexpr int RPP = kThreads / CPR;
+  constexpr int D = CPR * VEC;
+  __shared__ float red[2][kThreads * VEC];
+  const int64_t block = blockIdx.x;
+  const int64_t bh = blockIdx.y;
+  const int64_t b = bh / heads, h = bh % heads;
+  const T* kx = k + b * ks.batch + h * ks.head;
+  const T* vx = v + b * vs.batch + h * vs.head;
+  const int c = threadIdx.x % CPR;
+  const int col0 = c * VEC;
+  const int64_t row_begin = block * block_rows;
+  const int64_t row_end = min(row_begin + block_rows, len);
+  float s[VEC], m[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s[j] = m[j] = 0.0f;
+  const bool do_sums = sums != nullptr;
+#pragma unroll 4
+  for (int64_t r = row_begin + threadIdx.x / CPR; r < row_end; r += RPP) {
+    float f[VEC];
+    if (do_sums) {
+      load_vec(kx + r * ks.token + col0, f);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s[j] += f[j];
+    }
+    load_vec(vx + r * vs.token + col0, f);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = fmaxf(m[j], fabsf(f[j]));
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    red[0][threadIdx.x * VEC + j] = s[j];
+    red[1][threadIdx.x * VEC + j] = m[j];
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float ts = 0.0f, tm = 0.0f;
+    for (int j = 0; j < RPP; ++j) {
+      ts += red[0][j * D + d];
+      tm = fmaxf(tm, red[1][j * D + d]);
+    }
+    if (do_sums) sums[(bh * gridDim.x + block) * D + d] = ts;
+    atomic_max_nonneg(&amax[bh * D + d], tm);
+  }
+}
+
+// k_mean from the block sums: 32 channels × 8 partial sums per CTA, reduced in a fixed order.
+__global__ void __launch_bounds__(kThreads)
+    k_mean_fast_kernel(const float* sums, int64_t nblocks, int64_t len, int64_t head_dim, float* mean) {
+  __shared__ float part[kWarps][kWarpSize];
+  const int64_t bh = blockIdx.x;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t d = blockIdx.y * kWarpSize + lane;
+  float s = 0.0f;
+  if (d < head_dim) {
+    for (int64_t j = warp; j < nblocks; j += kWarps) s += sums[(bh * nblocks + j) * head_dim + d];
+  }
+  part[warp][lane] = s;
+  __syncthreads();
+  if (warp == 0 && d < head_dim) {
+    float t = 0.0f;
+    for (int w = 0; w < kWarps; ++w) t += part[w][lane];
+    mean[bh * head_dim + d] = t / static_cast<float>(len);
+  }
+}
+
+// V / scale in the P·V format, transposed, 64 tokens per CTA. Loads: a warp covers 8 rows × 4
+// chunks (bank-conflict-free scalar smem stores with pitch D + 1); stores: 4 tokens per thread.
+template <typename T, typename Out, int CPR>
+__global__ void __launch_bounds__(kThreads)
+    v_quant_fast_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad,
+                        const float* amax, Out* out) {
+  constexpr int VEC = kVec<T>;
+  constexpr int D = CPR * VEC;
+  constexpr int P = D + 1;
+  extern __shared__ float tile[];  // [kTileRows][P]
+  __shared__ float inv[D];
+  const int64_t bh = blockIdx.y;
+  const T* x = v + (bh / heads) * strides.batch + (bh % heads) * strides.head;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    const float m = amax[bh * D + d];
+    inv[d] = m > 0.0f ? __fdiv_rn(kVQuantMax, m) : 0.0f;
+  }
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  constexpr int kTasks = (kTileRows / 8) * (CPR / 4);
+#pragma unroll
+  for (int t = warp; t < kTasks; t += kWarps) {
+    const int r = (t % 8) * 8 + lane % 8;
+    const int c = (t / 8) * 4 + lane / 8;
+    float f[VEC];
+    if (row0 + r < len) {
+      load_vec(x + (row0 + r) * strides.token + c * VEC, f);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) f[j] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) tile[r * P + c * VEC + j] = f[j];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < D * (kTileRows / 4); i += kThreads) {
+    const int d = i / (kTileRows / 4), q = i % (kTileRows / 4);
+    uint32_t bits[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float y = __fmul_rn(tile[(4 * q + j) * P + d], inv[d]);
+      if constexpr (std::is_same_v<Out, __nv_fp8_e4m3>) {
+        bits[j] = static_cast<uint32_t>(__nv_fp8_e4m3(y).__x);  // rne, saturating to ±448
+      } else {
+        bits[j] = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(y)));
+      }
+    }
+    Out* dst = out + (bh * D + d) * len_pad + row0 + 4 * q;
+    if constexpr (sizeof(Out) == 1) {
+      *reinterpret_cast<uint32_t*>(dst) = bits[0] | (bits[1] << 8) | (bits[2] << 16) | (bits[3] << 24);
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(bits[0] | (bits[1] << 16), bits[2] | (bits[3] << 16));
+    }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+bool strides_ok(const Strides& s, int64_t vec) { return s.batch % vec == 0 && s.head % vec == 0 && s.token % vec == 0; }
+
+template <typename T, int CPR, typename Out>
+Status launch_v_quant_fast(const QuantizeParams& p, int64_t bhk, int64_t len_pad, Out* out) {
+  const dim3 vgrid(static_cast<unsigned>(len_pad / kTileRows), static_cast<unsigned>(bhk));
+  const size_t smem = sizeof(float) * kTileRows * (CPR * kVec<T> + 1);
+  auto kernel = v_quant_fast_kernel<T, Out, CPR>;
+  SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                  "v_quant_fast: set shared memory");
+  kernel<<<vgrid, kThreads, smem, p.stream>>>(
+      static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv, p.shape.len_k, len_pad, p.out.v_scale, out);
+  return launch_status("v_quant_fast");
+}
+
+// The whole stage on the fast path (see above for when it applies).
+template <typename T, int CPR>
+Status quantize_fast(const QuantizeParams& p) {
+  const Shape& s = p.shape;
+  const QuantizedQKV& o = p.out;
+  const cudaStream_t stream = p.stream;
+  const auto [nbq, nbk] = block_counts(s, p.blocks);
+  const int64_t bhq = s.batch * s.heads_q;
+  const int64_t bhk = s.batch * s.heads_kv;
+  const int64_t d = s.head_dim;
+  const QuantGranularity g = p.quant.granularity;
+  const T* k = static_cast<const T*>(p.in.k);
+  const T* v = static_cast<const T*>(p.in.v);
+  SPARGE_CUDA_TRY(cudaMemsetAsync(o.k_mean, 0, sizeof(float) * bhk * d, stream), "quantize: clear k_mean");
+  SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");
+  if (s.len_k > 0) {
+    kv_stats_fast_kernel<T, CPR><<<dim3(nbk, bhk), kThreads, 0, stream>>>(
+        k, p.in.k_strides, v, p.in.v_strides, s.heads_kv, s.len_k, p.blocks.block_k,
+        p.quant.smooth_k ? o.k_pool : nullptr, o.v_scale);
+    SPARGE_RETURN_IF_ERROR(launch_status("kv_stats_fast"));
+    if (p.quant.smooth_k) {
+      k_mean_fast_kernel<<<dim3(bhk, ceil_div(d, kWarpSize)), kThreads, 0, stream>>>(o.k_pool, nbk, s.len_k, d,
+                                                                                      o.k_mean);
+      SPARGE_RETURN_IF_ERROR(launch_status("k_mean_fast"));
+    }
+    const RowsArgs ka{.x = k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
+                      .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
+                      .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
+                      .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
+                      .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
+    quantize_rows_fast_kernel<false, T, CPR><<<dim3(nbk, bhk), kThreads, 0, stream>>>(ka);
+    SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<K>"));
+    const int64_t len_pad = padded_len_k(s.len_k);
+    if (p.quant.pv == PvPrecision::kFp8) {
+      SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
+    } else {
+      SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, bhk, len_pad, static_cast<__half*>(o.v))));
+    }
+    v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d);
+    SPARGE_RETURN_IF_ERROR(launch_status("v_finalize"));
+  }
+  if (bhq > 0 && s.len_q > 0) {
+    const float c = p.quant.sm_scale * kLog2e;
+    const RowsArgs qa{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
+                      .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
+                      .k_mean = o.k_mean, .scale_factor = c, .sm_scale = p.quant.sm_scale, .out = o.q,
+                      .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
+                      .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr};
+    quantize_rows_fast_kernel<true, T, CPR><<<dim3(nbq, bhq), kThreads, 0, stream>>>(qa);
+    SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<Q>"));
+  }
+  return Status::Ok();
+}
+
+// Which chunks-per-row count the fast path takes (0: none).
+template <typename T>
+int fast_cpr(const QuantizeParams& p) {
+  constexpr int64_t vec = kVec<T>;
+  const Shape& s = p.shape;
+  if (s.head_dim % vec != 0) return 0;
+  const int64_t cpr = s.head_dim / vec;
+  if (cpr != 8 && cpr != 16 && cpr != 32) return 0;
+  if (p.blocks.block_q % kTileRows != 0 || p.blocks.block_k % kTileRows != 0) return 0;
+  if (s.batch * s.heads_kv == 0) return 0;
+  if (!aligned16(p.in.q) || !aligned16(p.in.k) || !aligned16(p.in.v)) return 0;
+  if (!strides_ok(p.in.q_strides, vec) || !strides_ok(p.in.k_strides, vec) || !strides_ok(p.in.v_strides, vec)) return 0;
+  if (!aligned16(p.out.q) || !aligned16(p.out.k) || !aligned16(p.out.v)) return 0;
+  if (s.len_q > 0 && (s.batch * s.heads_q == 0)) return 0;
+  return static_cast<int>(cpr);
+}
+
 }  // namespace
 
 Status quantize(const QuantizeParams& p) {
@@ -297,6 +770,12 @@ Status quantize(const QuantizeParams& p) {
 
   return dispatch_dtype(p.in.dtype, "in.dtype", [&](auto type_tag) -> Status {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(type_tag)>>;
+    switch (fast_cpr<T>(p)) {
+      case 8: return quantize_fast<T, 8>(p);
+      case 16: return quantize_fast<T, 16>(p);
+      case 32: return quantize_fast<T, 32>(p);
+      default: break;
+    }
     const T* k = static_cast<const T*>(p.in.k);
     const T* v = static_cast<const T*>(p.in.v);
     if (bhk > 0) {
