@@ -40,6 +40,23 @@ __device__ __forceinline__ T store_from_float(float x) {
   }
 }
 
+// Two adjacent output elements, as one vector store when the address allows it.
+template <typename T>
+__device__ __forceinline__ void store_output_pair(T* dst, float x0, float x1) {
+  if (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T)) == 0) {
+    if constexpr (std::is_same_v<T, __half>) {
+      *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(x0, x1);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
+    } else {
+      *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
+    }
+  } else {
+    dst[0] = store_from_float<T>(x0);
+    dst[1] = store_from_float<T>(x1);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);

@@ -53,6 +53,25 @@ __device__ __forceinline__ int64_t scale_group(int64_t r, QuantGranularity g) {
   return kIsQ ? q_scale_group(r, g) : k_scale_group(r, g);
 }
 
+// Group amax and stored scales of one 64-row tile (every scale group lies inside one tile;
+// groups without rows get amax 0 → scale 0). group_amax ([kTileRows], zeroed and visible to the
+// CTA) receives the amax of each group; returns the index of the tile's first group.
+template <bool kIsQ>
+__device__ __forceinline__ int64_t tile_group_scales(const RowsArgs& a, int64_t bh, int64_t row0, int rows,
+                                                     const float* row_amax, float* group_amax) {
+  const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
+  if (threadIdx.x < rows) {
+    const int64_t g = scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0;
+    atomic_max_nonneg(&group_amax[g], row_amax[threadIdx.x]);
+  }
+  __syncthreads();
+  const int64_t group_end = row0 + kTileRows >= a.len ? a.groups : scale_group<kIsQ>(row0 + kTileRows, a.gran);
+  for (int64_t g = group0 + threadIdx.x; g < group_end; g += kThreads) {
+    a.scales[bh * a.groups + g] = __fdiv_rn(group_amax[g - group0], kInt8Max) * a.scale_factor;
+  }
+  return group0;
+}
+
 // One CTA per (prediction block, b·H): walks the block in 64-row tiles.
 template <bool kIsQ, typename T>
 __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
@@ -139,17 +158,7 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
         }
       }
     }
-    const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
-    if (threadIdx.x < rows) {
-      const int64_t g = scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0;
-      atomic_max_nonneg(&group_amax[g], row_amax[threadIdx.x]);
-    }
-    __syncthreads();
-    // Scales of every group of this tile (groups without rows get amax 0 → scale 0).
-    const int64_t group_end = row0 + kTileRows >= a.len ? a.groups : scale_group<kIsQ>(row0 + kTileRows, a.gran);
-    for (int64_t g = group0 + threadIdx.x; g < group_end; g += kThreads) {
-      a.scales[bh * a.groups + g] = __fdiv_rn(group_amax[g - group0], kInt8Max) * a.scale_factor;
-    }
+    const int64_t group0 = tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax);
     // INT8 values, pooled sums.
     int8_t* dst = a.out + (bh * a.len + row0) * d_count;
     const int d_int = static_cast<int>(d_count);
@@ -461,16 +470,7 @@ __global__ void __launch_bounds__(kThreads, CPR <= 16 ? 4 : 2) quantize_rows_fas
         }
       }
     }
-    const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
-    if (threadIdx.x < rows) {
-      const int64_t g = scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0;
-      atomic_max_nonneg(&group_amax[g], row_amax[threadIdx.x]);
-    }
-    __syncthreads();
-    const int64_t group_end = row0 + kTileRows >= a.len ? a.groups : scale_group<kIsQ>(row0 + kTileRows, a.gran);
-    for (int64_t g = group0 + threadIdx.x; g < group_end; g += kThreads) {
-      a.scales[bh * a.groups + g] = __fdiv_rn(group_amax[g - group0], kInt8Max) * a.scale_factor;
-    }
+    const int64_t group0 = tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax);
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int r = rsub + it * RPP;

@@ -172,22 +172,6 @@ __device__ __forceinline__ uint32_t b_pair_lane_offset(int lane) {
   return Tile::offset((matrix / 2) * kMmaN + lane % kMmaN, matrix % 2);
 }
 
-template <typename T>
-__device__ __forceinline__ void store_output_pair(T* dst, float x0, float x1) {
-  if (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T)) == 0) {
-    if constexpr (std::is_same_v<T, __half>) {
-      *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(x0, x1);
-    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
-    } else {
-      *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
-    }
-  } else {
-    dst[0] = store_from_float<T>(x0);
-    dst[1] = store_from_float<T>(x1);
-  }
-}
-
 template <int kHeadDimPad, int kBlockK, PvPrecision kPv>
 __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __grid_constant__ MmaAttendParams p) {
   using Cfg = Config<kHeadDimPad, kBlockK, kPv>;

@@ -248,22 +248,6 @@ __device__ __forceinline__ void row_half_max(const T (&v)[kSRegs], T (&out)[2][k
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_output_pair(T* dst, float x0, float x1) {
-  if (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T)) == 0) {
-    if constexpr (std::is_same_v<T, __half>) {
-      *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(x0, x1);
-    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
-    } else {
-      *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
-    }
-  } else {
-    dst[0] = store_from_float<T>(x0);
-    dst[1] = store_from_float<T>(x1);
-  }
-}
-
 template <int kHeadDimPad, int kBlockK>
 __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     wgmma_attend_kernel(const __grid_constant__ WgmmaAttendParams params) {
