@@ -32,6 +32,7 @@ from .api import (
     scaled_dot_product_attention,
 )
 from . import compat  # noqa: E402,F401  (sparge.compat: the original libraries' entry points)
+from . import patch  # noqa: E402,F401  (sparge.patch: route F.scaled_dot_product_attention / models to sparge)
 
 __version__: str = _C.version()
 
