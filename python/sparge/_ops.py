@@ -109,6 +109,13 @@ def _addr(x: Optional[Tensor]) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _input_args(q: Tensor, k: Tensor, v: Tensor, layout: int) -> dict:
+    """The un-quantized inputs as ``_C`` takes them: addresses, dtype code, [B, H, L] strides."""
+    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
+    return dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dtype=DTYPE_CODES[q.dtype], q_strides=_strides(qh),
+                k_strides=_strides(kh), v_strides=_strides(vh))  # fmt: skip
+
+
 def _selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
                     simthreshd1_per_head, attention_sink, block_mask) -> dict:
     """The stage-1 keyword arguments shared by ``_C.attention`` and ``_C.predict``."""
@@ -248,7 +255,7 @@ def attention(
     # torch's CPU allocator aligns to 64 bytes only: over-allocate and align the address.
     workspace = torch.empty(ws_bytes + _C.WORKSPACE_ALIGN, dtype=torch.uint8, device=q.device)
     ws_addr = -(-workspace.data_ptr() // _C.WORKSPACE_ALIGN) * _C.WORKSPACE_ALIGN
-    qh, kh, vh, oh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout), _hnd(o, layout)
+    oh = _hnd(o, layout)
     with _launch(q.device) as (device, stream):
         _C.attention(
             device=device,
@@ -256,13 +263,7 @@ def attention(
             shape=shape,
             blocks=blocks,
             causal=causal,
-            q=q.data_ptr(),
-            k=k.data_ptr(),
-            v=v.data_ptr(),
-            dtype=DTYPE_CODES[q.dtype],
-            q_strides=_strides(qh),
-            k_strides=_strides(kh),
-            v_strides=_strides(vh),
+            **_input_args(q, k, v, layout),
             sm_scale=scale,
             smooth_k=smooth_k,
             granularity=granularity,
@@ -318,20 +319,13 @@ def quantize(
     batch, heads_q, heads_kv = shape[:3]
     if batch * heads_q * heads_kv == 0:
         return out
-    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
     with _launch(q.device) as (device, stream):
         _C.quantize(
             device=device,
             stream=stream,
             shape=shape,
             blocks=(block_q, block_k),
-            q=q.data_ptr(),
-            k=k.data_ptr(),
-            v=v.data_ptr(),
-            dtype=DTYPE_CODES[q.dtype],
-            q_strides=_strides(qh),
-            k_strides=_strides(kh),
-            v_strides=_strides(vh),
+            **_input_args(q, k, v, layout),
             sm_scale=scale,
             smooth_k=smooth_k,
             granularity=granularity,
