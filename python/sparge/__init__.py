@@ -34,6 +34,7 @@ from .api import (
 from . import compat  # noqa: E402,F401  (sparge.compat: the original libraries' entry points)
 from . import patch  # noqa: E402,F401  (sparge.patch: route F.scaled_dot_product_attention / models to sparge)
 from . import calibrate  # noqa: E402,F401  (sparge.calibrate: per-layer, per-head settings under an error budget)
+from . import distributed  # noqa: E402,F401  (sparge.distributed: sequence-parallel attention, ulysses_attention)
 
 __version__: str = _C.version()
 
