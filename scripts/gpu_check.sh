@@ -3,8 +3,10 @@
 # image's python3, runs the GPU tests, the benchmark cases of bench/RESULTS.md and
 # compute-sanitizer on a small problem, and writes every log and table to OUT_DIR.
 #   scripts/gpu_check.sh OUT_DIR [ARCH]
-# SPARGE_BENCH_CASES overrides the benchmark cases ("label|arguments of python -m sparge" lines);
-# SPARGE_SKIP="tests sanitize" skips phases.
+# SPARGE_BENCH_CASES overrides the benchmark cases ("label|arguments of python -m sparge|optional
+# VAR=value environment" lines); SPARGE_SKIP="tests ptx sanitize" skips phases. The "ptx" phase
+# builds compute_80 and compute_89 PTX-only variants (SPARGE_PTX_ARCHS), which this GPU runs by
+# JIT, and runs the mma.sync kernel's GPU tests and one benchmark case on each.
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR [ARCH]}"
 ARCH="${2:-90a}"
@@ -35,17 +37,36 @@ d128_L32k|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5,topk:0.25 --stages
 d128_L32k_pv16|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5 --pv-precision fp16
 d128_B2_L8k|-B 2 -H 16 -L 8192 -D 128 --modes dense,topk:0.5
 d64_L32k|-B 1 -H 32 -L 32768 -D 64 --modes dense,topk:0.5
-d128_L32k_causal|-B 1 -H 16 -L 32768 -D 128 --causal --modes dense}"
+d128_L32k_causal|-B 1 -H 16 -L 32768 -D 128 --causal --modes dense
+d128_L32k_mma|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5|SPARGE_CUDA_KERNEL=mma}"
 phase "matrix-unit ceilings"
 timeout 60 python3 "$ROOT/scripts/gemm_ceiling.py" 2>&1 | tee "$OUT/gemm_ceiling.txt"
 
 phase "benchmark"
-while IFS='|' read -r label bench_args; do
+while IFS='|' read -r label bench_args bench_env; do
   [ -n "$label" ] || continue
-  echo "--- $label: python -m sparge $bench_args"
-  timeout 150 python3 -m sparge $bench_args --repeats 10 --warmup 3 --json "$OUT/bench_$label.json" \
+  echo "--- $label: $bench_env python -m sparge $bench_args"
+  timeout 150 env $bench_env python3 -m sparge $bench_args --repeats 10 --warmup 3 --json "$OUT/bench_$label.json" \
     2>"$OUT/bench_${label}_progress.log" | tee "$OUT/bench_$label.txt" || tail -5 "$OUT/bench_${label}_progress.log"
 done <<< "$BENCH_CASES"
+
+if [[ " $SKIP " != *" ptx "* ]]; then
+  for arch in ${SPARGE_PTX_ARCHS:-80-virtual 89-virtual}; do
+    phase "PTX-only build $arch (JIT on this GPU): mma.sync kernel tests"
+    pkg="/tmp/sparge_$arch"
+    python3 -m pip install -q --no-build-isolation --no-deps "$ROOT" -Cbuild-dir="$ROOT/build/gpu_$arch" \
+      --target "$pkg" -Ccmake.define.SPARGE_CUDA=ON -Ccmake.define.SPARGE_CUDA_ARCHS="$arch" \
+      > "$OUT/build_$arch.log" 2>&1 || { tail -30 "$OUT/build_$arch.log"; continue; }
+    PYTHONPATH="$pkg" timeout 240 python3 -m pytest "$ROOT/tests/python/test_gpu.py" -q -rs -p no:cacheprovider \
+      -k "fp32_truth or matches_cpu or kernel_choice or fp8_runs or head_dims or graph" > "$OUT/gpu_tests_$arch.log" 2>&1
+    echo "pytest exit ($arch): $?"
+    grep -E "passed|failed|error" "$OUT/gpu_tests_$arch.log" | tail -2
+    grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests_$arch.log" | head -10
+    pv=fp8; [[ "$arch" == 80* ]] && pv=fp16
+    PYTHONPATH="$pkg" timeout 150 python3 -m sparge -B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5 \
+      --pv-precision "$pv" --repeats 5 --warmup 2 2>/dev/null | tee "$OUT/bench_ptx_$arch.txt"
+  done
+fi
 
 if [[ " $SKIP " != *" sanitize "* ]]; then
   phase "compute-sanitizer on a small problem"

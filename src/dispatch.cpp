@@ -7,6 +7,7 @@
 #include "common/status_macros.h"
 #include "cpu/cpu_backend.h"
 #include "sparge/api.h"
+#include "sparge_build_config.h"
 
 #if defined(SPARGE_WITH_CUDA)
 #include "cuda/cuda_backend.h"
@@ -14,9 +15,6 @@
 
 #ifndef SPARGE_VERSION
 #define SPARGE_VERSION "0.0.0"
-#endif
-#ifndef SPARGE_CUDA_ARCHS
-#define SPARGE_CUDA_ARCHS ""
 #endif
 
 namespace sparge {
@@ -379,6 +377,22 @@ bool cuda_backend_built() {
 }
 
 const char* cuda_architectures() { return SPARGE_CUDA_ARCHS; }
+
+Status attend_kernel(Device device, const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant,
+                     const char** name) {
+  SPARGE_RETURN_IF_ERROR(check_device(device));
+  SPARGE_RETURN_IF_ERROR(check_shape(shape));
+  SPARGE_RETURN_IF_ERROR(check_blocks(blocks));
+  if (device == Device::kCPU) {
+    *name = "cpu";
+    return Status::Ok();
+  }
+#if defined(SPARGE_WITH_CUDA)
+  return cuda::attend_kernel(shape, blocks, quant, name);
+#else
+  return {StatusCode::kNotBuilt, "device: the CUDA backend is not built"};
+#endif
+}
 
 const char* version() { return SPARGE_VERSION; }
 

@@ -32,6 +32,12 @@ size_t workspace_size(const AttentionParams& p);
 bool cuda_backend_built();
 const char* cuda_architectures();
 
+// The stage 2 kernel that a request with this shape, block configuration and quantization would
+// run on the current device: "cpu", "wgmma" (Hopper, sm_90a) or "mma" (mma.sync, sm_80 and newer).
+// The environment variable SPARGE_CUDA_KERNEL=auto|mma|wgmma forces the CUDA choice (testing).
+Status attend_kernel(Device device, const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant,
+                     const char** name);
+
 // Version string of the library, e.g. "0.1.0".
 const char* version();
 

@@ -6,6 +6,7 @@ Replace ``torch.nn.functional.scaled_dot_product_attention(q, k, v)`` with
     import sparge
     o = sparge.attention(q, k, v, topk=0.5, is_causal=True)
     o, sparsity = sparge.attention(q, k, v, mode="cdf", cdfthreshd=0.95, return_sparsity=True)
+    o = sparge.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)  # packed [total, H, D]
 
 Every function is a ``torch.library`` operator (``torch.ops.sparge.*``) with a fake
 implementation, so it runs under ``torch.compile(fullgraph=True)`` and CUDA graphs. The stages
@@ -14,7 +15,7 @@ other. See :mod:`sparge.api` for the conventions, and ``python -m sparge --help`
 """
 
 try:
-    import torch  # noqa: F401
+    import torch
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("sparge needs PyTorch (>= 2.4): pip install torch") from e
 
@@ -31,6 +32,7 @@ from .api import (
     quantize,
     scaled_dot_product_attention,
 )
+from .varlen import attention_varlen  # noqa: E402  (sparge.varlen: packed batches, key-padding masks)
 from . import compat  # noqa: E402,F401  (sparge.compat: the original libraries' entry points)
 from . import patch  # noqa: E402,F401  (sparge.patch: route F.scaled_dot_product_attention / models to sparge)
 from . import calibrate  # noqa: E402,F401  (sparge.calibrate: per-layer, per-head settings under an error budget)
@@ -54,6 +56,33 @@ def cuda_architectures() -> str:
     return _C.cuda_architectures()
 
 
+def attend_kernel(
+    q_shape,
+    k_shape=None,
+    *,
+    device="cuda",
+    layout: str = "HND",
+    block_size=(128, 64),
+    pv_precision: str = "fp8",
+) -> str:
+    """The stage 2 kernel that attention on tensors of these shapes runs on ``device``: ``"cpu"``,
+    ``"wgmma"`` (Hopper, sm_90a) or ``"mma"`` (mma.sync, sm_80 and newer). Raises
+    NotImplementedError naming the reason when no kernel covers the request. The environment
+    variable ``SPARGE_CUDA_KERNEL=auto|mma|wgmma`` forces the CUDA choice (for testing)."""
+    from .api import _PV_PRECISIONS, _choice
+
+    device = torch.device(device)
+    if layout not in ("HND", "NHD"):
+        raise ValueError(f"layout: expected 'HND' or 'NHD', got {layout!r}")
+    k_shape = q_shape if k_shape is None else k_shape
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        raise ValueError(f"q_shape / k_shape: expected 4 dimensions, got {tuple(q_shape)} / {tuple(k_shape)}")
+    (b, hq, lq, d), (_, hkv, lk, _) = [(s[0], s[2], s[1], s[3]) if layout == "NHD" else tuple(s) for s in (q_shape, k_shape)]
+    pv = _choice("pv_precision", pv_precision, _PV_PRECISIONS)
+    with _ops._launch(device) as (code, _):
+        return _C.attend_kernel(device=code, shape=(b, hq, hkv, lq, lk, d), blocks=tuple(block_size), pv=pv)
+
+
 __all__ = [
     "Prediction",
     "QuantizedQKV",
@@ -62,7 +91,9 @@ __all__ = [
     "STAT_PV_SKIPPED",
     "STAT_PV_UNITS",
     "attend",
+    "attend_kernel",
     "attention",
+    "attention_varlen",
     "block_sparse_attention",
     "block_sparsity",
     "cuda_architectures",

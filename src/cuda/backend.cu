@@ -15,9 +15,9 @@ __global__ void probe_kernel() {}
 // Largest number of K blocks one prediction CTA keeps in shared memory.
 constexpr int64_t kMaxKBlocks = 16384;
 
-// Compute capability (major·10 + minor) of the current device, or kUnsupported when this
-// build carries no kernel image for it.
-Status device_compute_capability(int& cc) {
+// Compute capabilities of the current device and of the kernel image that runs on it, or
+// kUnsupported when this build carries no kernel image for it.
+Status device_arch(Arch& arch) {
   int device = 0;
   if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) {
     cudaGetLastError();
@@ -26,7 +26,7 @@ Status device_compute_capability(int& cc) {
   int major = 0, minor = 0;
   SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
   SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "compute capability");
-  cc = major * 10 + minor;
+  arch.device = major * 10 + minor;
   cudaFuncAttributes attrs{};
   if (cudaFuncGetAttributes(&attrs, probe_kernel) != cudaSuccess) {
     cudaGetLastError();
@@ -34,6 +34,7 @@ Status device_compute_capability(int& cc) {
                                           std::to_string(major) + "." + std::to_string(minor) +
                                           " (built for SPARGE_CUDA_ARCHS=" + cuda_architectures() + ")"};
   }
+  arch.image = attrs.ptxVersion;
   return Status::Ok();
 }
 
@@ -57,16 +58,21 @@ Status check_blocks(const Shape& shape, const BlockConfig& blocks) {
 }  // namespace
 
 Status supports(const Shape& shape, const BlockConfig& blocks) {
-  int cc = 0;
-  SPARGE_RETURN_IF_ERROR(device_compute_capability(cc));
+  Arch arch;
+  SPARGE_RETURN_IF_ERROR(device_arch(arch));
   return check_blocks(shape, blocks);
 }
 
 Status supports_attend(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant) {
-  int cc = 0;
-  SPARGE_RETURN_IF_ERROR(device_compute_capability(cc));
+  Arch arch;
+  SPARGE_RETURN_IF_ERROR(device_arch(arch));
   SPARGE_RETURN_IF_ERROR(check_blocks(shape, blocks));
-  return attend_supports(shape, blocks, quant, cc);
+  return attend_supports(shape, blocks, quant, arch);
+}
+
+Status attend_kernel(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name) {
+  SPARGE_RETURN_IF_ERROR(supports_attend(shape, blocks, quant));
+  return attend_kernel_name(shape, blocks, quant, name);
 }
 
 Status attend(const AttendParams& p) { return launch_attend(p); }

@@ -13,6 +13,9 @@ namespace sparge::cuda {
 Status supports(const Shape& shape, const BlockConfig& blocks);
 Status supports_attend(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant);
 
+// The stage 2 kernel the request runs on: "wgmma" or "mma" (after supports_attend's checks).
+Status attend_kernel(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name);
+
 Status quantize(const QuantizeParams& p);
 Status predict(const PredictParams& p);
 Status attend(const AttendParams& p);

@@ -85,14 +85,8 @@ sparge::QuantOptions to_quant(double sm_scale, bool smooth_k, int granularity, i
           .pv = static_cast<sparge::PvPrecision>(pv)};
 }
 
-// Runs a C++ entry point without the GIL and raises its Status, if not ok, as a Python exception.
-template <typename Params>
-void run(sparge::Status (*entry)(const Params&), const Params& params) {
-  sparge::Status status;
-  {
-    nb::gil_scoped_release release;
-    status = entry(params);
-  }
+// Raises a Status that is not ok as the Python exception of its code.
+void raise_if_error(const sparge::Status& status) {
   if (status.ok()) return;
   PyObject* type = PyExc_RuntimeError;
   switch (status.code()) {
@@ -103,6 +97,24 @@ void run(sparge::Status (*entry)(const Params&), const Params& params) {
   }
   PyErr_SetString(type, status.message().c_str());
   throw nb::python_error();
+}
+
+// Runs a C++ entry point without the GIL and raises its Status, if not ok, as a Python exception.
+template <typename Params>
+void run(sparge::Status (*entry)(const Params&), const Params& params) {
+  sparge::Status status;
+  {
+    nb::gil_scoped_release release;
+    status = entry(params);
+  }
+  raise_if_error(status);
+}
+
+const char* attend_kernel(int device, const ShapeArg& shape, const BlocksArg& blocks, int pv) {
+  const char* name = nullptr;
+  raise_if_error(sparge::attend_kernel(static_cast<sparge::Device>(device), to_shape(shape), to_blocks(blocks),
+                                       to_quant(0.0, true, 0, pv), &name));
+  return name;
 }
 
 void quantize(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, Addr q, Addr k, Addr v,
@@ -220,6 +232,8 @@ NB_MODULE(_C, m) {
   m.def("cuda_architectures", &sparge::cuda_architectures,
         "CUDA architectures the backend was compiled for, e.g. \"90a;89;80\" (empty without CUDA).");
 
+  m.def("attend_kernel", &attend_kernel, nb::kw_only(), nb::arg("device"), nb::arg("shape"), nb::arg("blocks"),
+        nb::arg("pv"), "Stage 2 kernel the request runs on the current device: \"cpu\", \"wgmma\" or \"mma\".");
   m.def("workspace_size", &workspace_size, nb::kw_only(), nb::arg("shape"), nb::arg("blocks"),
         nb::arg("granularity"), nb::arg("pv"), "Bytes of workspace `attention` needs (256-byte aligned).");
   m.def("stage_buffers_size", &stage_buffers_size, nb::kw_only(), nb::arg("shape"), nb::arg("blocks"),

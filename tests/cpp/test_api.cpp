@@ -255,5 +255,18 @@ TEST(Api, VersionAndBackendQueries) {
   EXPECT_STREQ(status_code_name(StatusCode::kNotBuilt), "not built");
 }
 
+TEST(Api, AttendKernelQuery) {
+  const Shape shape{.batch = 1, .heads_q = 2, .heads_kv = 2, .len_q = 256, .len_k = 256, .head_dim = 64};
+  const char* name = nullptr;
+  ASSERT_TRUE(attend_kernel(Device::kCPU, shape, BlockConfig{}, QuantOptions{}, &name).ok());
+  EXPECT_STREQ(name, "cpu");
+  const Status bad = attend_kernel(Device::kCPU, shape, BlockConfig{.block_q = 0, .block_k = 64}, QuantOptions{}, &name);
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("block_q"), std::string::npos) << bad.message();
+  // Without a GPU (this suite's machine, as CudaDeviceWithoutGpu) the CUDA query fails cleanly.
+  const StatusCode expected = cuda_backend_built() ? StatusCode::kCudaError : StatusCode::kNotBuilt;
+  EXPECT_EQ(attend_kernel(Device::kCUDA, shape, BlockConfig{}, QuantOptions{}, &name).code(), expected);
+}
+
 }  // namespace
 }  // namespace sparge::test

@@ -189,3 +189,14 @@ def test_core_status_codes_map_to_python_exceptions():
 def test_module_info():
     assert isinstance(sparge.__version__, str) and sparge.__version__.count(".") == 2
     assert isinstance(sparge.cuda_backend_built(), bool) and isinstance(sparge.cuda_architectures(), str)
+
+
+def test_attend_kernel_query():
+    assert sparge.attend_kernel((1, 2, 256, 64), device="cpu") == "cpu"
+    assert sparge.attend_kernel((1, 256, 2, 64), (1, 300, 1, 64), device="cpu", layout="NHD") == "cpu"
+    with pytest.raises(ValueError, match="layout"):
+        sparge.attend_kernel((1, 2, 256, 64), device="cpu", layout="BSHD")
+    with pytest.raises(ValueError, match="block_q"):
+        sparge.attend_kernel((1, 2, 256, 64), device="cpu", block_size=(0, 64))
+    with pytest.raises(ValueError, match="pv_precision"):
+        sparge.attend_kernel((1, 2, 256, 64), device="cpu", pv_precision="int4")

@@ -36,17 +36,44 @@ def _kwargs(mode, value):
     return {"mode": mode, **({"topk": value} if mode == "topk" else {"cdfthreshd": value} if mode == "cdf" else {})}
 
 
+def _fp8_kernel_image() -> bool:
+    """Whether the kernels that run on this GPU have e4m3 mma (a build for compute_80 only, which
+    an sm_90 GPU runs by JIT, has not)."""
+    try:
+        sparge.attend_kernel((1, 1, 128, 64), device="cuda", pv_precision="fp8")
+    except NotImplementedError as e:
+        assert "compiled for 8." in str(e), str(e)
+        return False
+    return True
+
+
+def _require_pv(pv: str) -> None:
+    if pv == "fp8" and not _fp8_kernel_image():
+        pytest.skip(f"the kernel image of this build for this GPU has no e4m3 mma ({sparge.cuda_architectures()})")
+
+
+@pytest.fixture(params=["auto", "mma"])
+def kernel(request, monkeypatch):
+    """Stage 2 kernel choice: "auto" (wgmma on Hopper where it covers the request) and "mma" (the
+    mma.sync kernel of Ampere / Ada, forced on any GPU through SPARGE_CUDA_KERNEL)."""
+    monkeypatch.setenv("SPARGE_CUDA_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mode,value", list(SPARSE_BOUNDS), ids=lambda x: str(x))
-def test_cuda_attention_matches_fp32_truth(seed, head_dim, dtype, causal, mode, value):
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_cuda_attention_matches_fp32_truth(seed, kernel, pv, head_dim, dtype, causal, mode, value):
+    _require_pv(pv)
     q, k, v = structured_qkv(2, 4, 2, 1024, 1000, head_dim, dtype=dtype, device="cuda", seed=seed)
     ref, ref_lse = reference_attention(q, k, v, is_causal=causal)
-    o, lse, s = sparge.attention(q, k, v, is_causal=causal, return_lse=True, return_sparsity=True,
+    o, lse, s = sparge.attention(q, k, v, is_causal=causal, return_lse=True, return_sparsity=True, pv_precision=pv,
                                  **_kwargs(mode, value))  # fmt: skip
     assert o.device == q.device and o.dtype == dtype and s.device == q.device
-    assert_close_to(o, ref, **SPARSE_BOUNDS[mode, value], context=f"cuda {mode} {value} causal={causal} seed={seed}")
+    context = f"cuda {kernel} {pv} {mode} {value} causal={causal} seed={seed}"
+    assert_close_to(o, ref, **SPARSE_BOUNDS[mode, value], context=context)
     if mode == "dense":
         finite = ref_lse.isfinite()
         assert float((lse - ref_lse)[finite].abs().max()) <= 0.1, f"lse seed={seed}"
@@ -55,10 +82,11 @@ def test_cuda_attention_matches_fp32_truth(seed, head_dim, dtype, causal, mode, 
 @pytest.mark.parametrize("shape", [(1, 4, 2, 333, 270, 64), (2, 2, 1, 129, 1000, 128), (1, 8, 8, 1024, 1024, 64)])
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
-def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, shape, pv, causal):
+def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape, pv, causal):
     """Same quantized inputs and block lists on both backends. Scores are exact int32 dots times
     the same fp32 scale product, so row maxima and P·V skip decisions agree exactly; P differs
     by the exp2 implementation, which can flip single e4m3 (or fp16) roundings: rel-L1 <= 2e-3."""
+    _require_pv(pv)
     b, hq, hkv, lq, lk, d = shape
     q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, seed=seed)
     causal_kw = {"is_causal": causal is not None, "causal_alignment": causal or "top_left"}
@@ -68,7 +96,7 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, shape, pv, ca
                                            return_stats=True, **causal_kw)  # fmt: skip
     o_gpu, lse_gpu, st_gpu = sparge.attend(_to(quantized, "cuda"), pred.index.cuda(), pred.count.cuda(), pvthreshd=8.0,
                                            return_lse=True, return_stats=True, **causal_kw)  # fmt: skip
-    context = f"{shape} {pv} causal={causal} seed={seed}"
+    context = f"{kernel} {shape} {pv} causal={causal} seed={seed}"
     assert_close_to(o_gpu.cpu(), o_cpu, cos_min=0.99999, rel_l1_max=2e-3, context=context)
     finite = lse_cpu.isfinite()
     assert torch.equal(lse_gpu.cpu().isfinite(), finite), context
@@ -142,6 +170,53 @@ def test_cuda_spikes_score_matches_cpu_backend_on_sinks(seed, density):
     o_cpu = sparge.attention(q, k, v, topk=density, block_score="spikes")
     o_gpu = sparge.attention(q.cuda(), k.cuda(), v.cuda(), topk=density, block_score="spikes")
     assert relative_l1(o_gpu, ref) <= relative_l1(o_cpu, ref.cpu()) + 0.01, f"density {density} seed={seed}"
+
+
+def test_cuda_kernel_choice():
+    """Which stage 2 kernel runs, and SPARGE_CUDA_KERNEL forcing it: on an sm_90a build on a
+    compute capability 9.0 GPU the wgmma kernel takes fp8 P·V with D <= 128; mma.sync takes the
+    rest and whatever is forced to it; forcing wgmma where it cannot run is a clear error."""
+    import os
+
+    major, minor = torch.cuda.get_device_capability()
+    hopper = (major, minor) == (9, 0) and "90a" in sparge.cuda_architectures().split(";")
+    q_shape = (1, 2, 1024, 128)
+    assert sparge.attend_kernel(q_shape, device="cpu") == "cpu"
+    assert sparge.attend_kernel(q_shape, pv_precision="fp16") == "mma"
+    assert sparge.attend_kernel((1, 2, 1024, 256)) == "mma"
+    assert sparge.attend_kernel(q_shape, block_size=(64, 64)) == "mma"
+    if _fp8_kernel_image():
+        assert sparge.attend_kernel(q_shape) == ("wgmma" if hopper else "mma")
+    old = os.environ.get("SPARGE_CUDA_KERNEL")
+    try:
+        os.environ["SPARGE_CUDA_KERNEL"] = "mma"
+        assert sparge.attend_kernel(q_shape, pv_precision="fp16") == "mma"
+        os.environ["SPARGE_CUDA_KERNEL"] = "wgmma"
+        with pytest.raises(NotImplementedError, match="SPARGE_CUDA_KERNEL=wgmma"):
+            sparge.attend_kernel(q_shape, pv_precision="fp16")
+        with pytest.raises(NotImplementedError, match="SPARGE_CUDA_KERNEL=wgmma"):
+            sparge.attention(*structured_qkv(1, 2, 2, 256, 256, 64, device="cuda"), pv_precision="fp16")
+        os.environ["SPARGE_CUDA_KERNEL"] = "fastest"
+        with pytest.raises(ValueError, match='SPARGE_CUDA_KERNEL: expected auto, mma or wgmma, got "fastest"'):
+            sparge.attend_kernel(q_shape)
+    finally:
+        if old is None:
+            os.environ.pop("SPARGE_CUDA_KERNEL", None)
+        else:
+            os.environ["SPARGE_CUDA_KERNEL"] = old
+
+
+def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
+    """fp8 P·V runs where the kernel image has e4m3 mma; on an image compiled for 8.x < 8.9 (a
+    compute_80 build JIT-compiled for a newer GPU) it is a clear error naming the architectures."""
+    q, k, v = structured_qkv(1, 2, 2, 512, 512, 64, device="cuda", seed=seed)
+    if _fp8_kernel_image():
+        ref, _ = reference_attention(q, k, v)
+        assert_close_to(sparge.attention(q, k, v, pv_precision="fp8"), ref, **DENSE_FP8, context=f"seed={seed}")
+        return
+    with pytest.raises(NotImplementedError, match=r"kFp8 needs e4m3 mma.*compiled for 8\.0"):
+        sparge.attention(q, k, v, pv_precision="fp8")
+    assert not any(a.startswith(("89", "9", "1")) for a in sparge.cuda_architectures().split(";"))
 
 
 def test_cuda_graph_capture_replay_equals_eager(seed):

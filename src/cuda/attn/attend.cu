@@ -1,9 +1,11 @@
 // Stage 2 dispatch: from the runtime request to the instantiated kernels: the wgmma + TMA kernel
 // (sm90/attend_wgmma.cuh) on sm_90 where it covers the request, else the mma.sync kernel
-// (sm80/attend_mma.cuh).
+// (sm80/attend_mma.cuh). The environment variable SPARGE_CUDA_KERNEL (auto, mma, wgmma) forces
+// the choice, so that the mma.sync kernel of Ampere / Ada is testable on a Hopper GPU.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -14,6 +16,7 @@
 #include "cuda/attn/sm90/attend_wgmma.h"
 #include "cuda/common/device_utils.cuh"
 #include "sparge/layout.h"
+#include "sparge_build_config.h"
 
 namespace sparge::cuda {
 namespace {
@@ -21,11 +24,7 @@ namespace {
 constexpr int kMinComputeCapability = 80;      // ldmatrix, cp.async, mma.sync int8 / fp16
 constexpr int kMinFp8ComputeCapability = 89;   // mma.sync with e4m3 operands
 constexpr int kWgmmaComputeCapability = 90;    // wgmma / TMA, built for sm_90a only
-#if defined(SPARGE_CUDA_ARCHS)
 constexpr bool kBuiltSm90a = std::string_view(SPARGE_CUDA_ARCHS).find("90a") != std::string_view::npos;
-#else
-constexpr bool kBuiltSm90a = false;
-#endif
 constexpr int64_t kHeadDimStep = 16;           // head dims are whole 16-byte rows of int8 chunks
 constexpr int64_t kMinHeadDim = 16;
 constexpr int64_t kMaxGridYZ = 65535;          // gridDim.y (heads) and gridDim.z (batch)
@@ -94,6 +93,44 @@ Status device_has_wgmma(bool* has) {
   return Status::Ok();
 }
 
+constexpr const char* kKernelEnv = "SPARGE_CUDA_KERNEL";
+
+enum class KernelChoice { kAuto, kMma, kWgmma };
+
+Status kernel_choice(KernelChoice* choice) {
+  const char* value = std::getenv(kKernelEnv);
+  const std::string_view v = value != nullptr ? value : "";
+  if (v.empty() || v == "auto") {
+    *choice = KernelChoice::kAuto;
+  } else if (v == "mma") {
+    *choice = KernelChoice::kMma;
+  } else if (v == "wgmma") {
+    *choice = KernelChoice::kWgmma;
+  } else {
+    return {StatusCode::kInvalidArgument,
+            std::string(kKernelEnv) + ": expected auto, mma or wgmma, got \"" + std::string(v) + "\""};
+  }
+  return Status::Ok();
+}
+
+// Whether stage 2 runs on the wgmma kernel: built for sm_90a, a compute capability 9.0 device, a
+// request it covers, and not forced to mma.sync. Forcing wgmma where it cannot run is kUnsupported.
+Status use_wgmma(const Shape& s, const BlockConfig& blocks, PvPrecision pv, bool* wgmma) {
+  KernelChoice choice = KernelChoice::kAuto;
+  SPARGE_RETURN_IF_ERROR(kernel_choice(&choice));
+  bool device_ok = false;
+  SPARGE_RETURN_IF_ERROR(device_has_wgmma(&device_ok));
+  const bool can = kBuiltSm90a && device_ok && wgmma_attend_covers(s.head_dim, blocks.block_q, blocks.block_k, pv, s.len_k);
+  if (choice == KernelChoice::kWgmma && !can) {
+    return unsupported(std::string(kKernelEnv) +
+                       "=wgmma: the wgmma kernel needs a build with sm_90a, a compute capability 9.0 device, fp8 "
+                       "P·V, head_dim <= 128, block_q a multiple of " + std::to_string(kWgmmaAttendRows) +
+                       " and block_k 64 or 128");
+  }
+  *wgmma = can && choice != KernelChoice::kMma;
+  return Status::Ok();
+}
+
 Status dispatch_head_dim(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) {
   switch (head_dim_pad(p.shape.head_dim)) {
     case 64: return dispatch_block_k<64>(p, kp, grid);
@@ -105,15 +142,30 @@ Status dispatch_head_dim(const AttendParams& p, const MmaAttendParams& kp, dim3 
 
 }  // namespace
 
-Status attend_supports(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, int compute_capability) {
-  if (compute_capability < kMinComputeCapability) {
+Status attend_kernel_name(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name) {
+  bool wgmma = false;
+  SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, &wgmma));
+  *name = wgmma ? "wgmma" : "mma";
+  return Status::Ok();
+}
+
+Status attend_supports(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const Arch& arch) {
+  if (arch.device < kMinComputeCapability) {
     return unsupported("device: the CUDA attention kernel needs compute capability " + cc_name(kMinComputeCapability) +
-                       " or newer, got " + cc_name(compute_capability));
+                       " or newer, got " + cc_name(arch.device));
   }
-  if (quant.pv == PvPrecision::kFp8 && compute_capability < kMinFp8ComputeCapability) {
+  if (quant.pv == PvPrecision::kFp8 && arch.device < kMinFp8ComputeCapability) {
     return unsupported("quant.pv: kFp8 needs compute capability " + cc_name(kMinFp8ComputeCapability) +
-                       " or newer (e4m3 mma), got " + cc_name(compute_capability) + "; use kFp16");
+                       " or newer (e4m3 mma), got " + cc_name(arch.device) + "; use kFp16");
   }
+  if (quant.pv == PvPrecision::kFp8 && arch.image < kMinFp8ComputeCapability) {
+    return unsupported("quant.pv: kFp8 needs e4m3 mma, but the kernels that run on this device (compute capability " +
+                       cc_name(arch.device) + ") were compiled for " + cc_name(arch.image) + " (SPARGE_CUDA_ARCHS=" +
+                       SPARGE_CUDA_ARCHS + "); use kFp16 or build for " + cc_name(kMinFp8ComputeCapability) +
+                       " or newer");
+  }
+  bool wgmma = false;
+  SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, &wgmma));
   if (shape.head_dim % kHeadDimStep != 0 || shape.head_dim < kMinHeadDim || shape.head_dim > kMaxHeadDim) {
     return unsupported("shape.head_dim: the CUDA attention kernel needs a multiple of 16 in [16, 256], got " +
                        std::to_string(shape.head_dim));
@@ -197,11 +249,9 @@ Status launch_attend(const AttendParams& p) {
                            .nbk = static_cast<int32_t>(nbk),
                            .q_groups = static_cast<int32_t>(q_scale_groups(s.len_q, g)),
                            .k_groups = static_cast<int32_t>(k_scale_groups(s.len_k, g))};
-  if (kBuiltSm90a && wgmma_attend_covers(s.head_dim, p.blocks.block_q, p.blocks.block_k, p.quant.pv, s.len_k)) {
-    bool has_wgmma = false;
-    SPARGE_RETURN_IF_ERROR(device_has_wgmma(&has_wgmma));
-    if (has_wgmma) return dispatch_wgmma_head_dim(p, kp);
-  }
+  bool wgmma = false;
+  SPARGE_RETURN_IF_ERROR(use_wgmma(s, p.blocks, p.quant.pv, &wgmma));
+  if (wgmma) return dispatch_wgmma_head_dim(p, kp);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.len_q, kMmaAttendRows)), static_cast<unsigned>(s.heads_q),
                   static_cast<unsigned>(s.batch));
   return dispatch_head_dim(p, kp, grid);
