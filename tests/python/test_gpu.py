@@ -47,6 +47,11 @@ def _fp8_kernel_image() -> bool:
     return True
 
 
+def _runnable_pv() -> str:
+    """fp8 where the kernel image has e4m3 mma, else fp16 (tests of other features use it)."""
+    return "fp8" if _fp8_kernel_image() else "fp16"
+
+
 def _require_pv(pv: str) -> None:
     if pv == "fp8" and not _fp8_kernel_image():
         pytest.skip(f"the kernel image of this build for this GPU has no e4m3 mma ({sparge.cuda_architectures()})")
@@ -183,8 +188,8 @@ def test_cuda_kernel_choice():
     q_shape = (1, 2, 1024, 128)
     assert sparge.attend_kernel(q_shape, device="cpu") == "cpu"
     assert sparge.attend_kernel(q_shape, pv_precision="fp16") == "mma"
-    assert sparge.attend_kernel((1, 2, 1024, 256)) == "mma"
-    assert sparge.attend_kernel(q_shape, block_size=(64, 64)) == "mma"
+    assert sparge.attend_kernel((1, 2, 1024, 256), pv_precision="fp16") == "mma"
+    assert sparge.attend_kernel(q_shape, block_size=(64, 64), pv_precision="fp16") == "mma"
     if _fp8_kernel_image():
         assert sparge.attend_kernel(q_shape) == ("wgmma" if hopper else "mma")
     old = os.environ.get("SPARGE_CUDA_KERNEL")
@@ -209,7 +214,7 @@ def test_cuda_kernel_choice():
 def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
     """fp8 P·V runs where the kernel image has e4m3 mma; on an image compiled for 8.x < 8.9 (a
     compute_80 build JIT-compiled for a newer GPU) it is a clear error naming the architectures."""
-    q, k, v = structured_qkv(1, 2, 2, 512, 512, 64, device="cuda", seed=seed)
+    q, k, v = structured_qkv(2, 4, 2, 1024, 1000, 64, device="cuda", seed=seed)
     if _fp8_kernel_image():
         ref, _ = reference_attention(q, k, v)
         assert_close_to(sparge.attention(q, k, v, pv_precision="fp8"), ref, **DENSE_FP8, context=f"seed={seed}")
@@ -222,7 +227,7 @@ def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
 def test_cuda_graph_capture_replay_equals_eager(seed):
     q, k, v = structured_qkv(1, 4, 2, 777, 777, 64, device="cuda", seed=seed)
     kwargs = dict(topk=torch.tensor([0.3, 0.5, 0.7, 0.9], device="cuda"), is_causal=True, return_lse=True,
-                  return_sparsity=True)  # fmt: skip
+                  return_sparsity=True, pv_precision=_runnable_pv())  # fmt: skip
     static = [x.clone() for x in (q, k, v)]
     sparge.attention(*static, **kwargs)  # warm-up outside the capture
     torch.cuda.synchronize()
@@ -292,7 +297,7 @@ def test_cuda_head_dims_work_or_raise_clearly(seed):
     for d in (32, 40, 64, 80, 96, 128, 256):
         q, k, v = structured_qkv(1, 2, 2, 256, 256, d, device="cuda", seed=seed)
         try:
-            o = sparge.attention(q, k, v, mode="dense")
+            o = sparge.attention(q, k, v, mode="dense", pv_precision=_runnable_pv())
         except NotImplementedError as e:
             assert "head_dim" in str(e), f"D={d}: {e}"
             continue
