@@ -39,7 +39,13 @@ DENSITIES = (0.5, 0.25, 0.1)
 
 def _methods() -> dict[str, dict]:
     """Prediction methods: name → keyword arguments of sparge.predict (besides mode and topk)."""
-    return {"mean": dict(block_score="mean"), "spikes": dict(block_score="spikes")}
+    return {
+        # SpargeAttn's defaults: simthreshd1 -0.1 for its TopK APIs, 0.6 and the unsharpened map for CDF
+        "original": dict(block_score="mean", simthreshd1=-0.1, cdf=dict(simthreshd1=0.6, cdf_sharpen=False)),
+        "mean": dict(block_score="mean"),
+        "spikes": dict(block_score="spikes"),
+        "auto (default)": dict(block_score="auto"),
+    }
 
 
 def _log(message: str) -> None:
@@ -81,7 +87,9 @@ def run(length: int, heads: int, head_dim: int, seed: int, methods: dict[str, di
         for method, kwargs in methods.items():
             for mode, value in settings:
                 arg = {"topk": value} if mode == "topk" else {"cdfthreshd": value}
-                pred, t_pred = _timed(lambda: sparge.predict(quantized, mode=mode, **arg, **kwargs))
+                arg.update({key: val for key, val in kwargs.items() if key != "cdf"})
+                arg.update(kwargs.get("cdf", {}) if mode == "cdf" else {})
+                pred, t_pred = _timed(lambda: sparge.predict(quantized, mode=mode, **arg))
                 l1, t_attend = added(pred)
                 oracle_mask = oracle_block_mask(mass, pred.count)
                 l1_oracle, _ = added(sparge.predict(quantized, block_mask=oracle_mask))

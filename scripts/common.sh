@@ -21,7 +21,8 @@ setup_env() {
   fi
   step "installing Python packages (torch is large the first time)"
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "torch==2.11.*" numpy pytest nanobind "scikit-build-core>=0.10" ninja "cmake>=3.26" matplotlib
+  "$PY" -m pip install -q "torch==2.11.*" numpy pytest nanobind "scikit-build-core>=0.10" ninja "cmake>=3.26" matplotlib \
+    "transformers==5.*" "diffusers==0.42.*"
 }
 
 # build_and_install [extra -C options...]: one CMake build in build/wheel, installed into the venv.

@@ -2,6 +2,7 @@
 // Usable from host and device code.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -25,12 +26,19 @@ inline constexpr float kInt8Max = 127.0f;
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr int64_t kMaxHeadDim = 256;
 inline constexpr int64_t kSpikeKeys = 2;        // keys per K block kept by QuantizedQKV::k_spikes
+inline constexpr float kCdfSimFloor = 0.01f;     // Selection::cdf_sharpen: smallest q_sim used
 inline constexpr int64_t kMinBlock = 16;
 inline constexpr int64_t kMaxBlock = 1024;
 inline constexpr size_t kWorkspaceAlign = 256;
 
 SPARGE_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 SPARGE_HD constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// kCdf: factor of Q block i's compressed scores (Selection::cdf_sharpen); the same IEEE
+// operations (max, sqrt, divide) on host and device.
+SPARGE_HD float cdf_score_gain(float q_sim, bool sharpen) {
+  return sharpen ? 1.0f / sqrtf(q_sim > kCdfSimFloor ? q_sim : kCdfSimFloor) : 1.0f;
+}
 
 // Row r of Q → index of its scale within its head.
 SPARGE_HD constexpr int64_t q_scale_group(int64_t r, QuantGranularity g) {

@@ -131,8 +131,15 @@ struct Selection {
   BlockScore block_score = BlockScore::kMean;  // kTopK / kCdf: the compressed score of a block pair
   HeadParam topk{0.5f};          // kTopK: fraction of the allowed blocks to keep, in [0, 1]
   HeadParam cdfthreshd{0.98f};   // kCdf: probability mass to keep, in [0, 1]
-  HeadParam simthreshd1{-0.1f};  // a block is uniform when its self-similarity exceeds this, in [-1, 1]
+  // A block is uniform when its self-similarity exceeds this, in [-1, 1]. The default 0.02 is about
+  // 10-20 standard deviations of the self-similarity of random vectors (64-128 rows, D >= 64): only
+  // blocks no more alike than noise are kept whole. The original SpargeAttn default is 0.6.
+  HeadParam simthreshd1{0.02f};
   bool attention_sink = false;   // always keep the first K block
+  // kCdf: multiply the compressed scores of Q block i by 1 / sqrt(max(q_sim_i, kCdfSimFloor)),
+  // undoing the flattening of mean pooling (a pooled query is shorter than its rows by about
+  // sqrt(q_sim)). Off: the original SpargeAttn map. Never changes a TopK ranking.
+  bool cdf_sharpen = true;
   const uint8_t* block_mask = nullptr;  // [B, Hq, nbq, nbk] for kBlockMask, nonzero = keep
 };
 

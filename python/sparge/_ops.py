@@ -38,6 +38,8 @@ GRAN_PER_BLOCK, GRAN_PER_WARP, GRAN_PER_THREAD = 0, 1, 2
 PV_FP8, PV_FP16 = 0, 1
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+SELECT_SINK = 1  # select_flags bits: Selection::attention_sink, Selection::cdf_sharpen
+SELECT_CDF_SHARPEN = 2
 V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16}
 
 QUANTIZED_FIELDS = (
@@ -117,11 +119,11 @@ def _input_args(q: Tensor, k: Tensor, v: Tensor, layout: int) -> dict:
 
 
 def _selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
-                    simthreshd1_per_head, attention_sink, block_mask) -> dict:
+                    simthreshd1_per_head, select_flags, block_mask) -> dict:
     """The stage-1 keyword arguments shared by ``_C.attention`` and ``_C.predict``."""
     return dict(mode=mode, block_score=block_score, topk=topk, topk_per_head=_addr(topk_per_head),
                 cdfthreshd=cdfthreshd, cdfthreshd_per_head=_addr(cdfthreshd_per_head), simthreshd1=simthreshd1,
-                simthreshd1_per_head=_addr(simthreshd1_per_head), attention_sink=attention_sink,
+                simthreshd1_per_head=_addr(simthreshd1_per_head), select_flags=select_flags,
                 block_mask=_addr(block_mask))  # fmt: skip
 
 
@@ -216,7 +218,7 @@ def attention(
     scale: float,
     block_q: int,
     block_k: int,
-    attention_sink: bool,
+    select_flags: int,
     smooth_k: bool,
     granularity: int,
     pv: int,
@@ -269,7 +271,7 @@ def attention(
             granularity=granularity,
             pv=pv,
             **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
-                              simthreshd1_per_head, attention_sink, block_mask),
+                              simthreshd1_per_head, select_flags, block_mask),
             pvthreshd=pvthreshd,
             pvthreshd_per_head=_addr(pvthreshd_per_head),
             o=o.data_ptr(),
@@ -285,7 +287,7 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head, layout,
-      mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, attention_sink,
+      mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags,
       smooth_k, granularity, pv, output_dtype, return_lse, return_stats):  # fmt: skip
     batch, heads_q, _, len_q, _, head_dim = _check_inputs(q, k, v, layout)
     o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
@@ -377,7 +379,7 @@ def predict(
     granularity: int,
     block_q: int,
     block_k: int,
-    attention_sink: bool,
+    select_flags: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stage 1. Returns (index int32 [B, Hq, nbq, nbk] (-1 past count), count int32 [B, Hq, nbq],
     mask bool [B, Hq, nbq, nbk], stats int64 [4])."""
@@ -416,7 +418,7 @@ def predict(
             causal=causal,
             sm_scale=scale,
             **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
-                              simthreshd1_per_head, attention_sink, block_mask),
+                              simthreshd1_per_head, select_flags, block_mask),
             quantized=tuple(x.data_ptr() for x in quantized),
             index=index.data_ptr(),
             count=count.data_ptr(),
@@ -428,7 +430,7 @@ def predict(
 
 @predict.register_fake
 def _(quantized, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, mode, block_score, topk,
-      cdfthreshd, simthreshd1, causal, scale, granularity, block_q, block_k, attention_sink):  # fmt: skip
+      cdfthreshd, simthreshd1, causal, scale, granularity, block_q, block_k, select_flags):  # fmt: skip
     batch, heads_q, _, len_q, len_k, _ = _predict_shape(quantized)
     nbq, nbk = ceil_div(len_q, block_q), ceil_div(len_k, block_k)
     q8 = quantized[0]

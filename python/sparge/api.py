@@ -54,6 +54,16 @@ HeadParam = Union[float, Tensor, Sequence[float]]
 
 _LAYOUTS = {"HND": _ops.LAYOUT_HND, "NHD": _ops.LAYOUT_NHD}
 _SCORES = {"mean": _ops.SCORE_MEAN, "spikes": _ops.SCORE_SPIKES}
+
+
+def _score_code(block_score: str, mode_code: int) -> int:
+    """block_score "auto": what won the prediction-quality table (bench/RESULTS.md): "spikes" for
+    topk (better or equal on every workload), "mean" for cdf (spikes is over-confident on very
+    peaked maps)."""
+    code = _choice("block_score", block_score, {**_SCORES, "auto": None})
+    if code is None:
+        return _ops.SCORE_SPIKES if mode_code == _ops.MODE_TOPK else _ops.SCORE_MEAN
+    return code
 _MODES = {"dense": _ops.MODE_DENSE, "topk": _ops.MODE_TOPK, "cdf": _ops.MODE_CDF, "block_mask": _ops.MODE_BLOCK_MASK}
 _ALIGNMENTS = {"top_left": _ops.CAUSAL_TOP_LEFT, "bottom_right": _ops.CAUSAL_BOTTOM_RIGHT}
 _GRANULARITIES = {"per_block": _ops.GRAN_PER_BLOCK, "per_warp": _ops.GRAN_PER_WARP, "per_thread": _ops.GRAN_PER_THREAD}
@@ -149,6 +159,10 @@ def _head_param(name: str, value: HeadParam, heads_q: int, device: torch.device,
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name}[{i}]: expected {_range_text(lo, hi)}, got {float(value[i])}")
     return 0.0, value.detach().to(device=device, dtype=torch.float32).contiguous()
+
+
+def _select_flags(attention_sink: bool, cdf_sharpen: bool) -> int:
+    return (_ops.SELECT_SINK if attention_sink else 0) | (_ops.SELECT_CDF_SHARPEN if cdf_sharpen else 0)
 
 
 def _check_tensor(name: str, x) -> Tensor:
@@ -294,8 +308,8 @@ def attention(
     mode: Optional[str] = None,
     topk: HeadParam = 0.5,
     cdfthreshd: HeadParam = 0.98,
-    simthreshd1: HeadParam = -0.1,
-    block_score: str = "mean",
+    simthreshd1: HeadParam = 0.02,
+    block_score: str = "auto",
     pvthreshd: HeadParam = 15.0,
     is_causal: bool = False,
     causal_alignment: str = "top_left",
@@ -304,6 +318,7 @@ def attention(
     block_mask: Optional[Tensor] = None,
     block_size: tuple[int, int] = (128, 64),
     attention_sink: bool = False,
+    cdf_sharpen: bool = True,
     smooth_k: bool = True,
     qk_quant_gran: str = "per_thread",
     pv_precision: str = "fp8",
@@ -331,11 +346,14 @@ def attention(
         topk: fraction of the allowed blocks to keep (mode "topk"), in [0, 1]; float or per head.
         cdfthreshd: probability mass to keep (mode "cdf"), in [0, 1]; float or per head.
         simthreshd1: a block is uniform (can be skipped) when the mean pairwise cosine similarity
-            of its rows exceeds this, in [-1, 1]; float or per head.
+            of its rows exceeds this, in [-1, 1]; float or per head. The default 0.02 flags only
+            blocks no more alike than random vectors (noise); the original SpargeAttn uses 0.6,
+            which also flags smooth video-like blocks and so disables sparsity there.
         block_score: how topk and cdf modes score a (Q block, K block) pair: ``"mean"`` (the original
-            SpargeAttn score, pooled q · pooled k) or ``"spikes"`` (a log-mass estimate that also
+            SpargeAttn score, pooled q · pooled k), ``"spikes"`` (a log-mass estimate that also
             scores the 2 largest-norm keys of each K block, so attention sinks and retrieval keys
-            are not diluted by the block mean; see docs/method.md).
+            are not diluted by the block mean; see docs/method.md) or ``"auto"`` (the default:
+            spikes for topk, mean for cdf, as measured in bench/RESULTS.md).
         pvthreshd: threshold of the P·V filter in log2 units, >= 0 (``float("inf")`` disables it);
             float or per head.
         is_causal, causal_alignment: causal mask, ``"top_left"`` (as SDPA) or ``"bottom_right"``.
@@ -346,6 +364,9 @@ def attention(
             kept block outputs zeros).
         block_size: ``(block_q, block_k)`` prediction block sizes.
         attention_sink: always keep the first K block.
+        cdf_sharpen: mode "cdf": scale each Q block's pooled scores by ``1 / sqrt(q_sim)``, undoing
+            the flattening of mean pooling (docs/method.md); ``False`` gives the original map,
+            which keeps nearly every block of video-like inputs. No effect on topk.
         smooth_k: subtract the token mean of K before quantizing it (exact for softmax).
         qk_quant_gran: rows sharing one INT8 scale: ``"per_thread"``, ``"per_warp"`` or ``"per_block"``.
         pv_precision: ``"fp8"`` (P and V in e4m3) or ``"fp16"`` (more accurate).
@@ -358,13 +379,42 @@ def attention(
         ``o`` (the layout of q) when neither flag is set; otherwise the tuple ``(o, lse)``,
         ``(o, sparsity)`` or ``(o, lse, sparsity)``, in that order.
     """
+    o, lse, stats = _attention_parts(
+        q, k, v, mode=mode, topk=topk, cdfthreshd=cdfthreshd, simthreshd1=simthreshd1, block_score=block_score,
+        pvthreshd=pvthreshd, is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, layout=layout,
+        block_mask=block_mask, block_size=block_size, attention_sink=attention_sink, smooth_k=smooth_k,
+        qk_quant_gran=qk_quant_gran, pv_precision=pv_precision, output_dtype=output_dtype, return_lse=return_lse,
+        return_sparsity=return_sparsity, cdf_sharpen=cdf_sharpen,
+    )  # fmt: skip
+    return _attention_result(o, lse, block_sparsity(stats) if return_sparsity else None, return_lse, return_sparsity)
+
+
+def _attention_result(o: Tensor, lse: Optional[Tensor], sparsity: Optional[Tensor], return_lse: bool,
+                      return_sparsity: bool):  # fmt: skip
+    """What :func:`attention` returns for these flags."""
+    if not (return_lse or return_sparsity):
+        return o
+    result = (o,)
+    if return_lse:
+        result += (lse,)
+    if return_sparsity:
+        result += (sparsity,)
+    return result
+
+
+def _attention_parts(q, k, v, *, mode, topk, cdfthreshd, simthreshd1, block_score, pvthreshd, is_causal,
+                     causal_alignment, scale, layout, block_mask, block_size, attention_sink, smooth_k, qk_quant_gran,
+                     pv_precision, output_dtype, return_lse, return_sparsity, cdf_sharpen=True):  # fmt: skip
+    """The body of :func:`attention` (every argument explicit): ``(o, lse, stats)``, where ``stats``
+    is the int64 ``[4]`` statistics of the core (the block counts are set when ``return_sparsity``).
+    Used by the variable-length and key-padding paths, which add up the counts of several calls."""
     layout_code, shape = _check_qkv(q, k, v, layout)
     blocks = _check_blocks(block_size)
     code, mask, (topk_v, cdf_v, sim_v), (topk_t, cdf_t, sim_t) = _selection(
         mode, block_mask, topk, cdfthreshd, simthreshd1, shape, blocks, q.device
     )
     pv_v, pv_t = _head_param("pvthreshd", pvthreshd, shape[1], q.device, 0.0, math.inf)
-    o, lse, stats = _ops.attention(
+    return _ops.attention(
         q,
         k,
         v,
@@ -375,7 +425,7 @@ def attention(
         pv_t,
         layout=layout_code,
         mode=code,
-        block_score=_choice("block_score", block_score, _SCORES),
+        block_score=_score_code(block_score, code),
         topk=topk_v,
         cdfthreshd=cdf_v,
         simthreshd1=sim_v,
@@ -384,7 +434,7 @@ def attention(
         scale=_check_scale(scale),
         block_q=blocks[0],
         block_k=blocks[1],
-        attention_sink=bool(attention_sink),
+        select_flags=_select_flags(attention_sink, cdf_sharpen),
         smooth_k=bool(smooth_k),
         granularity=_choice("qk_quant_gran", qk_quant_gran, _GRANULARITIES),
         pv=_choice("pv_precision", pv_precision, _PV_PRECISIONS),
@@ -392,14 +442,6 @@ def attention(
         return_lse=bool(return_lse),
         return_stats=bool(return_sparsity),
     )
-    if not (return_lse or return_sparsity):
-        return o
-    result = (o,)
-    if return_lse:
-        result += (lse,)
-    if return_sparsity:
-        result += (block_sparsity(stats),)
-    return result
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, **kwargs):
@@ -410,7 +452,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, 
     selection arguments (``topk``, ``cdfthreshd``, ``simthreshd1``, ``block_score``, ``attention_sink``) do
     not apply.
     """
-    for name in ("mode", "topk", "cdfthreshd", "simthreshd1", "block_score", "attention_sink"):
+    for name in ("mode", "topk", "cdfthreshd", "simthreshd1", "block_score", "attention_sink", "cdf_sharpen"):
         if name in kwargs:
             raise TypeError(f"block_sparse_attention: unexpected argument {name!r} (the block mask selects the blocks)")
     if block_mask is None:
@@ -432,20 +474,32 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on ``[B, H, L, D]`` tensors.
 
     Runs :func:`attention` (default ``mode="topk"``; extra keyword arguments of :func:`attention`
-    are passed on). ``attn_mask`` and ``dropout_p != 0`` are not supported and raise
-    ``NotImplementedError`` instead of being ignored; as in SDPA, different head counts of
-    query and key need ``enable_gqa=True``.
+    are passed on). As in SDPA, different head counts of query and key need ``enable_gqa=True``.
+
+    ``attn_mask`` (bool, True = attend, or additive float, broadcastable to ``[B, Hq, Lq, Lk]``)
+    is computed exactly when it is a *key-padding* mask: for each batch row, the same keys kept
+    for every head and query (any subset of keys, not only a prefix; additive 0 keeps a key,
+    ``-inf`` or a value <= -1000 drops it, see :func:`sparge.varlen.key_padding_keep`). The
+    attention then runs over the kept keys of each row (one call when all rows keep the same
+    keys, else one per row; K smoothing and prediction see only the kept keys). Reading the
+    mask costs a device sync for a CUDA mask and is not possible under ``torch.compile`` or
+    CUDA-graph capture. Any other mask (causal-shaped, per-query, biases) raises
+    ``NotImplementedError`` (use ``is_causal=True`` / ``block_mask=...``, or
+    :mod:`sparge.patch`, which sends those calls to torch's SDPA); ``attn_mask`` with
+    ``is_causal=True`` raises ``ValueError`` as in SDPA. ``dropout_p != 0`` raises
+    ``NotImplementedError`` instead of being ignored.
     """
-    if attn_mask is not None:
-        raise NotImplementedError(
-            "attn_mask: not supported by sparge (use block_mask=... or is_causal=True), got a tensor"
-        )
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: sparge supports only 0.0 (inference), got {dropout_p}")
     if not enable_gqa and query.dim() == 4 and key.dim() == 4 and query.size(1) != key.size(1):
         raise ValueError(
             f"key: expected {query.size(1)} heads (of query) unless enable_gqa=True, got {key.size(1)}"
         )
+    if attn_mask is not None:
+        from .varlen import masked_attention  # noqa: PLC0415 (varlen imports this module)
+
+        return masked_attention(query, key, value, attn_mask, "sparge.scaled_dot_product_attention",
+                                is_causal=is_causal, scale=scale, layout="HND", **kwargs)  # fmt: skip
     return attention(query, key, value, is_causal=is_causal, scale=scale, layout="HND", **kwargs)
 
 
@@ -456,14 +510,15 @@ def predict_blocks(
     mode: str = "topk",
     topk: HeadParam = 0.5,
     cdfthreshd: HeadParam = 0.98,
-    simthreshd1: HeadParam = -0.1,
-    block_score: str = "mean",
+    simthreshd1: HeadParam = 0.02,
+    block_score: str = "auto",
     is_causal: bool = False,
     causal_alignment: str = "top_left",
     scale: Optional[float] = None,
     layout: str = "HND",
     block_size: tuple[int, int] = (128, 64),
     attention_sink: bool = False,
+    cdf_sharpen: bool = True,
     smooth_k: bool = True,
     return_sparsity: bool = False,
 ):
@@ -487,6 +542,7 @@ def predict_blocks(
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         attention_sink=attention_sink,
+        cdf_sharpen=cdf_sharpen,
     )
     return (pred.mask, block_sparsity(pred.stats)) if return_sparsity else pred.mask
 
@@ -542,11 +598,12 @@ def predict(
     mode: Optional[str] = None,
     topk: HeadParam = 0.5,
     cdfthreshd: HeadParam = 0.98,
-    simthreshd1: HeadParam = -0.1,
-    block_score: str = "mean",
+    simthreshd1: HeadParam = 0.02,
+    block_score: str = "auto",
     is_causal: bool = False,
     causal_alignment: str = "top_left",
     attention_sink: bool = False,
+    cdf_sharpen: bool = True,
     block_mask: Optional[Tensor] = None,
 ) -> Prediction:
     """Stage 1 of :func:`attention`: block prediction from the block statistics of ``quantized``.
@@ -568,7 +625,7 @@ def predict(
         cdf_t,
         sim_t,
         mode=code,
-        block_score=_choice("block_score", block_score, _SCORES),
+        block_score=_score_code(block_score, code),
         topk=topk_v,
         cdfthreshd=cdf_v,
         simthreshd1=sim_v,
@@ -577,7 +634,7 @@ def predict(
         granularity=_choice("quantized.qk_quant_gran", quantized.qk_quant_gran, _GRANULARITIES),
         block_q=blocks[0],
         block_k=blocks[1],
-        attention_sink=bool(attention_sink),
+        select_flags=_select_flags(attention_sink, cdf_sharpen),
     )
     return Prediction(index, count, kept, stats)
 

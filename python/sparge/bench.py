@@ -6,11 +6,20 @@ Runs on the best available device (CUDA if available, else CPU) on the structure
 GPU) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
 dense problem, ``4·B·Hq·Lq·Lk·D`` (half for causal), the convention of SpargeAttn and
 SageAttention.
+
+``--overhead`` adds the per-call overhead rows: ``N`` back-to-back calls at the small shape
+B=1 H=8 L=256 D=64 (``OVERHEAD_SHAPE``) of torch's SDPA, :func:`sparge.attention` and SDPA routed
+through :func:`sparge.patch.sdpa`, reported as µs per call: *host* (the time the Python thread
+spends issuing the calls, before the final synchronisation), *GPU* (CUDA events around the N
+calls; on a GPU) and the ratio of the host time to SDPA's. On a GPU, at this shape the kernels
+are shorter than the launch path, so the host time is the per-call overhead; on the CPU the
+calls compute synchronously and the host time includes the attention itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -26,6 +35,7 @@ from sparge.testing import cosine_similarity, reference_attention, relative_l1, 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MODES = "dense,topk:0.5,topk:0.25,cdf:0.98"
+OVERHEAD_SHAPE = (1, 8, 256, 64)  # B, H, L, D of the per-call overhead measurement
 
 
 @dataclass
@@ -38,6 +48,9 @@ class Result:
     sparsity: Optional[float] = None
     cosine: Optional[float] = None
     rel_l1: Optional[float] = None
+    host_us: Optional[float] = None  # --overhead: host time per call (µs)
+    gpu_us: Optional[float] = None  # --overhead: GPU time per call (µs, CUDA events)
+    overhead_ratio: Optional[float] = None  # --overhead: host_us / host_us of torch SDPA
     note: str = ""
 
 
@@ -84,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per case (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--stages", action="store_true", help="also time quantize / predict / attend separately")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--overhead", action="store_true",
+                   help="also measure the per-call overhead (µs per call, N back-to-back calls at B=1 H=8 L=256 "
+                        "D=64) of torch SDPA, sparge.attention and the sparge.patch route")  # fmt: skip
+    p.add_argument("--overhead-calls", type=int, default=None, metavar="N",
+                   help="calls per overhead measurement (default 200 on CUDA, 20 on CPU)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot speed-up and relative L1 vs sparsity (matplotlib)")
@@ -142,6 +160,66 @@ def _stages(q, k, v, args: argparse.Namespace, stage_cases) -> list[tuple[str, C
         stages.append((f"{label} / predict", lambda kw=select_kw: sparge.predict(quantized, **kw)))
         stages.append((f"{label} / attend", lambda p=pred: sparge.attend(quantized, p.index, p.count, **attend_kw)))
     return stages
+
+
+def _per_call_us(fn: Callable[[], object], device: torch.device, calls: int,
+                 rounds: int = 5) -> tuple[float, Optional[float]]:  # fmt: skip
+    """(host µs per call, GPU µs per call or None): medians over ``rounds`` runs of ``calls``
+    back-to-back calls (one warm-up run first)."""
+    on_gpu = device.type == "cuda"
+    host, gpu = [], []
+    for r in range(rounds + 1):
+        if on_gpu:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter() - t0
+        if on_gpu:
+            end.record()
+            end.synchronize()
+        if r == 0:
+            continue
+        host.append(issued * 1e6 / calls)
+        if on_gpu:
+            gpu.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(host), (statistics.median(gpu) if gpu else None)
+
+
+def _overhead(device: torch.device, dtype: torch.dtype, calls: int, seed: int) -> list[Result]:
+    """The --overhead rows: torch SDPA, sparge.attention and SDPA routed by sparge.patch.sdpa."""
+    batch, heads, length, head_dim = OVERHEAD_SHAPE
+    q, k, v = structured_qkv(batch, heads, heads, length, length, head_dim, dtype=dtype, device=device, seed=seed)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def routed():  # F.scaled_dot_product_attention inside an active sparge.patch.sdpa (sparge's defaults)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    cases = [("overhead torch sdpa", lambda: sdpa(q, k, v), False),
+             ("overhead sparge.attention", lambda: sparge.attention(q, k, v), False),
+             ("overhead sparge.patch route", routed, True)]  # fmt: skip
+    shape = f"B={batch} H={heads} L={length} D={head_dim}"
+    results = []
+    for name, fn, patched in cases:
+        _log(f"{name} ({shape}, {calls} calls) ...")
+        try:
+            with sparge.patch.sdpa(min_seq_len=0, record=False) if patched else contextlib.nullcontext():
+                host, gpu = _per_call_us(fn, device, calls)
+        except (RuntimeError, NotImplementedError) as e:
+            note = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _log(f"{name}: skipped ({note})")
+            results.append(Result(name, note=f"unavailable: {note}"))
+            continue
+        results.append(Result(name, host_us=host, gpu_us=gpu))
+    base = results[0].host_us
+    for r in results:
+        if base and r.host_us is not None:
+            r.overhead_ratio = r.host_us / base
+    results[0].note = (f"overhead rows: {shape} {dtype}, {calls} back-to-back calls; host = time to issue them, "
+                       "GPU = CUDA events (on the CPU the host time includes the computation)")  # fmt: skip
+    return results
 
 
 def _flex_case(q, k, v, label: str, kwargs: dict, causal: bool, gqa: bool):
@@ -261,6 +339,10 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
             times = timer(fn)
             results.append(Result(f"  {label}", time_ms=statistics.median(times), times_ms=times))
 
+    if args.overhead:
+        calls = args.overhead_calls if args.overhead_calls is not None else (200 if on_gpu else 20)
+        results += _overhead(device, dtype, calls, args.seed)
+
     baseline = next((r.time_ms for r in results if r.case == "torch sdpa" and r.time_ms), None)
     for r in results:
         if baseline and r.time_ms and r.tops is not None:
@@ -283,6 +365,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "warmup": warmup,
         "flops": flops,
         "reference": "fp32" if on_gpu else "fp64",
+        "overhead_shape": list(OVERHEAD_SHAPE) if args.overhead else None,
     }
 
 
@@ -298,6 +381,10 @@ def format_table(results: list[Result]) -> str:
          fmt(r.cosine, ".6f"), fmt(r.rel_l1, ".5f"))
         for r in results
     ]  # fmt: skip
+    if any(r.host_us is not None for r in results):
+        header += ("host µs/call", "GPU µs/call", "vs sdpa")
+        rows = [row + (fmt(r.host_us, ".1f"), fmt(r.gpu_us, ".1f"), fmt(r.overhead_ratio, ".2f", "x"))
+                for row, r in zip(rows, results)]  # fmt: skip
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
 
     def line(cells):
@@ -338,8 +425,8 @@ def plot(results: list[Result], config: dict, path: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch", "heads", "seq_len", "head_dim"):
-        if getattr(args, name) < 1:
+    for name in ("batch", "heads", "seq_len", "head_dim", "overhead_calls"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     results, config = run(args)
     print(format_table(results))

@@ -20,6 +20,8 @@ sageattn_qk_int8_pv_fp16_cuda      SageAttention         mode="dense", qk_quant_
 sageattn_qk_int8_pv_fp16_triton    SageAttention         mode="dense", per-block, FP16 P·V
 sageattn_qk_int8_pv_fp8_cuda       SageAttention         mode="dense", qk_quant_gran, FP8 P·V
 sageattn_qk_int8_pv_fp8_cuda_sm90  SageAttention         mode="dense", qk_quant_gran, FP8 P·V
+sageattn_varlen                    SageAttention         sparge.attention_varlen, mode="dense",
+                                                         INT8 per-block Q·K, FP16 P·V
 ================================== ===================== ===========================================
 
 Defaults. Where the reference README documents a default it is used (``topk=0.5``,
@@ -45,12 +47,17 @@ Differences from the originals, common to all functions (they fix the originals'
   one value per query head (1-D tensor or sequence of length Hq).
 * P·V is always accumulated in fp32: every ``pv_accum_dtype`` the originals accept is accepted
   and changes nothing (the result is that of their most accurate setting).
-* ``attn_mask`` and ``dropout_p`` are never ignored: ``None`` / ``0.0`` are accepted, anything
-  else raises ``NotImplementedError`` naming the argument. The SageAttention functions take
+* ``attn_mask`` and ``dropout_p`` are never ignored. An ``attn_mask`` (SDPA convention: bool
+  True = attend or additive float, broadcastable to ``[B, Hq, Lq, Lk]`` whatever
+  ``tensor_layout``) that is a key-padding mask (the same keys kept for every query and head of
+  a batch row) is computed exactly over the kept keys (see
+  :func:`sparge.scaled_dot_product_attention`); any other mask, or a mask with
+  ``is_causal=True``, raises (``NotImplementedError`` / ``ValueError``) naming the argument.
+  ``dropout_p`` other than 0 raises ``NotImplementedError``. The SageAttention functions take
   ``**kwargs`` as the originals do, but only to honour an SDPA-style ``scale`` (used as
-  ``sm_scale``; both given and different is a ``ValueError``) and to accept the no-op
-  ``attn_mask=None``, ``dropout_p=0.0``, ``enable_gqa``; any other name raises ``TypeError``
-  listing the unknown names.
+  ``sm_scale``; both given and different is a ``ValueError``) and ``attn_mask``, and to accept
+  the no-op ``dropout_p=0.0``, ``enable_gqa``; any other name raises ``TypeError`` listing the
+  unknown names.
 * ``smooth_v=True`` raises ``NotImplementedError`` (the option only matters for the originals'
   fp16 accumulator, which sparge does not have).
 * The sparsity of ``return_sparsity`` is a Python float, as in SpargeAttn, but computed as
@@ -61,8 +68,9 @@ Differences from the originals, common to all functions (they fix the originals'
   ``return_sparsity`` raises ``ValueError`` (SpargeAttn silently returned only the sparsity).
 * Outputs have the dtype of ``q`` unless ``output_dtype`` is given.
 
-Not provided: ``sageattn_varlen`` (packed variable-length batches) is out of scope of this
-module; pad the sequences, or call :func:`sparge.attention` per sequence.
+``sageattn_varlen`` (packed variable-length batches) runs :func:`sparge.attention_varlen`: one
+sparge call per sequence, with K smoothed per sequence (the original smoothed over the whole
+pack); see its docstring for the cost model.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ from torch import Tensor
 
 from . import _ops
 from .api import HeadParam, attention
+from .varlen import attention_varlen, masked_attention
 
 __all__ = [
     "DEFAULTS",
@@ -83,6 +92,7 @@ __all__ = [
     "sageattn_qk_int8_pv_fp16_triton",
     "sageattn_qk_int8_pv_fp8_cuda",
     "sageattn_qk_int8_pv_fp8_cuda_sm90",
+    "sageattn_varlen",
     "sparse_sageattn",
     "spas_sage2_attn_meansim_cuda",
     "spas_sage2_attn_meansim_topk_cuda",
@@ -129,13 +139,12 @@ def _layout(tensor_layout) -> str:
     return tensor_layout
 
 
-def _no_attn_mask(attn_mask) -> None:
-    if attn_mask is not None:
-        raise NotImplementedError(
-            "attn_mask: not supported (the original ignored it silently); use is_causal=True, or "
-            "block_sparse_sage2_attn_cuda / sparge.attention(block_mask=...) for a block mask; got "
-            f"{type(attn_mask).__name__}"
-        )
+def _attention(function: str, q, k, v, attn_mask, **kwargs):
+    """sparge.attention, or its key-padding-mask path when attn_mask is given (the originals
+    ignored attn_mask silently; other masks raise)."""
+    if attn_mask is None:
+        return attention(q, k, v, **kwargs)
+    return masked_attention(q, k, v, attn_mask, function, **kwargs)
 
 
 def _no_dropout(dropout_p) -> None:
@@ -163,15 +172,15 @@ def _choice(name: str, value, options) -> str:
 def _sage_kwargs(function: str, sm_scale, kwargs: dict, extra=()) -> Optional[float]:
     """Checks the **kwargs of a SageAttention function; returns the softmax scale to use.
 
-    Honours an SDPA-style ``scale``, accepts the no-op ``attn_mask=None``, ``dropout_p=0.0``,
-    ``enable_gqa`` (GQA is always supported) and ``smooth_v=False``; rejects anything else."""
+    Honours an SDPA-style ``scale`` (and leaves ``attn_mask`` to the caller), accepts the no-op
+    ``dropout_p=0.0``, ``enable_gqa`` (GQA is always supported) and ``smooth_v=False``; rejects
+    anything else."""
     unknown = sorted(set(kwargs) - set(_SDPA_NOOP_KWARGS) - {"smooth_v"} - set(extra))
     if unknown:
         raise TypeError(
             f"{function}: unexpected keyword argument(s) {', '.join(map(repr, unknown))} "
             "(the original ignored unknown keyword arguments silently; sparge rejects them)"
         )
-    _no_attn_mask(kwargs.get("attn_mask"))
     _no_dropout(kwargs.get("dropout_p", 0.0))
     _no_smooth_v(kwargs.get("smooth_v", False))
     enable_gqa = kwargs.get("enable_gqa", False)
@@ -222,6 +231,7 @@ def _check_flags(return_lse, return_sparsity) -> None:
 
 
 def _spas(
+    function: str,
     mode: str,
     q,
     k,
@@ -243,18 +253,20 @@ def _spas(
     qk_quant_gran: str,
     pv_precision: str,
 ):
-    _no_attn_mask(attn_mask)
     _no_dropout(dropout_p)
     _check_flags(return_lse, return_sparsity)
-    kwargs = dict(mode=mode, simthreshd1=simthreshd1, pvthreshd=pvthreshd)
+    kwargs = dict(mode=mode, simthreshd1=simthreshd1, pvthreshd=pvthreshd, block_score="mean")
     if mode == "topk":
         kwargs["topk"] = topk
     else:
         kwargs["cdfthreshd"] = cdfthreshd
-    result = attention(
+        kwargs["cdf_sharpen"] = False  # the original compressed map
+    result = _attention(
+        function,
         q,
         k,
         v,
+        attn_mask,
         **kwargs,
         is_causal=is_causal,
         scale=scale,
@@ -318,16 +330,16 @@ def spas_sage2_attn_meansim_topk_cuda(
     causal per element, not per block; rows with no kept block are 0, not garbage; GQA, any
     head dim and ``Lq < 128`` supported; per-head hyperparameter tensors; ``output_dtype=None``
     means the dtype of q (the original's ``torch.float16`` default was not applied);
-    ``attn_mask``/``dropout_p`` raise instead of being ignored; Q·K quantized per thread (the
-    original quantized per block).
+    ``dropout_p`` raises instead of being ignored, and ``attn_mask`` is honoured when it is a
+    key-padding mask (raises otherwise); Q·K quantized per thread (the original quantized per block).
 
     Returns ``o``; ``(o, sparsity)`` (a Python float) with ``return_sparsity``; ``(o, lse)``
     with ``return_lse``.
     """
     mode = _topk_mode("spas_sage2_attn_meansim_topk_cuda", topk, cdfthreshd)
-    return _spas(mode, q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k, simthreshd1, cdfthreshd, topk,
-                 pvthreshd, attention_sink, tensor_layout, output_dtype, return_sparsity, return_lse,
-                 "per_thread", "fp8")  # fmt: skip
+    return _spas("spas_sage2_attn_meansim_topk_cuda", mode, q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k,
+                 simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink, tensor_layout, output_dtype,
+                 return_sparsity, return_lse, "per_thread", "fp8")  # fmt: skip
 
 
 def spas_sage2_attn_meansim_cuda(
@@ -359,9 +371,9 @@ def spas_sage2_attn_meansim_cuda(
     ``cdfthreshd=0.98``, ``pvthreshd=50`` are those of the original source. Differences from
     the original as in :func:`spas_sage2_attn_meansim_topk_cuda`.
     """
-    return _spas("cdf", q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k, simthreshd1, cdfthreshd, None,
-                 pvthreshd, attention_sink, tensor_layout, output_dtype, return_sparsity, return_lse,
-                 "per_thread", "fp8")  # fmt: skip
+    return _spas("spas_sage2_attn_meansim_cuda", "cdf", q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k,
+                 simthreshd1, cdfthreshd, None, pvthreshd, attention_sink, tensor_layout, output_dtype,
+                 return_sparsity, return_lse, "per_thread", "fp8")  # fmt: skip
 
 
 def spas_sage_attn_meansim_topk_cuda(
@@ -392,9 +404,9 @@ def spas_sage_attn_meansim_topk_cuda(
     Differences from the original as in :func:`spas_sage2_attn_meansim_topk_cuda`.
     """
     mode = _topk_mode("spas_sage_attn_meansim_topk_cuda", topk, cdfthreshd)
-    return _spas(mode, q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k, simthreshd1, cdfthreshd, topk,
-                 pvthreshd, attention_sink, tensor_layout, output_dtype, return_sparsity, return_lse,
-                 "per_block", "fp16")  # fmt: skip
+    return _spas("spas_sage_attn_meansim_topk_cuda", mode, q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k,
+                 simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink, tensor_layout, output_dtype,
+                 return_sparsity, return_lse, "per_block", "fp16")  # fmt: skip
 
 
 def spas_sage_attn_meansim_cuda(
@@ -421,9 +433,9 @@ def spas_sage_attn_meansim_cuda(
     pv_precision="fp16")``. Defaults of the original source (the README documents none).
     Differences from the original as in :func:`spas_sage2_attn_meansim_topk_cuda`.
     """
-    return _spas("cdf", q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k, simthreshd1, cdfthreshd, None,
-                 pvthreshd, attention_sink, tensor_layout, output_dtype, return_sparsity, return_lse,
-                 "per_block", "fp16")  # fmt: skip
+    return _spas("spas_sage_attn_meansim_cuda", "cdf", q, k, v, attn_mask, dropout_p, is_causal, scale, smooth_k,
+                 simthreshd1, cdfthreshd, None, pvthreshd, attention_sink, tensor_layout, output_dtype,
+                 return_sparsity, return_lse, "per_block", "fp16")  # fmt: skip
 
 
 def _block_sparse(q, k, v, mask_id, layout, **kwargs):
@@ -516,10 +528,11 @@ _FP8_ACCUM = ("fp32", "fp32+fp32", "fp32+fp16")
 _QK_GRANS = ("per_warp", "per_thread")
 
 
-def _dense(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, qk_quant_gran, pv_precision):
-    return attention(q, k, v, mode="dense", is_causal=is_causal, scale=sm_scale, layout=_layout(tensor_layout),
-                     smooth_k=smooth_k, qk_quant_gran=qk_quant_gran, pv_precision=pv_precision,
-                     return_lse=return_lse)  # fmt: skip
+def _dense(function, q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, qk_quant_gran, pv_precision,
+           attn_mask=None):  # fmt: skip
+    return _attention(function, q, k, v, attn_mask, mode="dense", is_causal=is_causal, scale=sm_scale,
+                      layout=_layout(tensor_layout), smooth_k=smooth_k, qk_quant_gran=qk_quant_gran,
+                      pv_precision=pv_precision, return_lse=return_lse)  # fmt: skip
 
 
 def sageattn(
@@ -542,10 +555,11 @@ def sageattn(
     ``**kwargs``: the original ignores them all. Here ``scale`` (SDPA name) is used as
     ``sm_scale``; ``smooth_k`` (default True) and ``qk_quant_gran`` (``"per_thread"`` or
     ``"per_warp"``) are honoured; ``pv_accum_dtype`` (any value an original kernel accepts) is
-    accepted and has no effect; ``attn_mask=None``, ``dropout_p=0.0``, ``enable_gqa`` and
-    ``smooth_v=False`` are accepted; other values of those raise ``NotImplementedError``, other
-    names ``TypeError``. Differences: causal for ``Lq != Lk`` is top-left aligned (SDPA);
-    CPU tensors, fp32, any head dim and GQA supported.
+    accepted and has no effect; ``attn_mask`` is honoured when it is a key-padding mask (see the
+    module docstring); ``dropout_p=0.0``, ``enable_gqa`` and ``smooth_v=False`` are accepted;
+    other values of those raise ``NotImplementedError``, other names ``TypeError``. Differences:
+    causal for ``Lq != Lk`` is top-left aligned (SDPA); CPU tensors, fp32, any head dim and GQA
+    supported.
 
     Returns ``o``, or ``(o, lse)`` with ``return_lse`` (natural log, ``[B, Hq, Lq]`` fp32).
     """
@@ -554,7 +568,8 @@ def sageattn(
     if "pv_accum_dtype" in kwargs:
         _choice("pv_accum_dtype", kwargs["pv_accum_dtype"], tuple(dict.fromkeys(_FP16_ACCUM + _FP8_ACCUM)))
     smooth_k = kwargs.get("smooth_k", True)
-    return _dense(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, gran, "fp8")
+    return _dense("sageattn", q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse,
+                  gran, "fp8", kwargs.get("attn_mask"))
 
 
 def sageattn_qk_int8_pv_fp16_triton(
@@ -579,7 +594,8 @@ def sageattn_qk_int8_pv_fp16_triton(
     """
     sm_scale = _sage_kwargs("sageattn_qk_int8_pv_fp16_triton", sm_scale, kwargs)
     _choice("quantization_backend", quantization_backend, ("triton", "cuda"))
-    return _dense(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, "per_block", "fp16")
+    return _dense("sageattn_qk_int8_pv_fp16_triton", q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse,
+                  "per_block", "fp16", kwargs.get("attn_mask"))
 
 
 def sageattn_qk_int8_pv_fp16_cuda(
@@ -607,7 +623,8 @@ def sageattn_qk_int8_pv_fp16_cuda(
     gran = _choice("qk_quant_gran", qk_quant_gran, _QK_GRANS)
     _choice("pv_accum_dtype", pv_accum_dtype, _FP16_ACCUM)
     _no_smooth_v(smooth_v)
-    return _dense(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, gran, "fp16")
+    return _dense("sageattn_qk_int8_pv_fp16_cuda", q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse,
+                  gran, "fp16", kwargs.get("attn_mask"))
 
 
 def sageattn_qk_int8_pv_fp8_cuda(
@@ -636,7 +653,8 @@ def sageattn_qk_int8_pv_fp8_cuda(
     gran = _choice("qk_quant_gran", qk_quant_gran, _QK_GRANS)
     _choice("pv_accum_dtype", pv_accum_dtype, _FP8_ACCUM)
     _no_smooth_v(smooth_v)
-    return _dense(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, gran, "fp8")
+    return _dense("sageattn_qk_int8_pv_fp8_cuda", q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse,
+                  gran, "fp8", kwargs.get("attn_mask"))
 
 
 def sageattn_qk_int8_pv_fp8_cuda_sm90(
@@ -663,4 +681,48 @@ def sageattn_qk_int8_pv_fp8_cuda_sm90(
     sm_scale = _sage_kwargs("sageattn_qk_int8_pv_fp8_cuda_sm90", sm_scale, kwargs)
     gran = _choice("qk_quant_gran", qk_quant_gran, _QK_GRANS)
     _choice("pv_accum_dtype", pv_accum_dtype, ("fp32+fp32", "fp32"))
-    return _dense(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse, gran, "fp8")
+    return _dense("sageattn_qk_int8_pv_fp8_cuda_sm90", q, k, v, tensor_layout, is_causal, sm_scale, smooth_k,
+                  return_lse, gran, "fp8", kwargs.get("attn_mask"))
+
+
+def sageattn_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool = False,
+    sm_scale: Optional[float] = None,
+    smooth_k: bool = True,
+    **kwargs: Any,
+):
+    """SageAttention on a packed variable-length batch (``sageattn_varlen`` of SageAttention).
+
+    ``q`` ``[cu_seqlens_q[-1], Hq, D]``, ``k``, ``v`` ``[cu_seqlens_k[-1], Hkv, D]``;
+    ``cu_seqlens_*`` ``[batch + 1]`` int32 or int64 cumulative lengths (on q's device or the
+    CPU); ``max_seqlen_*`` the longest sequences. Returns ``o`` ``[cu_seqlens_q[-1], Hq, D]``.
+
+    Native call: ``sparge.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, mode="dense", is_causal=is_causal, scale=sm_scale, smooth_k=smooth_k,
+    qk_quant_gran="per_block", pv_precision="fp16")`` (the original's varlen kernel is
+    SageAttention 1: INT8 Q·K with one scale per block, FP16 P·V). Differences: K is smoothed
+    per sequence (the original subtracted one mean over the whole pack, which mixes sequences);
+    causal is top-left aligned per sequence (the original documents causal only for equal query
+    and key lengths); CPU tensors, fp32, any head dim and GQA supported; the cu_seqlens are
+    validated (start 0, non-decreasing, end at the token counts, lengths <= max_seqlen) and
+    read on the host (one sync for CUDA tensors; see :func:`sparge.attention_varlen` for the
+    cost model). ``**kwargs`` as in :func:`sageattn` (``scale`` honoured, ``dropout_p=0.0``,
+    ``enable_gqa`` and ``smooth_v=False`` accepted), except that ``attn_mask`` must be None
+    (a packed batch has no padding).
+    """
+    if kwargs.get("attn_mask") is not None:
+        raise NotImplementedError(
+            "attn_mask: sageattn_varlen takes no mask (the sequences of a packed batch have no padding; the original "
+            f"ignored it silently), got {type(kwargs['attn_mask']).__name__}"
+        )
+    sm_scale = _sage_kwargs("sageattn_varlen", sm_scale, kwargs)
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mode="dense",
+                            is_causal=is_causal, scale=sm_scale, smooth_k=smooth_k, qk_quant_gran="per_block",
+                            pv_precision="fp16")  # fmt: skip

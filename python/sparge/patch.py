@@ -18,6 +18,14 @@ Three ways in, from broadest to narrowest:
   transformers (an ``AttentionInterface`` entry named ``"sparge"``) and diffusers (an attention
   processor). They import those libraries only when called.
 
+Masks: an ``attn_mask`` that is a *key-padding* mask (for each batch row the same keys kept for
+every head and query: bool True / additive 0 = keep, False / ``-inf`` / a value <= -1000 = drop;
+see :func:`sparge.varlen.key_padding_keep`) goes to sparge and is computed exactly over the kept
+keys of each row (``CallRecord.attn_mask == "key_padding"``); any other mask (causal or per-query
+masks such as transformers' padded causal mask, biases), a mask with ``is_causal=True``, a float
+mask of another dtype than the query, or with a ``block_mask`` setting falls back with reason
+``"attn_mask"``.
+
 Fallback reasons (``SdpaLog.calls[i].reason``): ``"not_4d"``, ``"attn_mask"``, ``"dropout"``,
 ``"dtype"`` (not fp16/bf16/fp32, or q/k/v differ), ``"device"`` (not CPU/CUDA, devices differ, or a
 CUDA tensor with a build without the CUDA backend), ``"shape"`` (batch / head-dim / k-v shape
@@ -29,9 +37,12 @@ grad mode is on: sparge is forward-only), ``"short_sequence"`` (``min(Lq, Lk) < 
 ``"select"`` (the ``select`` callable returned None) and ``"disabled"`` (a layer patched with
 settings None).
 
-The routing decision reads only shapes, dtypes, devices, strides and flags (never tensor values),
-so a module calling SDPA inside an active routing traces under ``torch.compile(fullgraph=True)``
-(the log records are side effects that torch.compile replays on every call).
+The routing decision reads only shapes, dtypes, devices, strides and flags, with one exception:
+the key-padding test of an ``attn_mask`` reads the mask's values in eager mode (a device sync for
+a CUDA mask). Under ``torch.compile`` (and CUDA-graph capture) masked calls fall back without
+reading the mask, so a module calling SDPA inside an active routing traces under
+``torch.compile(fullgraph=True)`` (the log records are side effects that torch.compile replays on
+every call).
 
 Limits: the replacement is of the attribute ``torch.nn.functional.scaled_dot_product_attention``;
 code that bound the function to another name before the routing was entered (``from
@@ -51,7 +62,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
+from .api import _data_checkable
 from .api import attention as _sparge_attention
+from .varlen import _ATTENTION_DEFAULTS, key_padding_keep, key_padding_parts
 
 __all__ = [
     "CallInfo",
@@ -101,6 +114,9 @@ class CallRecord(NamedTuple):
     dtype: torch.dtype
     is_causal: bool
     settings: Optional[dict]  #: keyword arguments given to sparge.attention (None on fallback)
+    #: None: no attn_mask; "key_padding": sparge ran the call over the kept keys of a key-padding
+    #: mask; "unhandled": the call had a mask and ran the original SDPA
+    attn_mask: Optional[str] = None
 
 
 class SdpaLog:
@@ -161,8 +177,6 @@ class _Router:
             return "disabled"
         if not all(isinstance(t, Tensor) for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             return "not_4d"
-        if attn_mask is not None:
-            return "attn_mask"
         if dropout_p != 0.0:
             return "dropout"
         if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -196,9 +210,25 @@ class _Router:
             return "short_sequence"
         return None
 
+    def _key_padding(self, q, k, attn_mask, is_causal) -> Optional[Tensor]:
+        """The kept keys [B, Lk] of a key-padding attn_mask sparge can take exactly, else None.
+        Reads the mask's values, so only in eager mode."""
+        if is_causal or not isinstance(attn_mask, Tensor) or attn_mask.device != q.device:
+            return None
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            return None  # the original SDPA rejects a float mask of another dtype
+        if self.settings.get("block_mask") is not None or not _data_checkable(attn_mask):
+            return None
+        return key_padding_keep(attn_mask, (q.size(0), q.size(1), q.size(2), k.size(2)))
+
     def __call__(self, fallback, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):  # fmt: skip
         reason = self._reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+        keep = None
+        if reason is None and attn_mask is not None:
+            keep = self._key_padding(query, key, attn_mask, is_causal)
+            if keep is None:
+                reason = "attn_mask"
         settings = None
         if reason is None:
             settings = self.settings
@@ -211,17 +241,23 @@ class _Router:
                     settings = None
                 else:
                     settings = {**settings, **_check_settings(chosen, "select(...)")}
+                    if keep is not None and settings.get("block_mask") is not None:
+                        reason, settings = "attn_mask", None
         if self.log is not None:
             shapes = (tuple(query.shape), tuple(key.shape)) if isinstance(query, Tensor) and isinstance(key, Tensor) else ((), ())
             dtype = query.dtype if isinstance(query, Tensor) else None
+            mask = None if attn_mask is None else "unhandled" if reason else "key_padding"
             self.log.calls.append(
                 CallRecord("fallback" if reason else "sparge", reason, self.layer, shapes[0], shapes[1], dtype,
-                           bool(is_causal), None if settings is None else dict(settings))  # fmt: skip
+                           bool(is_causal), None if settings is None else dict(settings), mask)  # fmt: skip
             )
         if reason is not None:
             kwargs = {"enable_gqa": True} if enable_gqa else {}
             return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, **kwargs)  # fmt: skip
+        if keep is not None:
+            call = {**_ATTENTION_DEFAULTS, **settings, "is_causal": False, "scale": scale, "layout": "HND"}
+            return key_padding_parts(query, key, value, keep, call)[0]
         return _sparge_attention(query, key, value, is_causal=bool(is_causal), scale=scale, layout="HND", **settings)
 
 
@@ -468,8 +504,9 @@ def transformers_attention(
     ``is_causal`` and is used only without a mask and with more than one query; GQA goes to
     sparge natively. The call goes through the active routing (of :func:`sdpa` or
     :func:`patch_module`), else through a routing with sparge's default settings and
-    ``min_seq_len`` = ``DEFAULT_MIN_SEQ_LEN``; calls sparge cannot take (a padding mask,
-    dropout, ...) run the original SDPA.
+    ``min_seq_len`` = ``DEFAULT_MIN_SEQ_LEN``. Key-padding masks (bidirectional models with
+    padded batches) run on sparge over the kept keys; calls sparge cannot take (the padded causal
+    mask of a decoder, dropout, ...) run the original SDPA.
     """
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
@@ -514,8 +551,9 @@ class DiffusersAttnProcessor:
         pipe.transformer.set_attn_processor(sparge.patch.DiffusersAttnProcessor(topk=0.5))
 
     Projections, norms, residual and output projection are the module's own (``to_q``, ``to_k``,
-    ``to_v``, ``norm_q``, ``norm_k``, ``to_out``, ...). Calls sparge cannot take (an attention
-    mask, short sequences, ...) run torch's SDPA. Only for processors of the classic
+    ``to_v``, ``norm_q``, ``norm_k``, ``to_out``, ...). Key-padding masks (e.g. the text-encoder
+    mask of a cross-attention) run on sparge over the kept keys; calls sparge cannot take (other
+    masks, short sequences, ...) run torch's SDPA. Only for processors of the classic
     ``Attention`` class; models with their own processors (rotary embeddings, joint attention,
     e.g. Flux or SD3) need their processor's logic and are not covered: for those, wrap the
     pipeline call in :func:`sdpa` instead. ``log`` records the calls.

@@ -111,10 +111,11 @@ void select_by_scores(const PredictParams& p, int64_t b, int64_t h, int64_t i, c
   } else if (n_cand > 0) {  // kCdf: the shortest ranked prefix whose p̄ = softmax(s̄) mass reaches cdfthreshd
     const float cdfthreshd = head_value(p.select.cdfthreshd, h);
     const float max_score = score[ranked[0]];
+    const float gain = cdf_score_gain(p.stats.q_sim[bhq * nbq + i], p.select.cdf_sharpen);
     std::vector<float> prob(geo.allowed, 0.0f);
     float total = 0.0f;
     for (int64_t j : cand) {
-      prob[j] = std::exp(score[j] - max_score);
+      prob[j] = std::exp(gain * (score[j] - max_score));
       total += prob[j];
     }
     float mass = 0.0f;

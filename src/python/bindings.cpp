@@ -129,21 +129,26 @@ void quantize(int device, Addr stream, const ShapeArg& shape, const BlocksArg& b
                                                 .out = to_quantized(out)});
 }
 
+// Selection booleans packed into one int by the torch layer (python/sparge/_ops.py).
+constexpr int kSelectSink = 1;        // Selection::attention_sink
+constexpr int kSelectCdfSharpen = 2;  // Selection::cdf_sharpen
+
 sparge::Selection to_selection(int mode, int block_score, double topk, Addr topk_per_head, double cdfthreshd,
                                Addr cdfthreshd_per_head, double simthreshd1, Addr simthreshd1_per_head,
-                               bool attention_sink, Addr block_mask) {
+                               int select_flags, Addr block_mask) {
   return {.mode = static_cast<sparge::SelectMode>(mode),
           .block_score = static_cast<sparge::BlockScore>(block_score),
           .topk = head_param(topk, topk_per_head),
           .cdfthreshd = head_param(cdfthreshd, cdfthreshd_per_head),
           .simthreshd1 = head_param(simthreshd1, simthreshd1_per_head),
-          .attention_sink = attention_sink,
+          .attention_sink = (select_flags & kSelectSink) != 0,
+          .cdf_sharpen = (select_flags & kSelectCdfSharpen) != 0,
           .block_mask = ptr<const uint8_t>(block_mask)};
 }
 
 void predict(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, int causal, double sm_scale,
              int mode, int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head,
-             double simthreshd1, Addr simthreshd1_per_head, bool attention_sink, Addr block_mask,
+             double simthreshd1, Addr simthreshd1_per_head, int select_flags, Addr block_mask,
              const QuantizedArg& quantized, Addr index, Addr count, Addr mask_out, Addr stats_out) {
   run(&sparge::predict,
       sparge::PredictParams{.device = static_cast<sparge::Device>(device),
@@ -154,7 +159,7 @@ void predict(int device, Addr stream, const ShapeArg& shape, const BlocksArg& bl
                             .sm_scale = static_cast<float>(sm_scale),
                             .select = to_selection(mode, block_score, topk, topk_per_head, cdfthreshd,
                                                    cdfthreshd_per_head, simthreshd1, simthreshd1_per_head,
-                                                   attention_sink, block_mask),
+                                                   select_flags, block_mask),
                             .stats = to_quantized(quantized),
                             .out = {.index = ptr<int32_t>(index), .count = ptr<int32_t>(count)},
                             .mask_out = ptr<uint8_t>(mask_out),
@@ -184,7 +189,7 @@ void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& 
                Addr v, int dtype, const StridesArg& q_strides, const StridesArg& k_strides,
                const StridesArg& v_strides, double sm_scale, bool smooth_k, int granularity, int pv, int mode,
                int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head,
-               double simthreshd1, Addr simthreshd1_per_head, bool attention_sink, Addr block_mask, double pvthreshd,
+               double simthreshd1, Addr simthreshd1_per_head, int select_flags, Addr block_mask, double pvthreshd,
                Addr pvthreshd_per_head, Addr o, int o_dtype, const StridesArg& o_strides, Addr lse, Addr stats_out,
                Addr workspace, size_t workspace_bytes) {
   run(&sparge::attention,
@@ -197,7 +202,7 @@ void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& 
                               .quant = to_quant(sm_scale, smooth_k, granularity, pv),
                               .select = to_selection(mode, block_score, topk, topk_per_head, cdfthreshd,
                                                      cdfthreshd_per_head, simthreshd1, simthreshd1_per_head,
-                                                     attention_sink, block_mask),
+                                                     select_flags, block_mask),
                               .pvthreshd = head_param(pvthreshd, pvthreshd_per_head),
                               .o = ptr<void>(o),
                               .o_dtype = static_cast<sparge::DType>(o_dtype),
@@ -248,7 +253,7 @@ NB_MODULE(_C, m) {
         nb::arg("blocks"), nb::arg("causal"), nb::arg("sm_scale"), nb::arg("mode"), nb::arg("block_score"),
         nb::arg("topk"),
         nb::arg("topk_per_head"), nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"),
-        nb::arg("simthreshd1_per_head"), nb::arg("attention_sink"), nb::arg("block_mask"), nb::arg("quantized"),
+        nb::arg("simthreshd1_per_head"), nb::arg("select_flags"), nb::arg("block_mask"), nb::arg("quantized"),
         nb::arg("index"), nb::arg("count"), nb::arg("mask_out"), nb::arg("stats_out"),
         "Stage 1: block prediction from the block statistics of quantized.");
 
@@ -264,7 +269,7 @@ NB_MODULE(_C, m) {
         nb::arg("granularity"), nb::arg("pv"), nb::arg("mode"), nb::arg("block_score"), nb::arg("topk"),
         nb::arg("topk_per_head"),
         nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"),
-        nb::arg("simthreshd1_per_head"), nb::arg("attention_sink"), nb::arg("block_mask"), nb::arg("pvthreshd"),
+        nb::arg("simthreshd1_per_head"), nb::arg("select_flags"), nb::arg("block_mask"), nb::arg("pvthreshd"),
         nb::arg("pvthreshd_per_head"), nb::arg("o"), nb::arg("o_dtype"), nb::arg("o_strides"), nb::arg("lse"),
         nb::arg("stats_out"), nb::arg("workspace"), nb::arg("workspace_bytes"),
         "quantize → predict → attend in one call, with a caller-provided workspace.");

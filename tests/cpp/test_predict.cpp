@@ -146,6 +146,38 @@ TEST(Predict, TiesGoToTheLowerIndex) {
   EXPECT_EQ(run_predict(st, Causal::kNone, cdf(0.3f)).kept[0], (Blocks{1, 2}));
 }
 
+TEST(Predict, CdfSharpeningScalesScoresByTheQueryBlockSimilarity) {
+  // p = {0.10, 0.50, 0.15, 0.25} as scores log p; q_sim = 0.25 gives the gain 1 / sqrt(0.25) = 2,
+  // so p̄ ∝ p² = {0.01, 0.25, 0.0225, 0.0625} / 0.345: ranked 1, 3, 2, 0 with running mass 0.7246,
+  // 0.9058, 0.9710, 1 (unsharpened: 0.5, 0.75, 0.9, 1).
+  Stats st(one_row_of_blocks(4), {});
+  st.set_scores({std::log(0.10f), std::log(0.50f), std::log(0.15f), std::log(0.25f)});
+  st.q_sim[0] = 0.25f;
+  Selection sel = cdf(0.0f);
+  sel.simthreshd1 = {0.1f};  // the Q block stays uniform
+  Selection original = sel;
+  original.cdf_sharpen = false;
+  const std::vector<std::tuple<float, Blocks, Blocks>> cases = {
+      {0.6f, {1}, {1, 3}}, {0.8f, {1, 3}, {1, 2, 3}}, {0.95f, {1, 2, 3}, {0, 1, 2, 3}}};
+  for (const auto& [threshold, sharpened, unsharpened] : cases) {
+    SCOPED_TRACE(threshold);
+    sel.cdfthreshd = {threshold};
+    original.cdfthreshd = {threshold};
+    EXPECT_EQ(run_predict(st, Causal::kNone, sel).kept[0], sharpened);
+    EXPECT_EQ(run_predict(st, Causal::kNone, original).kept[0], unsharpened);
+  }
+  // q_sim below the floor 0.01 counts as 0.01 (gain 10): block 1 alone holds 0.5^10 / Σ p^10 > 0.99.
+  st.q_sim[0] = 1e-4f;
+  sel.cdfthreshd = {0.99f};
+  sel.simthreshd1 = {-1.0f};
+  EXPECT_EQ(run_predict(st, Causal::kNone, sel).kept[0], (Blocks{1}));
+  // TopK never changes: the gain is constant over the row.
+  st.q_sim[0] = 0.25f;
+  Selection top_half = topk(0.5f);
+  top_half.simthreshd1 = {0.1f};
+  EXPECT_EQ(run_predict(st, Causal::kNone, top_half).kept[0], (Blocks{1, 3}));
+}
+
 TEST(Predict, CdfKeepsTheShortestPrefixReachingTheThreshold) {
   // p̄ = softmax(log p) = p = {0.10, 0.50, 0.15, 0.25}: ranked 1, 3, 2, 0 with running mass
   // 0.5, 0.75, 0.9, 1.

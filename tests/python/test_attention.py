@@ -331,7 +331,8 @@ def test_sdpa_drop_in(qkv, seed):
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
     assert_close_to(o, ref, **DENSE_FP8, context=f"sdpa drop-in seed={seed}")
     with pytest.raises(NotImplementedError, match="attn_mask"):
-        sparge.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(200, 200, dtype=torch.bool))
+        sparge.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(200, 200, dtype=torch.bool).tril(),
+                                            enable_gqa=True)
     with pytest.raises(NotImplementedError, match="dropout_p"):
         sparge.scaled_dot_product_attention(q, k, v, dropout_p=0.1, enable_gqa=True)
     with pytest.raises(ValueError, match="enable_gqa"):

@@ -44,3 +44,31 @@ def test_bench_rejects_bad_modes(modes, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--modes", modes])
     assert "--modes" in capsys.readouterr().err
+
+
+def test_bench_overhead_rows(tmp_path, capsys):
+    out_json = tmp_path / "o.json"
+    argv = ["-L", "128", "-H", "1", "--modes", "dense", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--dtype", "fp32", "--overhead", "--overhead-calls", "2", "--json", str(out_json)]  # fmt: skip
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    for label in ("overhead torch sdpa", "overhead sparge.attention", "overhead sparge.patch route", "host µs/call",
+                  "vs sdpa", "B=1 H=8 L=256 D=64"):  # fmt: skip
+        assert label in table, table
+    data = json.loads(out_json.read_text())
+    assert data["config"]["overhead_shape"] == [1, 8, 256, 64]
+    rows = {r["case"]: r for r in data["results"] if r["case"].startswith("overhead")}
+    assert len(rows) == 3
+    for name, row in rows.items():
+        assert row["host_us"] > 0 and row["overhead_ratio"] > 0, (name, row)
+        assert row["gpu_us"] is None  # CUDA events only on a GPU
+    sdpa = rows["overhead torch sdpa"]
+    assert sdpa["overhead_ratio"] == pytest.approx(1.0)
+    sparge_row = rows["overhead sparge.attention"]
+    assert sparge_row["overhead_ratio"] == pytest.approx(sparge_row["host_us"] / sdpa["host_us"])
+    assert all(r["host_us"] is None for r in data["results"] if r["case"] not in rows)  # other rows: no overhead
+
+
+def test_bench_rejects_bad_overhead_calls():
+    with pytest.raises(SystemExit, match="overhead-calls"):
+        bench.main(["--overhead", "--overhead-calls", "0"])

@@ -23,13 +23,15 @@ B, H, L, D = 1, 2, 300, 64
 NOT_CAUSAL = ("block_sparse_sage2_attn_cuda",)  # no is_causal parameter in the original
 
 # native keyword arguments of sparge.attention each compat function must reproduce (with its defaults)
-SPAS2 = dict(qk_quant_gran="per_thread", pv_precision="fp8")
-SPAS1 = dict(qk_quant_gran="per_block", pv_precision="fp16")
+SPAS2 = dict(qk_quant_gran="per_thread", pv_precision="fp8", block_score="mean")
+SPAS1 = dict(qk_quant_gran="per_block", pv_precision="fp16", block_score="mean")
 NATIVE = {
     "spas_sage2_attn_meansim_topk_cuda": dict(mode="topk", topk=0.5, simthreshd1=-0.1, pvthreshd=15.0, **SPAS2),
-    "spas_sage2_attn_meansim_cuda": dict(mode="cdf", cdfthreshd=0.98, simthreshd1=0.6, pvthreshd=50.0, **SPAS2),
+    "spas_sage2_attn_meansim_cuda": dict(mode="cdf", cdfthreshd=0.98, simthreshd1=0.6, pvthreshd=50.0,
+                                         cdf_sharpen=False, **SPAS2),
     "spas_sage_attn_meansim_topk_cuda": dict(mode="topk", topk=0.5, simthreshd1=-0.1, pvthreshd=15.0, **SPAS1),
-    "spas_sage_attn_meansim_cuda": dict(mode="cdf", cdfthreshd=0.98, simthreshd1=0.6, pvthreshd=50.0, **SPAS1),
+    "spas_sage_attn_meansim_cuda": dict(mode="cdf", cdfthreshd=0.98, simthreshd1=0.6, pvthreshd=50.0,
+                                        cdf_sharpen=False, **SPAS1),
     "block_sparse_sage2_attn_cuda": dict(mode="dense", pvthreshd=20.0, block_size=(128, 64), **SPAS2),
     "sparse_sageattn": dict(mode="dense", pvthreshd=math.inf, block_size=(128, 64), **SPAS1),
     "sageattn": dict(mode="dense", qk_quant_gran="per_thread", pv_precision="fp8"),
@@ -66,6 +68,7 @@ ORIGINAL_DEFAULTS = {
                                          smooth_k=True, smooth_v=False),  # fmt: skip
     "sageattn_qk_int8_pv_fp8_cuda_sm90": dict(_SAGE_COMMON, qk_quant_gran="per_thread", pv_accum_dtype="fp32+fp32",
                                               smooth_k=True),  # fmt: skip
+    "sageattn_varlen": dict(is_causal=False, sm_scale=None, smooth_k=True),
 }
 # leading positional parameters after (q, k, v), in the originals' order
 ORIGINAL_ORDER = {
@@ -76,6 +79,8 @@ ORIGINAL_ORDER = {
     "sageattn": ("tensor_layout", "is_causal", "sm_scale", "return_lse"),
     "sageattn_qk_int8_pv_fp16_cuda": ("tensor_layout", "is_causal", "qk_quant_gran", "sm_scale", "pv_accum_dtype"),
     "sageattn_qk_int8_pv_fp8_cuda": ("tensor_layout", "is_causal", "qk_quant_gran", "sm_scale", "pv_accum_dtype"),
+    "sageattn_varlen": ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "is_causal", "sm_scale",
+                        "smooth_k"),  # fmt: skip
 }
 SAGE_FUNCTIONS = [name for name in NATIVE if name.startswith("sageattn")]
 
@@ -97,7 +102,7 @@ def test_defaults_match_originals(name):
 
 
 def test_every_compat_function_is_tested():
-    assert set(NATIVE) == set(compat.__all__) - {"DEFAULTS"}
+    assert set(NATIVE) == set(compat.__all__) - {"DEFAULTS", "sageattn_varlen"}  # varlen: tests below
     assert sparge.compat is compat
 
 
@@ -178,7 +183,7 @@ def test_spas_options_and_returns(name, seed):
 def test_topk_functions_cdf_fallback(name, seed):
     q, k, v = structured_qkv(B, H, None, L, None, D, seed=seed)
     f = getattr(compat, name)
-    ref = sparge.attention(q, k, v, **dict(NATIVE[name], mode="cdf", cdfthreshd=0.9))
+    ref = sparge.attention(q, k, v, **dict(NATIVE[name], mode="cdf", cdfthreshd=0.9, cdf_sharpen=False))
     assert_equal(f(q, k, v, topk=None, cdfthreshd=0.9), ref, name)
     with pytest.raises(ValueError, match="cdfthreshd"):
         f(q, k, v, cdfthreshd=0.9)  # topk=0.5 and cdfthreshd both set: ambiguous
@@ -228,7 +233,7 @@ def test_spas_rejects_attn_mask_and_dropout(name):
     q, k, v = structured_qkv(B, H, None, 200, None, D, seed=0)
     f = getattr(compat, name)
     with pytest.raises(NotImplementedError, match="attn_mask"):
-        f(q, k, v, torch.ones(200, 200, dtype=torch.bool))  # positional, as SDPA
+        f(q, k, v, torch.ones(200, 200, dtype=torch.bool).tril())  # positional, as SDPA; not a key-padding mask
     with pytest.raises(NotImplementedError, match="dropout_p"):
         f(q, k, v, None, 0.1)
     with pytest.raises(TypeError):
@@ -255,7 +260,7 @@ def test_sage_kwargs(name, seed):
     q, k, v = structured_qkv(B, H, None, 200, None, D, seed=seed)
     f = getattr(compat, name)
     with pytest.raises(NotImplementedError, match="attn_mask"):
-        f(q, k, v, attn_mask=torch.ones(200, 200, dtype=torch.bool))
+        f(q, k, v, attn_mask=torch.ones(200, 200, dtype=torch.bool).tril())  # not a key-padding mask
     with pytest.raises(NotImplementedError, match="dropout_p"):
         f(q, k, v, dropout_p=0.1)
     with pytest.raises(TypeError, match="'bogus'.*'window_size'"):
@@ -311,6 +316,130 @@ def test_sage_accuracy(name, is_causal, layout, seed):
     assert_close_to(o, ref, cos_min=0.999, rel_l1_max=0.03, context=f"{name} causal={is_causal} {layout} seed={seed}")
 
 
-def test_varlen_not_provided():
-    assert not hasattr(compat, "sageattn_varlen")
-    assert "sageattn_varlen" in compat.__doc__
+
+# ---- attn_mask: key-padding masks are computed exactly, other masks raise ------------------------------
+
+MASKED = ["spas_sage2_attn_meansim_topk_cuda", "spas_sage_attn_meansim_cuda", "sageattn",
+          "sageattn_qk_int8_pv_fp16_cuda"]
+
+
+def _keep_rows(batch, len_k, seed):
+    """Kept keys of each batch row: a prefix (right padding), every key, an arbitrary subset."""
+    keep = torch.ones(batch, len_k, dtype=torch.bool)
+    keep[0, 230:] = False
+    keep[2] = torch.rand(len_k, generator=torch.Generator().manual_seed(seed)) < 0.6
+    return keep
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("name", MASKED)
+def test_key_padding_attn_mask(name, layout, seed, poison):
+    q, k, v = structured_qkv(3, 4, 2, 280, 300, D, layout=layout, seed=seed)  # GQA, Lq != Lk
+    keep = _keep_rows(3, 300, seed)
+    f = getattr(compat, name)
+    by_bool = f(q, k, v, attn_mask=keep[:, None, None, :], tensor_layout=layout)  # [B, 1, 1, Lk]
+    additive = torch.zeros(3, 4, 280, 300).masked_fill(~keep[:, None, None, :], -math.inf)  # materialised
+    assert_equal(f(q, k, v, attn_mask=additive, tensor_layout=layout), by_bool, f"{name}: additive vs bool mask")
+    seq_dim = 2 if layout == "HND" else 1
+    for b in range(3):
+        idx = keep[b].nonzero().flatten()
+        kb, vb = k[b : b + 1].index_select(seq_dim, idx), v[b : b + 1].index_select(seq_dim, idx)
+        native = sparge.attention(q[b : b + 1], kb, vb, **dict(NATIVE[name], layout=layout))
+        assert_equal(by_bool[b : b + 1], native, f"{name} row {b} {layout} seed={seed}")
+    if NATIVE[name]["mode"] == "dense":  # and against exact attention with the mask (fp64 SDPA)
+        to_hnd = (lambda x: x) if layout == "HND" else (lambda x: x.transpose(1, 2))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(to_hnd(x).double() for x in (q, k, v)), attn_mask=keep[:, None, None, :], enable_gqa=True
+        )
+        assert_close_to(to_hnd(by_bool), ref, cos_min=0.999, rel_l1_max=0.03, context=f"{name} vs fp64 SDPA")
+
+
+@pytest.mark.parametrize("name", ["spas_sage2_attn_meansim_topk_cuda", "spas_sage_attn_meansim_topk_cuda"])
+def test_key_padding_sparsity_and_lse(name, seed):
+    q, k, v = structured_qkv(3, 2, None, 256, 320, D, seed=seed)
+    keep = _keep_rows(3, 320, seed)
+    f = getattr(compat, name)
+    o, sparsity = f(q, k, v, keep[:, None, None, :], return_sparsity=True)
+    o2, lse = f(q, k, v, keep[:, None, None, :], return_lse=True)
+    assert_equal(o, o2, name)
+    row_sparsity = []
+    for b in range(3):
+        idx = keep[b].nonzero().flatten()
+        out = sparge.attention(q[b : b + 1], k[b : b + 1, :, idx], v[b : b + 1, :, idx], **NATIVE[name],
+                               return_lse=True, return_sparsity=True)  # fmt: skip
+        assert_equal(lse[b : b + 1], out[1], f"{name} lse row {b}")
+        row_sparsity.append(float(out[2]))
+    assert isinstance(sparsity, float)
+    assert min(row_sparsity) - 1e-6 <= sparsity <= max(row_sparsity) + 1e-6, (sparsity, row_sparsity)
+
+
+def test_attn_mask_rejections():
+    q, k, v = structured_qkv(2, 2, None, 200, None, D, seed=0)
+    f = compat.spas_sage2_attn_meansim_topk_cuda
+    keep = torch.ones(2, 1, 1, 200, dtype=torch.bool)
+    per_head = torch.ones(2, 2, 1, 200, dtype=torch.bool)
+    per_head[:, 1, :, 150:] = False
+    bias = torch.zeros(2, 1, 1, 200)
+    bias[..., 100:] = -0.5  # a soft bias, not a padding
+    for mask in (per_head, bias, torch.ones(200, 200, dtype=torch.bool).tril()):
+        with pytest.raises(NotImplementedError, match="key-padding"):
+            f(q, k, v, mask)
+    with pytest.raises(ValueError, match="is_causal"):
+        f(q, k, v, keep, is_causal=True)
+    with pytest.raises(ValueError, match="attn_mask.*broadcastable"):
+        f(q, k, v, torch.ones(2, 1, 1, 199, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask.*dtype"):
+        f(q, k, v, torch.ones(2, 1, 1, 200, dtype=torch.int32))
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        compat.sageattn(q, k, v, attn_mask=per_head)
+
+
+# ---- sageattn_varlen ------------------------------------------------------------------------------------
+
+
+def _packed(seed, lengths_q, lengths_k, heads_q=4, heads_kv=2, dtype=torch.float16):
+    """Packed [total, H, D] q, k, v of independent structured sequences, and int32 cu_seqlens."""
+    parts = [structured_qkv(1, heads_q, heads_kv, lq, lk, D, dtype=dtype, layout="NHD", seed=seed + i)
+             for i, (lq, lk) in enumerate(zip(lengths_q, lengths_k))]  # fmt: skip
+    q, k, v = (torch.cat([p[j][0] for p in parts]) for j in range(3))
+    cu = [torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+          for lengths in (lengths_q, lengths_k)]  # fmt: skip
+    return q, k, v, cu[0], cu[1]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sageattn_varlen_equals_native_and_reference(is_causal, seed, poison):
+    lengths = [300, 77, 512]
+    q, k, v, cu_q, cu_k = _packed(seed, lengths, lengths)
+    o = compat.sageattn_varlen(q, k, v, cu_q, cu_k, 512, 512, is_causal=is_causal)
+    native = sparge.attention_varlen(q, k, v, cu_q, cu_k, 512, 512, mode="dense", is_causal=is_causal,
+                                     qk_quant_gran="per_block", pv_precision="fp16")  # fmt: skip
+    assert_equal(o, native, f"sageattn_varlen causal={is_causal} seed={seed}")
+    assert o.shape == q.shape and o.dtype == q.dtype
+    for i in range(len(lengths)):
+        s, e = int(cu_q[i]), int(cu_q[i + 1])
+        ref, _ = reference_attention(q[s:e][None], k[s:e][None], v[s:e][None], layout="NHD", is_causal=is_causal)
+        assert_close_to(o[s:e], ref[0], cos_min=0.999, rel_l1_max=0.03, context=f"sequence {i} seed={seed}")
+    assert_equal(compat.sageattn_varlen(q, k, v, cu_q.long(), cu_k.long(), 512, 512, is_causal=is_causal), o,
+                 "int64 cu_seqlens")  # fmt: skip
+
+
+def test_sageattn_varlen_kwargs(seed):
+    q, k, v, cu_q, cu_k = _packed(seed, [200, 130], [150, 260])
+    f = compat.sageattn_varlen
+    by_scale = f(q, k, v, cu_q, cu_k, 200, 260, scale=0.05)
+    assert_equal(by_scale, f(q, k, v, cu_q, cu_k, 200, 260, sm_scale=0.05), "scale")
+    assert not torch.equal(by_scale, f(q, k, v, cu_q, cu_k, 200, 260))
+    assert_equal(f(q, k, v, cu_q, cu_k, 200, 260, smooth_k=False),
+                 sparge.attention_varlen(q, k, v, cu_q, cu_k, 200, 260, mode="dense", smooth_k=False,
+                                         qk_quant_gran="per_block", pv_precision="fp16"), "smooth_k")  # fmt: skip
+    no_ops = f(q, k, v, cu_q, cu_k, 200, 260, attn_mask=None, dropout_p=0.0, enable_gqa=True, smooth_v=False)
+    assert_equal(no_ops, f(q, k, v, cu_q, cu_k, 200, 260), "no-op kwargs")
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        f(q, k, v, cu_q, cu_k, 200, 260, attn_mask=torch.ones(330, 410, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        f(q, k, v, cu_q, cu_k, 200, 260, dropout_p=0.1)
+    with pytest.raises(TypeError, match="bogus"):
+        f(q, k, v, cu_q, cu_k, 200, 260, bogus=1)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        f(q, k, v, cu_q, cu_k, 200, 200)

@@ -12,7 +12,7 @@ from sparge.testing import structured_qkv
 
 def _op_args(q, k, v, **overrides):
     args = dict(layout=0, mode=1, block_score=0, topk=0.5, cdfthreshd=0.9, simthreshd1=-0.1, pvthreshd=15.0, causal=1,
-                scale=0.0, block_q=64, block_k=32, attention_sink=False, smooth_k=True, granularity=2, pv=0,
+                scale=0.0, block_q=64, block_k=32, select_flags=0, smooth_k=True, granularity=2, pv=0,
                 output_dtype=q.dtype, return_lse=True, return_stats=True)  # fmt: skip
     args.update(overrides)
     return args
@@ -35,7 +35,7 @@ def test_opcheck_stages(seed):
     torch.library.opcheck(torch.ops.sparge.quantize.default, (q, k, v), dict(layout=0, **stage))
     quantized = list(torch.ops.sparge.quantize(q, k, v, layout=0, **stage))
     select = dict(mode=2, block_score=1, topk=0.5, cdfthreshd=0.9, simthreshd1=-0.1, causal=2, scale=0.0, granularity=1,
-                  block_q=64, block_k=32, attention_sink=True)  # fmt: skip
+                  block_q=64, block_k=32, select_flags=3)  # fmt: skip
     torch.library.opcheck(torch.ops.sparge.predict.default, (quantized, None, None, torch.full((2,), 0.95), None), select)
     index, count, _, _ = torch.ops.sparge.predict(quantized, None, None, None, None, **select)
     attend = dict(layout=1, causal=2, scale=0.0, granularity=1, block_q=64, block_k=32, pvthreshd=5.0,

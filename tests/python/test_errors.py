@@ -161,7 +161,7 @@ def test_op_level_checks_protect_memory():
     """torch.ops.sparge.* called directly (bypassing sparge.api) still reject unsafe tensors."""
     q, k, v = _qkv()
     args = dict(layout=0, mode=3, block_score=0, topk=0.5, cdfthreshd=0.9, simthreshd1=-0.1, pvthreshd=15.0, causal=0,
-                scale=0.0, block_q=128, block_k=64, attention_sink=False, smooth_k=True, granularity=2, pv=0,
+                scale=0.0, block_q=128, block_k=64, select_flags=0, smooth_k=True, granularity=2, pv=0,
                 output_dtype=torch.float16, return_lse=False, return_stats=False)  # fmt: skip
     small_mask = torch.ones(1, 1, 1, 1, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"block_mask: expected a contiguous uint8 tensor of shape \(1, 4, 1, 3\)"):

@@ -18,6 +18,7 @@ from sparge.testing import (
     block_attention_mass,
     noise_qkv,
     oracle_block_mask,
+    prediction_workloads,
     reference_attention,
     relative_l1,
     sink_retrieval_qkv,
@@ -96,9 +97,45 @@ def test_cdf_backs_off_to_dense_on_noise(block_score):
     assert float(sparsity) <= 0.1, float(sparsity)
 
 
+@pytest.fixture(scope="module")
+def video():
+    return _Case(*prediction_workloads(2048, 2, 128, seed=0)["video_3d"])
+
+
+def test_default_cdf_keeps_video_sparse_where_the_original_keeps_everything(video):
+    """Smooth 3-D video locality (block self-similarity 0.03-0.35): the original CDF settings
+    (simthreshd1 0.6, unsharpened map) keep every block; the defaults (simthreshd1 0.02, the map
+    sharpened by 1 / sqrt(q_sim)) keep under half at a small added error (measured, L = 2048 and 4
+    heads: density 0.435, L1 added 0.003)."""
+    _, _, density_original = video.added(mode="cdf", cdfthreshd=0.98, simthreshd1=0.6, cdf_sharpen=False,
+                                          block_score="mean")  # fmt: skip
+    l1, oracle, density = video.added(mode="cdf", cdfthreshd=0.98)
+    assert density_original >= 0.99, density_original
+    assert density <= 0.6 and l1 <= 0.01 and l1 <= 2 * oracle + 0.005, (density, l1, oracle)
+
+
+def test_default_similarity_rule_backs_topk_off_on_noise():
+    """i.i.d. inputs: every block is as dissimilar as random vectors (|sim| < 0.01 < 0.02), so even
+    TopK keeps everything by default; the original TopK setting (-0.1) prunes."""
+    q, k, v = noise_qkv(1, 2, 1024, 128, seed=3)
+    _, sparsity = sparge.predict_blocks(q, k, mode="topk", topk=0.25, return_sparsity=True)
+    assert float(sparsity) == 0.0
+    _, sparsity = sparge.predict_blocks(q, k, mode="topk", topk=0.25, simthreshd1=-0.1, return_sparsity=True)
+    assert float(sparsity) >= 0.7
+
+
+def test_auto_block_score_is_spikes_for_topk_and_mean_for_cdf(qkv):
+    q, k, v = qkv(1, 4, 2, 1024, 1024, 64)
+    quantized = sparge.quantize(q, k, v)
+    for mode, arg, expected in (("topk", dict(topk=0.3), "spikes"), ("cdf", dict(cdfthreshd=0.9), "mean")):
+        auto = sparge.predict(quantized, mode=mode, **arg)
+        explicit = sparge.predict(quantized, mode=mode, block_score=expected, **arg)
+        assert torch.equal(auto.mask, explicit.mask), mode
+
+
 def test_block_score_is_validated(qkv):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"block_score: expected one of 'mean', 'spikes', got 'max'"):
+    with pytest.raises(ValueError, match=r"block_score: expected one of 'mean', 'spikes', 'auto', got 'max'"):
         sparge.attention(q, k, v, block_score="max")
     with pytest.raises(TypeError, match="block_score"):
         sparge.block_sparse_attention(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), block_score="spikes")

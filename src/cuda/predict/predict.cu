@@ -222,10 +222,11 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
       float smax = -INFINITY;
       for (int w = 0; w < kWarps; ++w) smax = fmaxf(smax, fscratch[w]);
       __syncthreads();
-      // Un-normalised masses e_j = exp(s_j - max); keep the fewest top blocks with Σe >= cdf·Σe.
+      // Un-normalised masses e_j = exp(g · (s_j - max)); keep the fewest top blocks with Σe >= cdf·Σe.
+      const float gain = cdf_score_gain(a.q_sim[bh * a.nbq + i], a.select.cdf_sharpen);
       float local_sum = 0.0f;
       for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-        if (state[j] & kCandidate) local_sum += expf(score[j] - smax);
+        if (state[j] & kCandidate) local_sum += expf(gain * (score[j] - smax));
       }
       const float total = block_sum(local_sum, fscratch);
       const float target = head_value(a.select.cdfthreshd, h) * total;
@@ -235,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
           const uint32_t trial = threshold | (1u << bit);
           float mass = 0.0f;
           for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-            if ((state[j] & kCandidate) && order_key(score[j]) >= trial) mass += expf(score[j] - smax);
+            if ((state[j] & kCandidate) && order_key(score[j]) >= trial) mass += expf(gain * (score[j] - smax));
           }
           if (block_sum(mass, fscratch) >= target) threshold = trial;
         }
