@@ -4,7 +4,7 @@
 # compute-sanitizer on a small problem, and writes every log and table to OUT_DIR.
 #   scripts/gpu_check.sh OUT_DIR [ARCH]
 # SPARGE_BENCH_CASES overrides the benchmark cases ("label|arguments of python -m sparge|optional
-# VAR=value environment" lines); SPARGE_SKIP="build tests ptx bench profile sanitize" skips phases
+# VAR=value environment" lines); SPARGE_SKIP="build tests ptx bench quality calibration profile sanitize" skips phases
 # (without "build", the previous call's install on a still-warm machine is used). The "ptx" phase
 # builds compute_80 and compute_89 PTX-only variants (SPARGE_PTX_ARCHS), which this GPU runs by
 # JIT, and runs the mma.sync kernel's GPU tests and one benchmark case on each.
@@ -41,7 +41,8 @@ d128_L32k_pv16|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5 --pv-precision 
 d128_B2_L8k|-B 2 -H 16 -L 8192 -D 128 --modes dense,topk:0.5
 d64_L32k|-B 1 -H 32 -L 32768 -D 64 --modes dense,topk:0.5
 d128_L32k_causal|-B 1 -H 16 -L 32768 -D 128 --causal --modes dense
-d128_L32k_mma|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5|SPARGE_CUDA_KERNEL=mma}"
+d128_L32k_mma|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5|SPARGE_CUDA_KERNEL=mma
+overhead|-B 1 -H 8 -L 256 -D 64 --modes dense --overhead}"
 if [[ " $SKIP " != *" bench "* ]]; then
   phase "matrix-unit ceilings"
   timeout 60 python3 "$ROOT/scripts/gemm_ceiling.py" 2>&1 | tee "$OUT/gemm_ceiling.txt"
@@ -71,6 +72,19 @@ if [[ " $SKIP " != *" ptx "* ]]; then
     PYTHONPATH="$pkg" timeout 150 python3 -m sparge -B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5 \
       --pv-precision "$pv" --repeats 5 --warmup 2 2>/dev/null | tee "$OUT/bench_ptx_$arch.txt"
   done
+fi
+
+if [[ " $SKIP " != *" quality "* ]]; then
+  phase "prediction quality vs the oracle (L=8192, 4 heads)"
+  timeout 300 python3 "$ROOT/bench/prediction_quality.py" --len 8192 --heads 4 --device cuda \
+    > "$OUT/quality.md" 2> "$OUT/quality_progress.log"
+  echo "quality exit: $?"; grep -c "^| " "$OUT/quality.md"
+fi
+
+if [[ " $SKIP " != *" calibration "* ]]; then
+  phase "calibration time per layer (L=32768)"
+  timeout 300 python3 "$ROOT/bench/calibration_bench.py" --device cuda ${SPARGE_CALIB_ARGS:-} \
+    2> "$OUT/calibration_progress.log" | tee "$OUT/calibration.txt"
 fi
 
 if [[ " $SKIP " != *" profile "* ]]; then
