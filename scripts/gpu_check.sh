@@ -96,6 +96,12 @@ if [[ " $SKIP " != *" profile "* ]]; then
 q, k, v = structured_qkv(1, 16, 16, 8192, 8192, 128, dtype=torch.float16, device='cuda', seed=0); \
 sparge.attention(q, k, v, mode='dense'); torch.cuda.synchronize()" > "$OUT/ncu.txt" 2>&1
   echo "ncu exit: $?"; grep -E "^  [a-z_].*\(|Duration|Issue Slots Busy|Executed Ipc A|No Eligible|Registers Per|Achieved Occ" "$OUT/ncu.txt" | head -60
+  phase "Nsight Compute: duration of every kernel of one call (B2 H16 L8192 D128, topk 0.5)"
+  timeout 120 ncu --clock-control none --section SpeedOfLight \
+    python3 -c "import torch, sparge; from sparge.testing import structured_qkv; \
+q, k, v = structured_qkv(2, 16, 16, 8192, 8192, 128, dtype=torch.float16, device='cuda', seed=0); \
+sparge.attention(q, k, v, topk=0.5); torch.cuda.synchronize()" > "$OUT/ncu_all.txt" 2>&1
+  grep -E "^  [a-zA-Z_].*\(|^    Duration" "$OUT/ncu_all.txt" | head -40
 fi
 
 if [[ " $SKIP " != *" sanitize "* ]]; then
