@@ -1,8 +1,13 @@
-// Stage 1 on the GPU: block prediction (docs/method.md §1). One CTA per (Q block, b·Hq) row of
-// the block map; no host synchronisation, no allocation.
+// Stage 1 on the GPU: block prediction (docs/method.md §1). One CTA per group of up to
+// kMaxGroup consecutive Q blocks of one b·Hq: the compressed scores of the whole group are
+// computed together, so each K block's statistics are read once per group rather than once per
+// Q block (the K statistics were re-read from L2 by every Q block: 3 rows of D floats per K block
+// with the spike keys). Selection then runs per Q block. No host synchronisation, no allocation.
 //
 // TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
 // of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF).
+#include <algorithm>
+
 #include "cuda/common/device_utils.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/layout.h"
@@ -12,6 +17,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kMaxGroup = 8;                    // Q blocks per CTA
+constexpr int64_t kGroupSmemBudget = 48 * 1024;  // bytes of score rows for a group
 
 enum : uint8_t { kAllowed = 1, kCandidate = 2, kKept = 4 };
 
@@ -32,6 +39,7 @@ struct PredictArgs {
   unsigned long long* stats;  // [kStatCount] or null
   int64_t nbq;
   int64_t nbk;
+  int group;  // Q blocks per CTA
 };
 
 __device__ __forceinline__ float head_value(HeadParam hp, int64_t h) {
@@ -62,76 +70,103 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-// BlockScore::kSpikes score of K block j (method.md §1), from `dot` = q̄ · k̄ (warp-uniform):
-// log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄' + ...)) in the exact fp32 order of the CPU reference.
-__device__ __forceinline__ float spikes_score(const PredictArgs& a, const float* q_row, int64_t bhk, int64_t j,
-                                              float dot, int lane) {
+// out[g] = Σ_d x[g][d] · y[d] for g < n, ascending d, rounded like the CPU reference (no
+// contraction); y (one global row) is read once for all n rows of x (shared memory).
+__device__ __forceinline__ void ordered_dots(const float* x, int64_t x_stride, int n, const float* y, int64_t dim,
+                                             float (&out)[kMaxGroup]) {
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) out[g] = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float yd = y[d];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g < n) out[g] = __fadd_rn(out[g], __fmul_rn(x[g * x_stride + d], yd));
+    }
+  }
+}
+
+// Compressed scores of K block j for the n pooled queries of the group (method.md §1, "Block
+// scores"), one thread per K block, in the exact fp32 order of the CPU reference: kMean s·q̄·k̄;
+// kSpikes log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys.
+__device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_rows, int64_t bhk, int64_t j,
+                             float (&out)[kMaxGroup]) {
   const Shape& s = a.shape;
+  const int64_t dim = s.head_dim;
+  float dot[kMaxGroup];
+  ordered_dots(q_rows, dim, n_rows, a.k_pool + (bhk * a.nbk + j) * dim, dim, dot);
+  if (a.select.block_score != BlockScore::kSpikes) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) out[g] = __fmul_rn(dot[g], a.sm_scale);
+    return;
+  }
   const int64_t bk = a.blocks.block_k;
   const int64_t n = min(bk, s.len_k - j * bk);
   const int64_t m = min(kSpikeKeys, n);
-  float term[kSpikeKeys + 1];
-  float spike_sum = 0.0f;
+  float spike[kSpikeKeys][kMaxGroup];
 #pragma unroll
   for (int t = 0; t < kSpikeKeys; ++t) {
-    term[t] = 0.0f;
     if (t < m) {
-      const float* kp = a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t) * s.head_dim;
-      float b = 0.0f;
-      for (int64_t d = lane; d < s.head_dim; d += kWarpSize) b += q_row[d] * kp[d];
-      b = warp_sum(b);
-      spike_sum += b;
-      term[t] = b * a.sm_scale;
+      ordered_dots(q_rows, dim, n_rows, a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t) * dim, dim, spike[t]);
     }
   }
-  int terms = static_cast<int>(m);
-  term[kSpikeKeys] = 0.0f;
-  if (n > m) {
-    const float rest = static_cast<float>(n - m);
-    const float value = __fmul_rn(__fdiv_rn(__fsub_rn(__fmul_rn(static_cast<float>(n), dot), spike_sum), rest),
-                                  a.sm_scale);
-    term[terms] = __fadd_rn(value, logf(rest));
-    ++terms;
+  const float rest = static_cast<float>(n - m);
+  const float log_rest = n > m ? logf(rest) : 0.0f;
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g >= n_rows) continue;
+    float term[kSpikeKeys + 1];
+    float spike_sum = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kSpikeKeys; ++t) {
+      term[t] = 0.0f;
+      if (t < m) {
+        spike_sum = __fadd_rn(spike_sum, spike[t][g]);
+        term[t] = __fmul_rn(spike[t][g], a.sm_scale);
+      }
+    }
+    int terms = static_cast<int>(m);
+    term[kSpikeKeys] = 0.0f;
+    if (n > m) {
+      const float value = __fmul_rn(
+          __fdiv_rn(__fsub_rn(__fmul_rn(static_cast<float>(n), dot[g]), spike_sum), rest), a.sm_scale);
+      term[terms] = __fadd_rn(value, log_rest);
+      ++terms;
+    }
+    float max_term = term[0];
+    for (int t = 1; t < terms; ++t) max_term = fmaxf(max_term, term[t]);
+    float sum = 0.0f;
+    for (int t = 0; t < terms; ++t) sum = __fadd_rn(sum, expf(__fsub_rn(term[t], max_term)));
+    out[g] = __fadd_rn(max_term, logf(sum));
   }
-  float max_term = term[0];
-  for (int t = 1; t < terms; ++t) max_term = fmaxf(max_term, term[t]);
-  float sum = 0.0f;
-  for (int t = 0; t < terms; ++t) sum += expf(term[t] - max_term);
-  return max_term + logf(sum);
 }
 
-__global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
-  extern __shared__ float score[];  // [nbk], followed by uint8_t state[nbk]
-  uint8_t* state = reinterpret_cast<uint8_t*>(score + a.nbk);
-  __shared__ float q_row[kMaxHeadDim];
-  __shared__ int iscratch[kWarps];
-  __shared__ float fscratch[kWarps];
-
+// Blocks of Q block i with at least one visible key (32-bit division: lengths fit in int).
+__device__ __forceinline__ int64_t allowed_blocks(const PredictArgs& a, int64_t i) {
   const Shape& s = a.shape;
-  const int64_t i = blockIdx.x;
-  const int64_t bh = blockIdx.y;
-  const int heads_q = static_cast<int>(s.heads_q);
-  const int64_t b = blockIdx.y / heads_q;
-  const int64_t h = blockIdx.y % heads_q;
-  const int64_t bhk = b * s.heads_kv + static_cast<int>(h) / (heads_q / static_cast<int>(s.heads_kv));
-  const int64_t bq = a.blocks.block_q, bk = a.blocks.block_k;
-  const int64_t r0 = i * bq;
-  const int64_t r1 = min(r0 + bq, s.len_q) - 1;
-  const int64_t end_r0 = visible_end(r0, a.causal, s.len_q, s.len_k);
+  const int64_t r1 = min((i + 1) * a.blocks.block_q, s.len_q) - 1;
   const int64_t end_r1 = visible_end(r1, a.causal, s.len_q, s.len_k);
-  // Blocks with at least one visible key (32-bit division: lengths fit in int).
-  const int64_t n_allowed = end_r1 <= 0 ? 0 : min(a.nbk, static_cast<int64_t>((static_cast<int>(end_r1) +
-                                                                             static_cast<int>(bk) - 1) /
-                                                                            static_cast<int>(bk)));
+  const int bk = static_cast<int>(a.blocks.block_k);
+  return end_r1 <= 0 ? 0 : min(a.nbk, static_cast<int64_t>((static_cast<int>(end_r1) + bk - 1) / bk));
+}
+
+// Selection, index list and statistics of Q block i of b·Hq row bh, from the scores of its
+// candidates in `score` ([nbk], shared memory). `state` ([nbk], shared) is scratch.
+__device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const float* score, uint8_t* state,
+                           int* iscratch, float* fscratch) {
+  const Shape& s = a.shape;
+  const int heads_q = static_cast<int>(s.heads_q);
+  const int64_t b = bh / heads_q;
+  const int64_t h = bh % heads_q;
+  const int64_t bhk = b * s.heads_kv + static_cast<int>(h) / (heads_q / static_cast<int>(s.heads_kv));
+  const int64_t bk = a.blocks.block_k;
+  const int64_t end_r0 = visible_end(i * a.blocks.block_q, a.causal, s.len_q, s.len_k);
+  const int64_t n_allowed = allowed_blocks(a, i);
   const SelectMode mode = a.select.mode;
   const bool scored = mode == SelectMode::kTopK || mode == SelectMode::kCdf;
   const float sim_threshold = head_value(a.select.simthreshd1, h);
   const bool q_uniform = scored && a.q_sim[bh * a.nbq + i] > sim_threshold;
   const int64_t row = bh * a.nbq + i;
 
-  if (scored) {
-    for (int64_t d = threadIdx.x; d < s.head_dim; d += kThreads) q_row[d] = a.q_pool[row * s.head_dim + d];
-  }
   for (int64_t j = threadIdx.x; j < a.nbk; j += kThreads) {
     uint8_t st = 0;
     if (j < n_allowed) {
@@ -152,23 +187,6 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
   __syncthreads();
 
   if (scored) {
-    // Compressed scores of the candidates: one warp per K block, lanes over D.
-    const int lane = threadIdx.x % kWarpSize;
-    for (int64_t j = threadIdx.x / kWarpSize; j < n_allowed; j += kWarps) {
-      if (!(state[j] & kCandidate)) continue;
-      const float* kp = a.k_pool + (bhk * a.nbk + j) * s.head_dim;
-      float dot = 0.0f;
-      for (int64_t d = lane; d < s.head_dim; d += kWarpSize) dot += q_row[d] * kp[d];
-      dot = warp_sum(dot);
-      if (a.select.block_score == BlockScore::kSpikes) {
-        dot = spikes_score(a, q_row, bhk, j, dot, lane);
-      } else {
-        dot *= a.sm_scale;
-      }
-      if (lane == 0) score[j] = dot;
-    }
-    __syncthreads();
-
     int n_cand = 0;
     {
       int local = 0;
@@ -282,9 +300,59 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
   }
 }
 
+__global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
+  // score[group][nbk], then q_rows[group][D] (scored modes), then state[nbk] (uint8_t).
+  extern __shared__ float smem[];
+  float* scores = smem;
+  float* q_rows = scores + a.group * a.nbk;
+  uint8_t* state = reinterpret_cast<uint8_t*>(q_rows + a.group * a.shape.head_dim);
+  __shared__ int iscratch[kWarps];
+  __shared__ float fscratch[kWarps];
+
+  const Shape& s = a.shape;
+  const int64_t bh = blockIdx.y;
+  const int heads_q = static_cast<int>(s.heads_q);
+  const int64_t bhk = (bh / heads_q) * s.heads_kv + static_cast<int>(bh % heads_q) /
+                                                        (heads_q / static_cast<int>(s.heads_kv));
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * a.group;
+  const int n_rows = static_cast<int>(min(static_cast<int64_t>(a.group), a.nbq - i0));
+  const SelectMode mode = a.select.mode;
+  if (mode == SelectMode::kTopK || mode == SelectMode::kCdf) {
+    // Compressed scores of the whole group: one thread per K block, every K statistic read once
+    // for the group's pooled queries (a shared-memory broadcast). The last Q block of the group
+    // allows the most K blocks; a block not allowed or not a candidate for a row is never read.
+    const int64_t dim = s.head_dim;
+    for (int64_t e = threadIdx.x; e < n_rows * dim; e += kThreads) q_rows[e] = a.q_pool[(bh * a.nbq + i0) * dim + e];
+    __syncthreads();
+    const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
+    for (int64_t j = threadIdx.x; j < n_scored; j += kThreads) {
+      float out[kMaxGroup];
+      block_scores(a, q_rows, n_rows, bhk, j, out);
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < n_rows) scores[g * a.nbk + j] = out[g];
+      }
+    }
+    __syncthreads();
+  }
+  for (int g = 0; g < n_rows; ++g) {
+    select_row(a, bh, i0 + g, scores + g * a.nbk, state, iscratch, fscratch);
+    __syncthreads();
+  }
+}
+
 }  // namespace
 
-size_t predict_smem_bytes(int64_t nbk) { return static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t)); }
+// Q blocks per CTA: up to kMaxGroup while their score rows fit kGroupSmemBudget (at least 1).
+int predict_group(int64_t nbq, int64_t nbk) {
+  const int64_t fit = kGroupSmemBudget / (nbk * static_cast<int64_t>(sizeof(float)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fit, kMaxGroup, nbq})));
+}
+
+size_t predict_smem_bytes(int group, int64_t nbk, int64_t head_dim) {
+  return static_cast<size_t>(group) * static_cast<size_t>(nbk + head_dim) * sizeof(float) +
+         static_cast<size_t>(nbk) * sizeof(uint8_t);
+}
 
 Status predict(const PredictParams& p) {
   const auto [nbq, nbk] = block_counts(p.shape, p.blocks);
@@ -298,12 +366,14 @@ Status predict(const PredictParams& p) {
                          .select = p.select, .q_pool = p.stats.q_pool, .q_sim = p.stats.q_sim,
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
-                         .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk};
-  const size_t smem = predict_smem_bytes(nbk);
+                         .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
+                         .group = predict_group(nbq, nbk)};
+  const size_t smem = predict_smem_bytes(args.group, nbk, p.shape.head_dim);
   SPARGE_CUDA_TRY(cudaFuncSetAttribute(predict_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)),
                   "predict: set shared memory");
-  predict_kernel<<<dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
+  const auto groups = static_cast<unsigned>(ceil_div(nbq, args.group));
+  predict_kernel<<<dim3(groups, static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
   return launch_status("predict");
 }
 

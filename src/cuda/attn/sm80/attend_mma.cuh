@@ -199,8 +199,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
   const int hk = h / p.heads_per_kv;
   const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
   const int64_t bhk = static_cast<int64_t>(b) * p.heads_kv + hk;
-  // First query row of the CTA; tiles in reverse launch order (longest causal job first).
-  const int row0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kMmaAttendRows;
+  const int row0 = blockIdx.x * kMmaAttendRows;  // first query row of the CTA
   const int q_block = row0 / p.block_q;
   const int64_t block_entry = bh * p.nbq + q_block;
   const int n_kept = p.len_k > 0 ? p.count[block_entry] : 0;

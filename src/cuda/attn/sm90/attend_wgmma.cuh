@@ -272,9 +272,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int warp = thread / kWarpSize;
   const int lane = thread % kWarpSize;
   const int warpgroup = thread / kWarpgroupThreads;
-  // Row tiles in reverse launch order: under causal masking the last tiles hold the most kept
-  // blocks, so they start first and the light ones fill the last wave (longest job first).
-  const int row0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kWgmmaAttendRows;
+  const int row0 = blockIdx.x * kWgmmaAttendRows;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
