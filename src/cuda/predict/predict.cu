@@ -7,6 +7,7 @@
 // TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
 // of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF).
 #include <algorithm>
+#include <cstdint>
 
 #include "cuda/common/device_utils.cuh"
 #include "cuda/cuda_backend.h"
@@ -76,12 +77,24 @@ __device__ __forceinline__ void ordered_dots(const float* x, int64_t x_stride, i
                                              float (&out)[kMaxGroup]) {
 #pragma unroll
   for (int g = 0; g < kMaxGroup; ++g) out[g] = 0.0f;
-  for (int64_t d = 0; d < dim; ++d) {
-    const float yd = y[d];
+  auto add = [&](int64_t d, float yd) {
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
       if (g < n) out[g] = __fadd_rn(out[g], __fmul_rn(x[g * x_stride + d], yd));
     }
+  };
+  if (dim % 4 == 0 && reinterpret_cast<uintptr_t>(y) % sizeof(float4) == 0) {
+    // 16-byte loads, unrolled so that several are in flight (the row comes from L2).
+#pragma unroll 8
+    for (int64_t d = 0; d < dim; d += 4) {
+      const float4 y4 = *reinterpret_cast<const float4*>(y + d);
+      add(d, y4.x);
+      add(d + 1, y4.y);
+      add(d + 2, y4.z);
+      add(d + 3, y4.w);
+    }
+  } else {
+    for (int64_t d = 0; d < dim; ++d) add(d, y[d]);
   }
 }
 
@@ -343,10 +356,13 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
 
 }  // namespace
 
-// Q blocks per CTA: up to kMaxGroup while their score rows fit kGroupSmemBudget (at least 1).
-int predict_group(int64_t nbq, int64_t nbk) {
+// Q blocks per CTA: up to kMaxGroup while their score rows fit kGroupSmemBudget and the grid
+// keeps at least kMinCtas CTAs (at least 1).
+int predict_group(int64_t nbq, int64_t bhq, int64_t nbk) {
+  constexpr int64_t kMinCtas = 256;
   const int64_t fit = kGroupSmemBudget / (nbk * static_cast<int64_t>(sizeof(float)));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fit, kMaxGroup, nbq})));
+  const int64_t parallel = nbq * bhq / kMinCtas;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fit, kMaxGroup, nbq, parallel})));
 }
 
 size_t predict_smem_bytes(int group, int64_t nbk, int64_t head_dim) {
@@ -367,7 +383,7 @@ Status predict(const PredictParams& p) {
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
-                         .group = predict_group(nbq, nbk)};
+                         .group = predict_group(nbq, bhq, nbk)};
   const size_t smem = predict_smem_bytes(args.group, nbk, p.shape.head_dim);
   SPARGE_CUDA_TRY(cudaFuncSetAttribute(predict_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)),
