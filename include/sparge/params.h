@@ -120,7 +120,7 @@ struct QuantizedQKV {
                                // quantize (skipped when null), needed by BlockScore::kSpikes
 };
 
-// Kept K blocks of every Q block: index[b][h][i][0 .. count[b][h][i]) ascending.
+// Kept K blocks of every Q block: index[b][h][i][0 .. count[b][h][i]) ascending, -1 after them.
 struct BlockIndex {
   int32_t* index = nullptr;  // [B, Hq, nbq, nbk]
   int32_t* count = nullptr;  // [B, Hq, nbq]

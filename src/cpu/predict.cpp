@@ -172,6 +172,7 @@ void predict(const PredictParams& p) {
     for (int64_t j = 0; j < nbk; ++j) {
       if (keep[j] != 0) p.out.index[bhi * nbk + count++] = static_cast<int32_t>(j);
     }
+    std::fill(p.out.index + bhi * nbk + count, p.out.index + (bhi + 1) * nbk, int32_t{-1});
     p.out.count[bhi] = count;
     if (p.mask_out != nullptr) std::copy(keep.begin(), keep.end(), p.mask_out + bhi * nbk);
     kept_total += count;

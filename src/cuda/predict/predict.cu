@@ -1,8 +1,9 @@
-// Stage 1 on the GPU: block prediction (docs/method.md §1). One CTA per group of up to
-// kMaxGroup consecutive Q blocks of one b·Hq: the compressed scores of the whole group are
-// computed together, so each K block's statistics are read once per group rather than once per
-// Q block (the K statistics were re-read from L2 by every Q block: 3 rows of D floats per K block
-// with the spike keys). Selection then runs per Q block. No host synchronisation, no allocation.
+// Stage 1 on the GPU: block prediction (docs/method.md §1), two kernels, no host
+// synchronisation, no allocation. score_kernel (TopK / CDF only) computes the compressed scores
+// of groups of up to kMaxGroup consecutive Q blocks of one b·Hq together, so each K block's
+// statistics (3 rows of D floats with the spike keys) are read once per group rather than once
+// per Q block; it parks them in the index output. select_kernel, one CTA per (Q block, b·Hq),
+// selects and writes the index list over them.
 //
 // TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
 // of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF).
@@ -18,8 +19,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kMaxGroup = 8;                    // Q blocks per CTA
-constexpr int64_t kGroupSmemBudget = 48 * 1024;  // bytes of score rows for a group
+constexpr int kMaxGroup = 8;  // Q blocks per score_kernel CTA
 
 enum : uint8_t { kAllowed = 1, kCandidate = 2, kKept = 4 };
 
@@ -40,7 +40,7 @@ struct PredictArgs {
   unsigned long long* stats;  // [kStatCount] or null
   int64_t nbq;
   int64_t nbk;
-  int group;  // Q blocks per CTA
+  int group;  // Q blocks per score_kernel CTA
 };
 
 __device__ __forceinline__ float head_value(HeadParam hp, int64_t h) {
@@ -304,6 +304,7 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
     if (j < a.nbk && a.mask_out != nullptr) a.mask_out[row * a.nbk + j] = kept ? 1 : 0;
     written += chunk;
   }
+  for (int64_t k = written + threadIdx.x; k < a.nbk; k += kThreads) a.index[row * a.nbk + k] = -1;
   if (threadIdx.x == 0) {
     a.count[row] = written;
     if (a.stats != nullptr) {
@@ -313,15 +314,13 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
   }
 }
 
-__global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
-  // score[group][nbk], then q_rows[group][D] (scored modes), then state[nbk] (uint8_t).
-  extern __shared__ float smem[];
-  float* scores = smem;
-  float* q_rows = scores + a.group * a.nbk;
-  uint8_t* state = reinterpret_cast<uint8_t*>(q_rows + a.group * a.shape.head_dim);
-  __shared__ int iscratch[kWarps];
-  __shared__ float fscratch[kWarps];
-
+// Compressed scores of a group of up to a.group consecutive Q blocks (TopK / CDF), written as
+// fp32 bits into their rows of the index output, which select_kernel reads back before it
+// overwrites them: one thread per K block, every K statistic read once for the whole group (the
+// pooled queries are a shared-memory broadcast). The last Q block of a group allows the most K
+// blocks; entries past a row's allowed blocks are scored but never read.
+__global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
+  extern __shared__ float q_rows[];  // [group][D]
   const Shape& s = a.shape;
   const int64_t bh = blockIdx.y;
   const int heads_q = static_cast<int>(s.heads_q);
@@ -329,45 +328,45 @@ __global__ void __launch_bounds__(kThreads) predict_kernel(PredictArgs a) {
                                                         (heads_q / static_cast<int>(s.heads_kv));
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * a.group;
   const int n_rows = static_cast<int>(min(static_cast<int64_t>(a.group), a.nbq - i0));
-  const SelectMode mode = a.select.mode;
-  if (mode == SelectMode::kTopK || mode == SelectMode::kCdf) {
-    // Compressed scores of the whole group: one thread per K block, every K statistic read once
-    // for the group's pooled queries (a shared-memory broadcast). The last Q block of the group
-    // allows the most K blocks; a block not allowed or not a candidate for a row is never read.
-    const int64_t dim = s.head_dim;
-    for (int64_t e = threadIdx.x; e < n_rows * dim; e += kThreads) q_rows[e] = a.q_pool[(bh * a.nbq + i0) * dim + e];
-    __syncthreads();
-    const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
-    for (int64_t j = threadIdx.x; j < n_scored; j += kThreads) {
-      float out[kMaxGroup];
-      block_scores(a, q_rows, n_rows, bhk, j, out);
+  const int64_t dim = s.head_dim;
+  for (int64_t e = threadIdx.x; e < n_rows * dim; e += kThreads) q_rows[e] = a.q_pool[(bh * a.nbq + i0) * dim + e];
+  __syncthreads();
+  const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
+  float* out_rows = reinterpret_cast<float*>(a.index) + (bh * a.nbq + i0) * a.nbk;
+  for (int64_t j = threadIdx.x; j < n_scored; j += kThreads) {
+    float out[kMaxGroup];
+    block_scores(a, q_rows, n_rows, bhk, j, out);
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < n_rows) scores[g * a.nbk + j] = out[g];
-      }
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g < n_rows) out_rows[g * a.nbk + j] = out[g];
     }
-    __syncthreads();
   }
-  for (int g = 0; g < n_rows; ++g) {
-    select_row(a, bh, i0 + g, scores + g * a.nbk, state, iscratch, fscratch);
-    __syncthreads();
+}
+
+// Selection of one Q block per CTA: its scores (TopK / CDF: from score_kernel, in its index row)
+// into shared memory, then select_row.
+__global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
+  extern __shared__ float score[];  // [nbk], then state[nbk] (uint8_t)
+  uint8_t* state = reinterpret_cast<uint8_t*>(score + a.nbk);
+  __shared__ int iscratch[kWarps];
+  __shared__ float fscratch[kWarps];
+  const int64_t bh = blockIdx.y;
+  const int64_t i = blockIdx.x;
+  if (a.select.mode == SelectMode::kTopK || a.select.mode == SelectMode::kCdf) {
+    const float* row_scores = reinterpret_cast<const float*>(a.index) + (bh * a.nbq + i) * a.nbk;
+    const int64_t n_allowed = allowed_blocks(a, i);
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) score[j] = row_scores[j];
+    __syncthreads();  // every score is read before select_row writes the index row
   }
+  select_row(a, bh, i, score, state, iscratch, fscratch);
 }
 
 }  // namespace
 
-// Q blocks per CTA: up to kMaxGroup while their score rows fit kGroupSmemBudget and the grid
-// keeps at least kMinCtas CTAs (at least 1).
-int predict_group(int64_t nbq, int64_t bhq, int64_t nbk) {
+// Q blocks per score_kernel CTA: up to kMaxGroup while the grid keeps at least kMinCtas CTAs.
+int score_group(int64_t nbq, int64_t bhq) {
   constexpr int64_t kMinCtas = 256;
-  const int64_t fit = kGroupSmemBudget / (nbk * static_cast<int64_t>(sizeof(float)));
-  const int64_t parallel = nbq * bhq / kMinCtas;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fit, kMaxGroup, nbq, parallel})));
-}
-
-size_t predict_smem_bytes(int group, int64_t nbk, int64_t head_dim) {
-  return static_cast<size_t>(group) * static_cast<size_t>(nbk + head_dim) * sizeof(float) +
-         static_cast<size_t>(nbk) * sizeof(uint8_t);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kMaxGroup, nbq, nbq * bhq / kMinCtas})));
 }
 
 Status predict(const PredictParams& p) {
@@ -383,13 +382,18 @@ Status predict(const PredictParams& p) {
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
-                         .group = predict_group(nbq, bhq, nbk)};
-  const size_t smem = predict_smem_bytes(args.group, nbk, p.shape.head_dim);
-  SPARGE_CUDA_TRY(cudaFuncSetAttribute(predict_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         .group = score_group(nbq, bhq)};
+  if (p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf) {
+    const size_t q_bytes = static_cast<size_t>(args.group) * static_cast<size_t>(p.shape.head_dim) * sizeof(float);
+    const auto groups = static_cast<unsigned>(ceil_div(nbq, args.group));
+    score_kernel<<<dim3(groups, static_cast<unsigned>(bhq)), kThreads, q_bytes, p.stream>>>(args);
+    SPARGE_RETURN_IF_ERROR(launch_status("predict (scores)"));
+  }
+  const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t));
+  SPARGE_CUDA_TRY(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)),
                   "predict: set shared memory");
-  const auto groups = static_cast<unsigned>(ceil_div(nbq, args.group));
-  predict_kernel<<<dim3(groups, static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
+  select_kernel<<<dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
   return launch_status("predict");
 }
 
