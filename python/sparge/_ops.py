@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from . import _C
 
@@ -163,18 +164,25 @@ def _check_blocks(block_q: int, block_k: int) -> None:
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: int):
-    """Shape of a (q, k, v) call as (B, Hq, Hkv, Lq, Lk, D) after the checks memory safety needs."""
-    _require(layout in (LAYOUT_HND, LAYOUT_NHD), f"layout: expected 0 (HND) or 1 (NHD), got {layout}")
+    """Shape of a (q, k, v) call as (B, Hq, Hkv, Lq, Lk, D) after the checks memory safety needs
+    (messages are formatted only on failure: this runs on every call)."""
+    if layout not in (LAYOUT_HND, LAYOUT_NHD):
+        _require(False, f"layout: expected 0 (HND) or 1 (NHD), got {layout}")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _require(x.dim() == 4, f"{name}: expected a 4-D tensor, got {x.dim()}-D")
-        ok = x.dtype == q.dtype and q.dtype in DTYPE_CODES
-        _require(ok, f"{name}: expected fp16/bf16/fp32 like q, got {x.dtype}")
-        _require(x.device == q.device, f"{name}: expected a tensor on {q.device}, got {x.device}")
-        _require(x.size(-1) <= 1 or x.stride(-1) == 1, f"{name}: expected stride 1 in the last dimension")
+        if x.dim() != 4:
+            _require(False, f"{name}: expected a 4-D tensor, got {x.dim()}-D")
+        if x.dtype != q.dtype or q.dtype not in DTYPE_CODES:
+            _require(False, f"{name}: expected fp16/bf16/fp32 like q, got {x.dtype}")
+        if x.device != q.device:
+            _require(False, f"{name}: expected a tensor on {q.device}, got {x.device}")
+        if x.size(-1) > 1 and x.stride(-1) != 1:
+            _require(False, f"{name}: expected stride 1 in the last dimension")
     qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
     batch, heads_q, len_q, head_dim = qh.shape
-    _require(tuple(kh.shape) == tuple(vh.shape), f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    _require(kh.size(0) == batch and kh.size(3) == head_dim, f"k: batch and head_dim must match q {tuple(q.shape)}")
+    if kh.shape != vh.shape:
+        _require(False, f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if kh.size(0) != batch or kh.size(3) != head_dim:
+        _require(False, f"k: batch and head_dim must match q {tuple(q.shape)}")
     return batch, heads_q, kh.size(1), len_q, kh.size(2), head_dim
 
 
@@ -197,8 +205,7 @@ def _stats(return_stats: bool, device) -> Tensor:
 # ---- sparge::attention ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparge::attention", mutates_args=())
-def attention(
+def _attention_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -283,6 +290,21 @@ def attention(
             workspace_bytes=ws_bytes,
         )
     return o, lse, stats
+
+
+attention = torch.library.custom_op("sparge::attention", mutates_args=())(_attention_impl)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor):
+    """The function to call for sparge::attention on these inputs: the implementation itself for
+    plain eager CPU / CUDA tensors (no torch.compile tracing, no autograd, no meta tensor, tensor
+    subclass or dispatch mode that should see the op), which skips the dispatcher's per-call cost
+    (about half of the Python overhead of a call); the registered op otherwise."""
+    plain = type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and q.device.type in ("cpu", "cuda")
+    if (not plain or q.requires_grad or k.requires_grad or v.requires_grad or torch.compiler.is_compiling()
+            or _python_dispatch._get_current_dispatch_mode() is not None):  # fmt: skip
+        return attention
+    return _attention_impl
 
 
 @attention.register_fake

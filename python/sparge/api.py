@@ -414,7 +414,7 @@ def _attention_parts(q, k, v, *, mode, topk, cdfthreshd, simthreshd1, block_scor
         mode, block_mask, topk, cdfthreshd, simthreshd1, shape, blocks, q.device
     )
     pv_v, pv_t = _head_param("pvthreshd", pvthreshd, shape[1], q.device, 0.0, math.inf)
-    return _ops.attention(
+    return _ops.eager_attention(q, k, v)(
         q,
         k,
         v,

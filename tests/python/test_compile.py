@@ -84,3 +84,15 @@ def test_compile_inductor_dynamic_shapes(seed):
         (o_c, p_c), (o_e, p_e) = compiled(q, k, v), f(q, k, v)
         assert_equal(o_c, o_e, f"inductor L={length} seed={seed}")
         torch.testing.assert_close(p_c, p_e)  # inductor's exp may differ from eager's in the last bit
+
+
+def test_eager_calls_skip_the_dispatcher_only_where_nothing_needs_it():
+    from sparge import _ops
+
+    q = torch.randn(1, 2, 64, 64)
+    assert _ops.eager_attention(q, q, q) is _ops._attention_impl
+    assert _ops.eager_attention(q.requires_grad_(), q, q) is _ops.attention
+    meta = torch.empty(1, 2, 64, 64, device="meta")
+    assert _ops.eager_attention(meta, meta, meta) is _ops.attention
+    traced = torch.compile(lambda x: _ops.eager_attention(x, x, x) is _ops.attention, fullgraph=True)
+    assert traced(torch.randn(1, 2, 64, 64))
