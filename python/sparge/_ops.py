@@ -198,8 +198,9 @@ def _check_quantized(quantized: Sequence[Tensor], shape, blocks, granularity: in
 
 
 def _stats(return_stats: bool, device) -> Tensor:
-    count = _C.STAT_COUNT if return_stats else 0
-    return torch.zeros(count, dtype=torch.int64, device=device)
+    if not return_stats:
+        return torch.empty(0, dtype=torch.int64, device=device)  # no fill launched for nothing
+    return torch.zeros(_C.STAT_COUNT, dtype=torch.int64, device=device)
 
 
 # ---- sparge::attention ---------------------------------------------------------------------------

@@ -1,4 +1,7 @@
 // CUDA backend: capability checks and the stage 2 entry (stages 0 and 1 live in quant/ and predict/).
+#include <array>
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "cuda/attn/attend.h"
@@ -15,13 +18,23 @@ __global__ void probe_kernel() {}
 // Largest number of K blocks one prediction CTA keeps in shared memory.
 constexpr int64_t kMaxKBlocks = 16384;
 
+constexpr int kCachedDevices = 64;
+
 // Compute capabilities of the current device and of the kernel image that runs on it, or
-// kUnsupported when this build carries no kernel image for it.
+// kUnsupported when this build carries no kernel image for it. Cached per device (neither
+// changes while the process runs): the queries cost several microseconds per call otherwise.
 Status device_arch(Arch& arch) {
+  static std::array<std::atomic<uint32_t>, kCachedDevices> cache{};  // device << 16 | image, 0 = unknown
   int device = 0;
   if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) {
     cudaGetLastError();
     return {StatusCode::kCudaError, std::string("device: no usable CUDA device (") + cudaGetErrorString(err) + ")"};
+  }
+  if (device >= 0 && device < kCachedDevices) {
+    if (const uint32_t known = cache[device].load(std::memory_order_relaxed); known != 0) {
+      arch = {.device = static_cast<int>(known >> 16), .image = static_cast<int>(known & 0xffffu)};
+      return Status::Ok();
+    }
   }
   int major = 0, minor = 0;
   SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
@@ -35,6 +48,10 @@ Status device_arch(Arch& arch) {
                                           " (built for SPARGE_CUDA_ARCHS=" + cuda_architectures() + ")"};
   }
   arch.image = attrs.ptxVersion;
+  if (device >= 0 && device < kCachedDevices) {
+    cache[device].store(static_cast<uint32_t>(arch.device) << 16 | static_cast<uint32_t>(arch.image),
+                        std::memory_order_relaxed);
+  }
   return Status::Ok();
 }
 
@@ -72,9 +89,15 @@ Status supports_attend(const Shape& shape, const BlockConfig& blocks, const Quan
 
 Status attend_kernel(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name) {
   SPARGE_RETURN_IF_ERROR(supports_attend(shape, blocks, quant));
-  return attend_kernel_name(shape, blocks, quant, name);
+  Arch arch;
+  SPARGE_RETURN_IF_ERROR(device_arch(arch));
+  return attend_kernel_name(shape, blocks, quant, arch, name);
 }
 
-Status attend(const AttendParams& p) { return launch_attend(p); }
+Status attend(const AttendParams& p) {
+  Arch arch;
+  SPARGE_RETURN_IF_ERROR(device_arch(arch));
+  return launch_attend(p, arch);
+}
 
 }  // namespace sparge::cuda

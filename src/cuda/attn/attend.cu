@@ -78,21 +78,6 @@ Status dispatch_wgmma_head_dim(const AttendParams& p, const MmaAttendParams& kp)
   return unsupported("shape.head_dim: no wgmma attention kernel for " + std::to_string(p.shape.head_dim));
 }
 
-// Whether the current device runs the sm_90a wgmma kernel (compute capability exactly 9.0; the
-// sm_90a cubin runs on no other).
-Status device_has_wgmma(bool* has) {
-  int device = 0;
-  int major = 0;
-  int minor = 0;
-  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
-  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-                  "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
-                  "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  *has = major * 10 + minor == kWgmmaComputeCapability;
-  return Status::Ok();
-}
-
 constexpr const char* kKernelEnv = "SPARGE_CUDA_KERNEL";
 
 enum class KernelChoice { kAuto, kMma, kWgmma };
@@ -113,13 +98,13 @@ Status kernel_choice(KernelChoice* choice) {
   return Status::Ok();
 }
 
-// Whether stage 2 runs on the wgmma kernel: built for sm_90a, a compute capability 9.0 device, a
-// request it covers, and not forced to mma.sync. Forcing wgmma where it cannot run is kUnsupported.
-Status use_wgmma(const Shape& s, const BlockConfig& blocks, PvPrecision pv, bool* wgmma) {
+// Whether stage 2 runs on the wgmma kernel: built for sm_90a, a compute capability 9.0 device (the
+// sm_90a cubin runs on no other), a request it covers, and not forced to mma.sync. Forcing wgmma
+// where it cannot run is kUnsupported.
+Status use_wgmma(const Shape& s, const BlockConfig& blocks, PvPrecision pv, const Arch& arch, bool* wgmma) {
   KernelChoice choice = KernelChoice::kAuto;
   SPARGE_RETURN_IF_ERROR(kernel_choice(&choice));
-  bool device_ok = false;
-  SPARGE_RETURN_IF_ERROR(device_has_wgmma(&device_ok));
+  const bool device_ok = arch.device == kWgmmaComputeCapability;
   const bool can = kBuiltSm90a && device_ok && wgmma_attend_covers(s.head_dim, blocks.block_q, blocks.block_k, pv, s.len_k);
   if (choice == KernelChoice::kWgmma && !can) {
     return unsupported(std::string(kKernelEnv) +
@@ -142,9 +127,10 @@ Status dispatch_head_dim(const AttendParams& p, const MmaAttendParams& kp, dim3 
 
 }  // namespace
 
-Status attend_kernel_name(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name) {
+Status attend_kernel_name(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const Arch& arch,
+                          const char** name) {
   bool wgmma = false;
-  SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, &wgmma));
+  SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, arch, &wgmma));
   *name = wgmma ? "wgmma" : "mma";
   return Status::Ok();
 }
@@ -165,7 +151,7 @@ Status attend_supports(const Shape& shape, const BlockConfig& blocks, const Quan
                        " or newer");
   }
   bool wgmma = false;
-  SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, &wgmma));
+  SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, arch, &wgmma));
   if (shape.head_dim % kHeadDimStep != 0 || shape.head_dim < kMinHeadDim || shape.head_dim > kMaxHeadDim) {
     return unsupported("shape.head_dim: the CUDA attention kernel needs a multiple of 16 in [16, 256], got " +
                        std::to_string(shape.head_dim));
@@ -206,7 +192,7 @@ Status attend_supports(const Shape& shape, const BlockConfig& blocks, const Quan
   return Status::Ok();
 }
 
-Status launch_attend(const AttendParams& p) {
+Status launch_attend(const AttendParams& p, const Arch& arch) {
   static_assert(kStatPvSkipped == kStatPvUnits + 1, "the two P·V counters are cleared with one memset");
   if (p.stats_out != nullptr) {
     SPARGE_CUDA_TRY(cudaMemsetAsync(p.stats_out + kStatPvUnits, 0, 2 * sizeof(int64_t), p.stream),
@@ -250,7 +236,7 @@ Status launch_attend(const AttendParams& p) {
                            .q_groups = static_cast<int32_t>(q_scale_groups(s.len_q, g)),
                            .k_groups = static_cast<int32_t>(k_scale_groups(s.len_k, g))};
   bool wgmma = false;
-  SPARGE_RETURN_IF_ERROR(use_wgmma(s, p.blocks, p.quant.pv, &wgmma));
+  SPARGE_RETURN_IF_ERROR(use_wgmma(s, p.blocks, p.quant.pv, arch, &wgmma));
   if (wgmma) return dispatch_wgmma_head_dim(p, kp);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.len_q, kMmaAttendRows)), static_cast<unsigned>(s.heads_q),
                   static_cast<unsigned>(s.batch));

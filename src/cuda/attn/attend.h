@@ -20,11 +20,12 @@ Status attend_supports(const Shape& shape, const BlockConfig& blocks, const Quan
 
 // The stage 2 kernel that launch_attend runs for the request on the current device: "wgmma"
 // (sm_90a) or "mma" (mma.sync, sm_80 and newer). Honours SPARGE_CUDA_KERNEL.
-Status attend_kernel_name(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name);
+Status attend_kernel_name(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const Arch& arch,
+                          const char** name);
 
 // Launches stage 2 on p.stream. p is validated, attend_supports() returned ok, all pointers are
 // device pointers. Never allocates, never synchronizes. Writes o (and lse, and stats_out's
 // kStatPvUnits / kStatPvSkipped slots when those pointers are set).
-Status launch_attend(const AttendParams& p);
+Status launch_attend(const AttendParams& p, const Arch& arch);
 
 }  // namespace sparge::cuda
