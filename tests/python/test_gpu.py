@@ -19,7 +19,9 @@ from sparge.testing import reference_attention, relative_l1, sink_retrieval_qkv,
 
 pytestmark = pytest.mark.gpu
 
-DENSE_FP8 = dict(cos_min=0.999, rel_l1_max=0.03)  # as test_attention.py: e4m3 P and V
+# e4m3 P and V. The INT8 Q·K error alone reaches rel-L1 0.040 on some structured inputs (seed
+# 3538073939 of (2, 4, 2, 1024, 1000, 64): 0.042 with fp8 P·V, 0.040 with fp16, the same on the CPU).
+DENSE_FP8 = dict(cos_min=0.998, rel_l1_max=0.05)
 SPARSE_BOUNDS = {  # test_attention.py::test_sparse_modes_degrade_gracefully's, with margin for Lk = 1000, D = 128
     ("dense", None): DENSE_FP8,
     ("topk", 0.5): dict(cos_min=0.98, rel_l1_max=0.2),
@@ -219,7 +221,9 @@ def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
     q, k, v = structured_qkv(2, 4, 2, 1024, 1000, 64, device="cuda", seed=seed)
     if _fp8_kernel_image():
         ref, _ = reference_attention(q, k, v)
-        assert_close_to(sparge.attention(q, k, v, pv_precision="fp8"), ref, **DENSE_FP8, context=f"seed={seed}")
+        o8, o16 = (sparge.attention(q, k, v, pv_precision=pv) for pv in ("fp8", "fp16"))
+        assert_close_to(o8, ref, **DENSE_FP8, context=f"seed={seed}")
+        assert relative_l1(o8, ref) <= relative_l1(o16, ref) + 0.01, f"fp8 P·V adds more than 0.01, seed={seed}"
         return
     with pytest.raises(NotImplementedError, match=r"kFp8 needs e4m3 mma.*compiled for 8\.0"):
         sparge.attention(q, k, v, pv_precision="fp8")
