@@ -326,3 +326,49 @@ def test_cuda_benchmark_cli_smoke(tmp_path):
     assert main(["-L", "1024", "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
     results = {r["case"]: r for r in json.loads(out.read_text())["results"]}
     assert math.isfinite(results["sparge dense"]["time_ms"]) and results["sparge dense"]["rel_l1"] <= 0.03
+
+
+def _patched_block(seed):
+    from test_patch import Block
+
+    torch.manual_seed(seed)
+    block = Block(causal=True).to("cuda", torch.float16).eval()
+    x = torch.randn(1, 512, 128, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.float16)
+    # Random weights give noise-like q / k rows, which the default simthreshd1 keeps dense.
+    settings = dict(mode="topk", topk=0.5, simthreshd1=-1.0, min_seq_len=256)
+    return block, x, settings
+
+
+def test_cuda_graph_of_a_patched_model_replays_eager(seed):
+    import sparge.patch as sp
+
+    block, x, settings = _patched_block(seed)
+    with torch.no_grad(), sp.sdpa(**settings) as log:
+        static = x.clone()
+        block(static)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = block(static)
+        for trial in range(2):
+            new = torch.randn_like(x)
+            static.copy_(new)
+            graph.replay()
+            eager = block(new)
+            assert_close_to(out, eager, cos_min=0.99999, rel_l1_max=1e-3, context=f"replay {trial} seed={seed}")
+    assert [c.path for c in log.calls] == ["sparge"] * len(log.calls) and len(log.calls) >= 4, log.calls
+
+
+def test_cuda_compile_of_a_patched_model_is_one_graph(seed):
+    import sparge.patch as sp
+
+    torch._dynamo.reset()
+    block, x, settings = _patched_block(seed)
+    with torch.no_grad(), sp.sdpa(**settings) as log:
+        explanation = torch._dynamo.explain(block)(x)
+        out = torch.compile(block, fullgraph=True)(x)
+        eager = block(x)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert all(c.path == "sparge" for c in log.calls), log.calls
+    assert_close_to(out, eager, cos_min=0.9999, rel_l1_max=0.01, context=f"compiled vs eager seed={seed}")
