@@ -82,6 +82,7 @@ __all__ = [
     "unpatch",
 ]
 
+_CUDA_BUILT = _C.cuda_backend_built()  # read once: a call into the extension breaks torch.compile graphs
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Arguments of sparge.attention that the SDPA call itself determines.
 _CALL_ARGS = frozenset({"is_causal", "scale", "layout", "return_lse", "return_sparsity"})
@@ -184,7 +185,7 @@ class _Router:
         dev = q.device
         if dev.type not in ("cpu", "cuda") or k.device != dev or v.device != dev:
             return "device"
-        if dev.type == "cuda" and not _C.cuda_backend_built():
+        if dev.type == "cuda" and not _CUDA_BUILT:
             return "device"
         d = q.size(3)
         if k.size(3) != d:
