@@ -84,14 +84,22 @@ def _ids(seed, batch, length):
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed + 1))
 
 
-def test_llama_dense_matches_unpatched(seed):
+def _llama_reference(seed):
+    """A tiny Llama, its input, the layer-0 attention hook, and the unpatched logits and layer-0
+    attention output; the model is switched to the "sparge" attention implementation after."""
     sp.register_transformers()
     model, ids = _llama(seed), _ids(seed, 1, SEQ)
     attn = _first_attention(model.model.layers[0].self_attn)
     with torch.no_grad():
         ref = model(ids).logits
-        ref_attn = attn["out"]
-        model.set_attn_implementation("sparge")
+    ref_attn = attn["out"]
+    model.set_attn_implementation("sparge")
+    return model, ids, attn, ref, ref_attn
+
+
+def test_llama_dense_matches_unpatched(seed):
+    model, ids, attn, ref, ref_attn = _llama_reference(seed)
+    with torch.no_grad():
         with sp.sdpa(mode="dense") as log:
             out = model(ids).logits
     assert log.summary() == {"sparge": 2, "fallback": 0, "by_reason": {}}, log
@@ -103,13 +111,8 @@ def test_llama_dense_matches_unpatched(seed):
 
 
 def test_llama_degrades_gracefully_with_sparsity(seed):
-    sp.register_transformers()
-    model, ids = _llama(seed), _ids(seed, 1, SEQ)
-    attn = _first_attention(model.model.layers[0].self_attn)
+    model, ids, attn, ref, ref_attn = _llama_reference(seed)
     with torch.no_grad():
-        ref = model(ids).logits
-        ref_attn = attn["out"]
-        model.set_attn_implementation("sparge")
         attn_errors, logit_cos = [], []
         for settings in [{"mode": "dense"}] + SPARSE:
             with sp.sdpa(**settings) as log:
