@@ -54,13 +54,14 @@ HeadParam = Union[float, Tensor, Sequence[float]]
 
 _LAYOUTS = {"HND": _ops.LAYOUT_HND, "NHD": _ops.LAYOUT_NHD}
 _SCORES = {"mean": _ops.SCORE_MEAN, "spikes": _ops.SCORE_SPIKES}
+_SCORE_CHOICES = {**_SCORES, "auto": None}  # "auto": resolved per mode by _score_code
 
 
 def _score_code(block_score: str, mode_code: int) -> int:
     """block_score "auto": what won the prediction-quality table (bench/RESULTS.md): "spikes" for
     topk (better or equal on every workload), "mean" for cdf (spikes is over-confident on very
     peaked maps)."""
-    code = _choice("block_score", block_score, {**_SCORES, "auto": None})
+    code = _choice("block_score", block_score, _SCORE_CHOICES)
     if code is None:
         return _ops.SCORE_SPIKES if mode_code == _ops.MODE_TOPK else _ops.SCORE_MEAN
     return code
