@@ -90,6 +90,12 @@ Status check_pointer(const char* name, const void* ptr, bool needed) {
   return Status::Ok();
 }
 
+// check_pointer for the field `prefix.field` (the name is built only on failure).
+Status check_member_pointer(const char* prefix, const char* field, const void* ptr, bool needed) {
+  if (needed && ptr == nullptr) return invalid(std::string(prefix) + "." + field, "a non-null pointer", "nullptr");
+  return Status::Ok();
+}
+
 Status check_quant(const QuantOptions& q) {
   if (!std::isfinite(q.sm_scale)) return invalid("quant.sm_scale", "a finite value (0 for D^-0.5)", q.sm_scale);
   switch (q.granularity) {
@@ -99,8 +105,11 @@ Status check_quant(const QuantOptions& q) {
     default:
       return invalid("quant.granularity", "kPerBlock, kPerWarp or kPerThread", static_cast<int>(q.granularity));
   }
-  if (q.pv != PvPrecision::kFp8 && q.pv != PvPrecision::kFp16) {
-    return invalid("quant.pv", "kFp8 or kFp16", static_cast<int>(q.pv));
+  switch (q.pv) {
+    case PvPrecision::kFp8:
+    case PvPrecision::kFp16:
+    case PvPrecision::kFp8Fp16Accum: break;
+    default: return invalid("quant.pv", "kFp8, kFp16 or kFp8Fp16Accum", static_cast<int>(q.pv));
   }
   return Status::Ok();
 }
@@ -176,9 +185,8 @@ Status check_inputs(const Inputs& in, const Shape& s) {
 Status check_quantized(const char* name, const QuantizedQKV& q, const Shape& s, bool stats_only) {
   const bool has_q = s.batch * s.heads_q * s.len_q > 0;
   const bool has_kv = s.batch * s.heads_kv * s.len_k > 0;
-  const std::string prefix = std::string(name) + ".";
   auto need = [&](const char* field, const void* ptr, bool needed) {
-    return check_pointer((prefix + field).c_str(), ptr, needed);
+    return check_member_pointer(name, field, ptr, needed);
   };
   SPARGE_RETURN_IF_ERROR(need("q_pool", q.q_pool, has_q));
   SPARGE_RETURN_IF_ERROR(need("q_sim", q.q_sim, has_q));
@@ -197,9 +205,8 @@ Status check_quantized(const char* name, const QuantizedQKV& q, const Shape& s, 
 
 Status check_index(const char* name, const BlockIndex& idx, const Shape& s) {
   const bool has_q = s.batch * s.heads_q * s.len_q > 0;
-  const std::string prefix = std::string(name) + ".";
-  SPARGE_RETURN_IF_ERROR(check_pointer((prefix + "count").c_str(), idx.count, has_q));
-  return check_pointer((prefix + "index").c_str(), idx.index, has_q && s.len_k > 0);
+  SPARGE_RETURN_IF_ERROR(check_member_pointer(name, "count", idx.count, has_q));
+  return check_member_pointer(name, "index", idx.index, has_q && s.len_k > 0);
 }
 
 Status check_output(void* o, DType dtype, const Strides& strides, const Shape& s) {
@@ -298,9 +305,10 @@ Status check(const AttentionParams& p) {
   return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
 }
 
-Status quantize(const QuantizeParams& params) {
-  SPARGE_RETURN_IF_ERROR(check(params));
-  QuantizeParams p = params;
+namespace {
+
+// The stages on params that passed their check (or the check of the fused call that carries them).
+Status run_quantize(QuantizeParams p) {
   p.quant.sm_scale = resolved_sm_scale(p.quant.sm_scale, p.shape.head_dim);
 #if defined(SPARGE_WITH_CUDA)
   if (p.device == Device::kCUDA) return cuda::quantize(p);
@@ -309,9 +317,7 @@ Status quantize(const QuantizeParams& params) {
   return Status::Ok();
 }
 
-Status predict(const PredictParams& params) {
-  SPARGE_RETURN_IF_ERROR(check(params));
-  PredictParams p = params;
+Status run_predict(PredictParams p) {
   p.sm_scale = resolved_sm_scale(p.sm_scale, p.shape.head_dim);
 #if defined(SPARGE_WITH_CUDA)
   if (p.device == Device::kCUDA) return cuda::predict(p);
@@ -320,9 +326,7 @@ Status predict(const PredictParams& params) {
   return Status::Ok();
 }
 
-Status attend(const AttendParams& params) {
-  SPARGE_RETURN_IF_ERROR(check(params));
-  AttendParams p = params;
+Status run_attend(AttendParams p) {
   p.quant.sm_scale = resolved_sm_scale(p.quant.sm_scale, p.shape.head_dim);
 #if defined(SPARGE_WITH_CUDA)
   if (p.device == Device::kCUDA) return cuda::attend(p);
@@ -331,41 +335,60 @@ Status attend(const AttendParams& params) {
   return Status::Ok();
 }
 
+}  // namespace
+
+Status quantize(const QuantizeParams& params) {
+  SPARGE_RETURN_IF_ERROR(check(params));
+  return run_quantize(params);
+}
+
+Status predict(const PredictParams& params) {
+  SPARGE_RETURN_IF_ERROR(check(params));
+  return run_predict(params);
+}
+
+Status attend(const AttendParams& params) {
+  SPARGE_RETURN_IF_ERROR(check(params));
+  return run_attend(params);
+}
+
+// One check covers the three stages: it validates everything their checks would, the stage
+// buffers being carved from the checked workspace (the checks cost microseconds per call).
 Status attention(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check(p));
   if (is_empty(p.shape)) return Status::Ok();
   const StageBuffers buf = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv);
-  SPARGE_RETURN_IF_ERROR(quantize(QuantizeParams{.device = p.device,
-                                                 .stream = p.stream,
-                                                 .shape = p.shape,
-                                                 .blocks = p.blocks,
-                                                 .in = p.in,
-                                                 .quant = p.quant,
-                                                 .out = buf.quantized}));
-  SPARGE_RETURN_IF_ERROR(predict(PredictParams{.device = p.device,
-                                               .stream = p.stream,
-                                               .shape = p.shape,
-                                               .blocks = p.blocks,
-                                               .causal = p.causal,
-                                               .sm_scale = p.quant.sm_scale,
-                                               .select = p.select,
-                                               .stats = buf.quantized,
-                                               .out = buf.index,
-                                               .stats_out = p.stats_out}));
-  return attend(AttendParams{.device = p.device,
-                             .stream = p.stream,
-                             .shape = p.shape,
-                             .blocks = p.blocks,
-                             .causal = p.causal,
-                             .quant = p.quant,
-                             .quantized = buf.quantized,
-                             .index = buf.index,
-                             .pvthreshd = p.pvthreshd,
-                             .o = p.o,
-                             .o_dtype = p.o_dtype,
-                             .o_strides = p.o_strides,
-                             .lse = p.lse,
-                             .stats_out = p.stats_out});
+  SPARGE_RETURN_IF_ERROR(run_quantize(QuantizeParams{.device = p.device,
+                                                     .stream = p.stream,
+                                                     .shape = p.shape,
+                                                     .blocks = p.blocks,
+                                                     .in = p.in,
+                                                     .quant = p.quant,
+                                                     .out = buf.quantized}));
+  SPARGE_RETURN_IF_ERROR(run_predict(PredictParams{.device = p.device,
+                                                   .stream = p.stream,
+                                                   .shape = p.shape,
+                                                   .blocks = p.blocks,
+                                                   .causal = p.causal,
+                                                   .sm_scale = p.quant.sm_scale,
+                                                   .select = p.select,
+                                                   .stats = buf.quantized,
+                                                   .out = buf.index,
+                                                   .stats_out = p.stats_out}));
+  return run_attend(AttendParams{.device = p.device,
+                                 .stream = p.stream,
+                                 .shape = p.shape,
+                                 .blocks = p.blocks,
+                                 .causal = p.causal,
+                                 .quant = p.quant,
+                                 .quantized = buf.quantized,
+                                 .index = buf.index,
+                                 .pvthreshd = p.pvthreshd,
+                                 .o = p.o,
+                                 .o_dtype = p.o_dtype,
+                                 .o_strides = p.o_strides,
+                                 .lse = p.lse,
+                                 .stats_out = p.stats_out});
 }
 
 bool cuda_backend_built() {

@@ -34,7 +34,7 @@ StageBuffers carve(Carver& c, const Shape& s, const BlockConfig& b, QuantGranula
   q.k = c.take<int8_t>(bhk * s.len_k * d);
   q.k_scale = c.take<float>(bhk * k_scale_groups(s.len_k, g));
   q.k_mean = c.take<float>(bhk * d);
-  q.v = c.take<char>(bhk * d * padded_len_k(s.len_k), pv == PvPrecision::kFp8 ? 1 : 2);
+  q.v = c.take<char>(bhk * d * padded_len_k(s.len_k), v_elem_bytes(pv));
   q.v_scale = c.take<float>(bhk * d);
   q.lse_shift = c.take<float>(bhq * s.len_q);
   q.q_pool = c.take<float>(bhq * nbq * d);

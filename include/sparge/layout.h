@@ -22,6 +22,10 @@ inline constexpr int64_t kPvGroupRows = 16;     // query rows deciding the P·V 
 inline constexpr int64_t kVPadTokens = 64;      // the token dimension of quantized V is padded to this
 inline constexpr float kPScale = 448.0f;        // P is quantized as P · kPScale (e4m3 max)
 inline constexpr float kVQuantMax = 448.0f;     // V is scaled into [-448, 448] before conversion
+inline constexpr float kVQuantMaxFp16Accum = 2.25f;   // kFp8Fp16Accum: V is scaled into [-2.25, 2.25]
+inline constexpr int64_t kFp16AccumStepKeys = 32;     // kFp8Fp16Accum: keys of one step (one m16n8k32 mma)
+inline constexpr int64_t kFp16AccumChunkKeys = 64;    // kFp8Fp16Accum: keys summed in one fp16 accumulator
+inline constexpr float kFp16Max = 65504.0f;
 inline constexpr float kInt8Max = 127.0f;
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr int64_t kMaxHeadDim = 256;
@@ -30,6 +34,22 @@ inline constexpr float kCdfSimFloor = 0.01f;     // Selection::cdf_sharpen: smal
 inline constexpr int64_t kMinBlock = 16;
 inline constexpr int64_t kMaxBlock = 1024;
 inline constexpr size_t kWorkspaceAlign = 256;
+
+// kFp8Fp16Accum: |p8| <= kPScale and |v_q| <= kVQuantMaxFp16Accum, so every partial sum of a chunk
+// is within ±64512 and its fp16 accumulator cannot overflow.
+static_assert(kFp16AccumChunkKeys * kPScale * kVQuantMaxFp16Accum <= kFp16Max, "fp16 P·V accumulator overflows");
+static_assert(kFp16AccumChunkKeys % kFp16AccumStepKeys == 0, "whole steps per fp16 accumulator chunk");
+
+// Whether P and V are e4m3 (kFp8, kFp8Fp16Accum) rather than fp16.
+SPARGE_HD constexpr bool pv_is_fp8(PvPrecision pv) { return pv != PvPrecision::kFp16; }
+
+// Bytes of one element of quantized V.
+SPARGE_HD constexpr int64_t v_elem_bytes(PvPrecision pv) { return pv_is_fp8(pv) ? 1 : 2; }
+
+// V is scaled into [-v_quant_max(pv), v_quant_max(pv)] before conversion: v_scale = amax / v_quant_max.
+SPARGE_HD constexpr float v_quant_max(PvPrecision pv) {
+  return pv == PvPrecision::kFp8Fp16Accum ? kVQuantMaxFp16Accum : kVQuantMax;
+}
 
 SPARGE_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 SPARGE_HD constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }

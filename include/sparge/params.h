@@ -29,8 +29,17 @@ enum class QuantGranularity : int32_t {
   kPerThread = 2,  // Q: rows {r, r+8} of each 16-row tile, K: rows with equal (r % 8) / 2 of each 64
 };
 
-// Format of P and V in the P·V product.
-enum class PvPrecision : int32_t { kFp8 = 0, kFp16 = 1 };
+// Format of P and V in the P·V product, and how it is accumulated (docs/method.md §0, §2).
+enum class PvPrecision : int32_t {
+  kFp8 = 0,   // P and V in e4m3, accumulated in fp32 (V scaled into ±kVQuantMax = ±448)
+  kFp16 = 1,  // P and V in fp16, accumulated in fp32: the accurate mode
+  // P and V in e4m3, the product of each 32-key step accumulated in fp16 inside a 64-key chunk,
+  // then added to the fp32 accumulator (SageAttention2++; twice the mma rate of kFp8 on sm_89 /
+  // sm_120). V is scaled into ±kVQuantMaxFp16Accum = ±2.25 so that a chunk sums at most
+  // 64 · 448 · 2.25 = 64512 < 65504: the fp16 accumulator cannot overflow. Needs sm_89+; runs on
+  // the mma.sync kernel on every GPU (Hopper included).
+  kFp8Fp16Accum = 2,
+};
 
 // kTopLeft matches scaled_dot_product_attention(is_causal=True): key c is visible to query r
 // when c <= r. kBottomRight aligns the last query with the last key: c <= r + (Lk - Lq).
@@ -108,8 +117,8 @@ struct QuantizedQKV {
   int8_t* k = nullptr;         // [B, Hkv, Lk, D]         rne((k - k_mean) · 127 / amax) per scale group
   float* k_scale = nullptr;    // [B, Hkv, k_groups]
   float* k_mean = nullptr;     // [B, Hkv, D]             token mean of K (zero when smooth_k is off)
-  void* v = nullptr;           // [B, Hkv, D, Lk_pad]     V / v_scale as e4m3 (kFp8) or fp16, transposed
-  float* v_scale = nullptr;    // [B, Hkv, D]             per-channel amax / 448
+  void* v = nullptr;           // [B, Hkv, D, Lk_pad]     V / v_scale as e4m3 (kFp8, kFp8Fp16Accum) or fp16, transposed
+  float* v_scale = nullptr;    // [B, Hkv, D]             per-channel amax / v_quant_max(pv): 448 or 2.25
   float* lse_shift = nullptr;  // [B, Hq, Lq]             sm_scale · (q · k_mean): the LSE lost to smoothing
   float* q_pool = nullptr;     // [B, Hq, nbq, D]         mean of the Q rows of each block
   float* q_sim = nullptr;      // [B, Hq, nbq]            mean pairwise cosine similarity of those rows

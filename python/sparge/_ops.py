@@ -1,8 +1,10 @@
 """torch.library operators of sparge: ``torch.ops.sparge.{attention, quantize, predict, attend}``.
 
 Each operator allocates its outputs (and, for ``attention``, the workspace) with torch, passes the
-current CUDA stream of the tensors' device to the C++ core under a device guard, and has a fake
-implementation so ``torch.compile(fullgraph=True)`` traces it without a graph break.
+current CUDA stream of the tensors' device to the C++ core (under a device guard when that is not
+the current device), and has a fake implementation so ``torch.compile(fullgraph=True)`` traces it
+without a graph break. :func:`sparge.attention` skips the dispatcher for plain eager tensors
+(:func:`is_plain_eager`) and calls :func:`run_attention`, the body of ``attention`` after its checks.
 
 The schemas use plain integers for the enums of ``include/sparge/params.h``:
 
@@ -11,7 +13,7 @@ The schemas use plain integers for the enums of ``include/sparge/params.h``:
 * ``block_score`` (``BlockScore``): 0 mean, 1 spikes
 * ``causal`` (``Causal``): 0 none, 1 top-left, 2 bottom-right
 * ``granularity`` (``QuantGranularity``): 0 per-block, 1 per-warp, 2 per-thread
-* ``pv`` (``PvPrecision``): 0 fp8, 1 fp16
+* ``pv`` (``PvPrecision``): 0 fp8, 1 fp16, 2 fp8 with fp16 accumulation
 
 ``scale = 0.0`` means ``D ** -0.5``. Per-head hyperparameters are ``Tensor?`` arguments (fp32,
 ``[Hq]``, contiguous, on the device of q) that override the float of the same name.
@@ -36,12 +38,12 @@ MODE_DENSE, MODE_TOPK, MODE_CDF, MODE_BLOCK_MASK = 0, 1, 2, 3
 SCORE_MEAN, SCORE_SPIKES = 0, 1
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 GRAN_PER_BLOCK, GRAN_PER_WARP, GRAN_PER_THREAD = 0, 1, 2
-PV_FP8, PV_FP16 = 0, 1
+PV_FP8, PV_FP16, PV_FP8_FP16ACC = 0, 1, 2
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SELECT_SINK = 1  # select_flags bits: Selection::attention_sink, Selection::cdf_sharpen
 SELECT_CDF_SHARPEN = 2
-V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16}
+V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16, PV_FP8_FP16ACC: torch.float8_e4m3fn}
 
 QUANTIZED_FIELDS = (
     "q", "q_scale", "k", "k_scale", "k_mean", "v", "v_scale",
@@ -104,8 +106,15 @@ def _hnd(x: Tensor, layout: int) -> Tensor:
     return x.transpose(1, 2) if layout == LAYOUT_NHD else x
 
 
-def _strides(x_hnd: Tensor) -> tuple[int, int, int]:
-    return (x_hnd.stride(0), x_hnd.stride(1), x_hnd.stride(2))
+def _hnd_sizes(size: Sequence[int], layout: int) -> Sequence[int]:
+    """(B, H, L, D) of a [B, H, L, D] (HND) or [B, L, H, D] (NHD) size, without making a view."""
+    return (size[0], size[2], size[1], size[3]) if layout == LAYOUT_NHD else size
+
+
+def _hnd_strides(x: Tensor, layout: int) -> tuple[int, int, int]:
+    """(batch, head, token) strides of the [B, H, L, D] view of x."""
+    s = x.stride()
+    return (s[0], s[2], s[1]) if layout == LAYOUT_NHD else s[:3]
 
 
 def _addr(x: Optional[Tensor]) -> int:
@@ -114,14 +123,14 @@ def _addr(x: Optional[Tensor]) -> int:
 
 def _input_args(q: Tensor, k: Tensor, v: Tensor, layout: int) -> dict:
     """The un-quantized inputs as ``_C`` takes them: addresses, dtype code, [B, H, L] strides."""
-    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
-    return dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dtype=DTYPE_CODES[q.dtype], q_strides=_strides(qh),
-                k_strides=_strides(kh), v_strides=_strides(vh))  # fmt: skip
+    return dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dtype=DTYPE_CODES[q.dtype],
+                q_strides=_hnd_strides(q, layout), k_strides=_hnd_strides(k, layout),
+                v_strides=_hnd_strides(v, layout))  # fmt: skip
 
 
 def _selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
                     simthreshd1_per_head, select_flags, block_mask) -> dict:
-    """The stage-1 keyword arguments shared by ``_C.attention`` and ``_C.predict``."""
+    """The stage-1 keyword arguments of ``_C.predict``."""
     return dict(mode=mode, block_score=block_score, topk=topk, topk_per_head=_addr(topk_per_head),
                 cdfthreshd=cdfthreshd, cdfthreshd_per_head=_addr(cdfthreshd_per_head), simthreshd1=simthreshd1,
                 simthreshd1_per_head=_addr(simthreshd1_per_head), select_flags=select_flags,
@@ -137,7 +146,8 @@ def _empty_out(batch, heads, length, head_dim, layout: int, dtype, device) -> Te
 
 @contextlib.contextmanager
 def _launch(device: torch.device):
-    """Yields (device code, stream handle) for the C++ core, under a device guard on CUDA."""
+    """Yields (device code, stream handle) for the C++ core, under a device guard on CUDA (for the
+    calls that have a device but no tensor, such as :func:`sparge.attend_kernel`)."""
     if device.type == "cpu":
         yield 0, 0
     elif device.type == "cuda":
@@ -145,6 +155,21 @@ def _launch(device: torch.device):
             yield 1, torch.cuda.current_stream(device).cuda_stream
     else:
         raise ValueError(f"device: expected a cpu or cuda tensor, got {device}")
+
+
+def _call_core(like: Tensor, entry, *args, **kwargs):
+    """``entry(device code, stream handle, *args, **kwargs)``: a call of the C++ core on the device
+    of `like`, on its current CUDA stream (stream 0 on the CPU), under a device guard only when it
+    is not the current CUDA device (entering one costs more than the rest of a small call)."""
+    if like.is_cpu:
+        return entry(0, 0, *args, **kwargs)
+    if not like.is_cuda:
+        raise ValueError(f"device: expected a cpu or cuda tensor, got {like.device}")
+    index = like.get_device()
+    if torch._C._cuda_getDevice() == index:
+        return entry(1, torch._C._cuda_getCurrentRawStream(index), *args, **kwargs)
+    with torch.cuda.device(index):
+        return entry(1, torch._C._cuda_getCurrentRawStream(index), *args, **kwargs)
 
 
 def _check_per_head(name: str, x: Optional[Tensor], heads_q: int, device: torch.device) -> None:
@@ -177,13 +202,13 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: int):
             _require(False, f"{name}: expected a tensor on {q.device}, got {x.device}")
         if x.size(-1) > 1 and x.stride(-1) != 1:
             _require(False, f"{name}: expected stride 1 in the last dimension")
-    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
-    batch, heads_q, len_q, head_dim = qh.shape
-    if kh.shape != vh.shape:
+    batch, heads_q, len_q, head_dim = _hnd_sizes(q.shape, layout)
+    k_batch, heads_kv, len_k, k_dim = _hnd_sizes(k.shape, layout)
+    if k.shape != v.shape:
         _require(False, f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if kh.size(0) != batch or kh.size(3) != head_dim:
+    if k_batch != batch or k_dim != head_dim:
         _require(False, f"k: batch and head_dim must match q {tuple(q.shape)}")
-    return batch, heads_q, kh.size(1), len_q, kh.size(2), head_dim
+    return batch, heads_q, heads_kv, len_q, len_k, head_dim
 
 
 def _check_quantized(quantized: Sequence[Tensor], shape, blocks, granularity: int, pv: int) -> None:
@@ -236,7 +261,7 @@ def _attention_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused quantize → predict → attend. Returns (o, lse or [0], stats [4] int64 or [0])."""
     shape = _check_inputs(q, k, v, layout)
-    batch, heads_q, heads_kv, len_q, len_k, head_dim = shape
+    batch, heads_q, _, len_q, len_k, _ = shape
     _check_blocks(block_q, block_k)
     _require(output_dtype in DTYPE_CODES, f"output_dtype: expected fp16/bf16/fp32, got {output_dtype}")
     for name, x in (
@@ -255,57 +280,85 @@ def _attention_impl(
             and block_mask.device == q.device,
             f"block_mask: expected a contiguous uint8 tensor of shape {(batch, heads_q, nbq, nbk)} on {q.device}",
         )
-    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
-    lse = torch.empty((batch, heads_q, len_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
-    stats = _stats(return_stats, q.device)
-    if batch * heads_q * len_q == 0:
-        return o, lse, stats
-    blocks = (block_q, block_k)
-    ws_bytes = _C.workspace_size(shape=shape, blocks=blocks, granularity=granularity, pv=pv)
-    # torch's CPU allocator aligns to 64 bytes only: over-allocate and align the address.
-    workspace = torch.empty(ws_bytes + _C.WORKSPACE_ALIGN, dtype=torch.uint8, device=q.device)
-    ws_addr = -(-workspace.data_ptr() // _C.WORKSPACE_ALIGN) * _C.WORKSPACE_ALIGN
-    oh = _hnd(o, layout)
-    with _launch(q.device) as (device, stream):
-        _C.attention(
-            device=device,
-            stream=stream,
-            shape=shape,
-            blocks=blocks,
-            causal=causal,
-            **_input_args(q, k, v, layout),
-            sm_scale=scale,
-            smooth_k=smooth_k,
-            granularity=granularity,
-            pv=pv,
-            **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
-                              simthreshd1_per_head, select_flags, block_mask),
-            pvthreshd=pvthreshd,
-            pvthreshd_per_head=_addr(pvthreshd_per_head),
-            o=o.data_ptr(),
-            o_dtype=DTYPE_CODES[output_dtype],
-            o_strides=_strides(oh),
-            lse=lse.data_ptr() if return_lse else 0,
-            stats_out=stats.data_ptr() if return_stats else 0,
-            workspace=ws_addr,
-            workspace_bytes=ws_bytes,
-        )
+    o, lse, stats = run_attention(
+        q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head,
+        layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k,
+        select_flags, smooth_k, granularity, pv, output_dtype, return_lse, return_stats,
+    )  # fmt: skip
+    if lse is None:
+        lse = torch.empty(0, dtype=torch.float32, device=q.device)
+    if stats is None:
+        stats = torch.empty(0, dtype=torch.int64, device=q.device)
     return o, lse, stats
+
+
+def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head,
+                  pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal,
+                  scale, block_q, block_k, select_flags, smooth_k, granularity, pv, output_dtype, return_lse,
+                  return_stats):  # fmt: skip
+    """The work of sparge::attention on arguments that passed its checks, ``shape`` being what
+    _check_inputs returns: allocates o, the workspace and only the outputs asked for, and runs the
+    C++ core. Returns (o, lse or None, stats or None). :func:`sparge.attention` calls it directly on
+    plain eager tensors (see is_plain_eager) whose arguments it has checked itself."""
+    batch, heads_q, _, len_q, _, head_dim = shape
+    device = q.device
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
+    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
+    stats = torch.empty(_C.STAT_COUNT, dtype=torch.int64, device=device) if return_stats else None
+    if batch * heads_q * len_q == 0:
+        if stats is not None:
+            stats.zero_()  # the core writes the counters of non-empty problems only
+        return o, lse, stats
+    ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv)
+    # torch's CPU allocator aligns to 64 bytes only: over-allocate, launch_attention aligns the address.
+    workspace = torch.empty(ws_bytes + _C.WORKSPACE_ALIGN, dtype=torch.uint8, device=device)
+    launch_attention(
+        q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
+        simthreshd1_per_head, pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd,
+        causal, scale, block_q, block_k, select_flags, smooth_k, granularity, pv,
+    )  # fmt: skip
+    return o, lse, stats
+
+
+def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
+                     simthreshd1_per_head, pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd,
+                     simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, smooth_k, granularity,
+                     pv):  # fmt: skip
+    """The C++ call of run_attention into the buffers it allocated: o, lse and stats (None when not
+    asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes."""
+    align = _C.WORKSPACE_ALIGN
+    ws_addr = -(-workspace.data_ptr() // align) * align
+    # Positional, in the order of the binding (src/python/bindings.cpp): keywords cost more per call.
+    _call_core(
+        q, _C.attention,
+        shape, (block_q, block_k), causal,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODES[q.dtype],
+        _hnd_strides(q, layout), _hnd_strides(k, layout), _hnd_strides(v, layout),
+        scale, smooth_k, granularity, pv,
+        mode, block_score, topk, _addr(topk_per_head), cdfthreshd, _addr(cdfthreshd_per_head), simthreshd1,
+        _addr(simthreshd1_per_head), select_flags, _addr(block_mask),
+        pvthreshd, _addr(pvthreshd_per_head),
+        o.data_ptr(), DTYPE_CODES[o.dtype], _hnd_strides(o, layout), _addr(lse), _addr(stats),
+        ws_addr, workspace.numel() - align,
+    )  # fmt: skip
 
 
 attention = torch.library.custom_op("sparge::attention", mutates_args=())(_attention_impl)
 
 
+def is_plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether a sparge::attention call on these inputs may skip the dispatcher (about half of the
+    Python overhead of a call): plain eager CPU / CUDA tensors, with no torch.compile tracing, no
+    autograd, no meta tensor, tensor subclass or dispatch mode that should see the op."""
+    return (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (q.is_cpu or q.is_cuda)
+            and not (q.requires_grad or k.requires_grad or v.requires_grad) and not torch.compiler.is_compiling()
+            and _python_dispatch._get_current_dispatch_mode() is None)  # fmt: skip
+
+
 def eager_attention(q: Tensor, k: Tensor, v: Tensor):
-    """The function to call for sparge::attention on these inputs: the implementation itself for
-    plain eager CPU / CUDA tensors (no torch.compile tracing, no autograd, no meta tensor, tensor
-    subclass or dispatch mode that should see the op), which skips the dispatcher's per-call cost
-    (about half of the Python overhead of a call); the registered op otherwise."""
-    plain = type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and q.device.type in ("cpu", "cuda")
-    if (not plain or q.requires_grad or k.requires_grad or v.requires_grad or torch.compiler.is_compiling()
-            or _python_dispatch._get_current_dispatch_mode() is not None):  # fmt: skip
-        return attention
-    return _attention_impl
+    """The function to call for sparge::attention on these inputs: the implementation itself where
+    :func:`is_plain_eager`, the registered op otherwise."""
+    return _attention_impl if is_plain_eager(q, k, v) else attention
 
 
 @attention.register_fake
@@ -338,25 +391,24 @@ def quantize(
     """Stage 0. Returns the 13 QuantizedQKV buffers in QUANTIZED_FIELDS order."""
     shape = _check_inputs(q, k, v, layout)
     _check_blocks(block_q, block_k)
-    _require(pv in V_DTYPES, f"pv: expected 0 (fp8) or 1 (fp16), got {pv}")
+    _require(pv in V_DTYPES, f"pv: expected 0 (fp8), 1 (fp16) or 2 (fp8 with fp16 accumulation), got {pv}")
     out = tuple(torch.empty(size, dtype=dtype, device=q.device) for size, dtype in
                 quantized_specs(*shape, block_q, block_k, granularity, pv))  # fmt: skip
     batch, heads_q, heads_kv = shape[:3]
     if batch * heads_q * heads_kv == 0:
         return out
-    with _launch(q.device) as (device, stream):
-        _C.quantize(
-            device=device,
-            stream=stream,
-            shape=shape,
-            blocks=(block_q, block_k),
-            **_input_args(q, k, v, layout),
-            sm_scale=scale,
-            smooth_k=smooth_k,
-            granularity=granularity,
-            pv=pv,
-            out=tuple(x.data_ptr() for x in out),
-        )
+    _call_core(
+        q,
+        _C.quantize,
+        shape=shape,
+        blocks=(block_q, block_k),
+        **_input_args(q, k, v, layout),
+        sm_scale=scale,
+        smooth_k=smooth_k,
+        granularity=granularity,
+        pv=pv,
+        out=tuple(x.data_ptr() for x in out),
+    )
     return out
 
 
@@ -432,22 +484,21 @@ def predict(
     stats = _stats(True, device)
     if batch * heads_q * nbq == 0:
         return index, count, mask, stats
-    with _launch(device) as (dev, stream):
-        _C.predict(
-            device=dev,
-            stream=stream,
-            shape=shape,
-            blocks=(block_q, block_k),
-            causal=causal,
-            sm_scale=scale,
-            **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
-                              simthreshd1_per_head, select_flags, block_mask),
-            quantized=tuple(x.data_ptr() for x in quantized),
-            index=index.data_ptr(),
-            count=count.data_ptr(),
-            mask_out=mask.data_ptr(),
-            stats_out=stats.data_ptr(),
-        )
+    _call_core(
+        quantized[0],
+        _C.predict,
+        shape=shape,
+        blocks=(block_q, block_k),
+        causal=causal,
+        sm_scale=scale,
+        **_selection_args(mode, block_score, topk, topk_per_head, cdfthreshd, cdfthreshd_per_head, simthreshd1,
+                          simthreshd1_per_head, select_flags, block_mask),
+        quantized=tuple(x.data_ptr() for x in quantized),
+        index=index.data_ptr(),
+        count=count.data_ptr(),
+        mask_out=mask.data_ptr(),
+        stats_out=stats.data_ptr(),
+    )
     return index, count, mask, stats
 
 
@@ -478,6 +529,7 @@ def attend(
     causal: int,
     scale: float,
     granularity: int,
+    pv: int,
     block_q: int,
     block_k: int,
     pvthreshd: float,
@@ -485,11 +537,12 @@ def attend(
     return_lse: bool,
     return_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Stage 2. Returns (o in `layout`, lse or [0], stats [4] int64 or [0])."""
+    """Stage 2. Returns (o in `layout`, lse or [0], stats [4] int64 or [0]). ``pv`` is the P·V mode
+    of the quantize call (V's dtype alone does not tell the two fp8 modes apart)."""
     shape = _predict_shape(quantized)
     batch, heads_q, _, len_q, len_k, head_dim = shape
     device = quantized[0].device
-    pv = _pv_of(quantized)
+    _require(pv in V_DTYPES, f"pv: expected 0 (fp8), 1 (fp16) or 2 (fp8 with fp16 accumulation), got {pv}")
     _check_blocks(block_q, block_k)
     _check_quantized(quantized, shape, (block_q, block_k), granularity, pv)
     _require(output_dtype in DTYPE_CODES, f"output_dtype: expected fp16/bf16/fp32, got {output_dtype}")
@@ -506,33 +559,32 @@ def attend(
     stats = _stats(return_stats, device)
     if batch * heads_q * len_q == 0:
         return o, lse, stats
-    with _launch(device) as (dev, stream):
-        _C.attend(
-            device=dev,
-            stream=stream,
-            shape=shape,
-            blocks=(block_q, block_k),
-            causal=causal,
-            sm_scale=scale,
-            granularity=granularity,
-            pv=pv,
-            quantized=tuple(x.data_ptr() for x in quantized),
-            index=index.data_ptr(),
-            count=count.data_ptr(),
-            pvthreshd=pvthreshd,
-            pvthreshd_per_head=_addr(pvthreshd_per_head),
-            o=o.data_ptr(),
-            o_dtype=DTYPE_CODES[output_dtype],
-            o_strides=_strides(_hnd(o, layout)),
-            lse=lse.data_ptr() if return_lse else 0,
-            stats_out=stats.data_ptr() if return_stats else 0,
-        )
+    _call_core(
+        quantized[0],
+        _C.attend,
+        shape=shape,
+        blocks=(block_q, block_k),
+        causal=causal,
+        sm_scale=scale,
+        granularity=granularity,
+        pv=pv,
+        quantized=tuple(x.data_ptr() for x in quantized),
+        index=index.data_ptr(),
+        count=count.data_ptr(),
+        pvthreshd=pvthreshd,
+        pvthreshd_per_head=_addr(pvthreshd_per_head),
+        o=o.data_ptr(),
+        o_dtype=DTYPE_CODES[output_dtype],
+        o_strides=_hnd_strides(o, layout),
+        lse=lse.data_ptr() if return_lse else 0,
+        stats_out=stats.data_ptr() if return_stats else 0,
+    )
     return o, lse, stats
 
 
 @attend.register_fake
-def _(quantized, index, count, pvthreshd_per_head, layout, causal, scale, granularity, block_q, block_k, pvthreshd,
-      output_dtype, return_lse, return_stats):  # fmt: skip
+def _(quantized, index, count, pvthreshd_per_head, layout, causal, scale, granularity, pv, block_q, block_k,
+      pvthreshd, output_dtype, return_lse, return_stats):  # fmt: skip
     batch, heads_q, _, len_q, _, head_dim = _predict_shape(quantized)
     q8 = quantized[0]
     o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q8.device)

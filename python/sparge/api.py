@@ -41,6 +41,7 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
@@ -68,7 +69,7 @@ def _score_code(block_score: str, mode_code: int) -> int:
 _MODES = {"dense": _ops.MODE_DENSE, "topk": _ops.MODE_TOPK, "cdf": _ops.MODE_CDF, "block_mask": _ops.MODE_BLOCK_MASK}
 _ALIGNMENTS = {"top_left": _ops.CAUSAL_TOP_LEFT, "bottom_right": _ops.CAUSAL_BOTTOM_RIGHT}
 _GRANULARITIES = {"per_block": _ops.GRAN_PER_BLOCK, "per_warp": _ops.GRAN_PER_WARP, "per_thread": _ops.GRAN_PER_THREAD}
-_PV_PRECISIONS = {"fp8": _ops.PV_FP8, "fp16": _ops.PV_FP16}
+_PV_PRECISIONS = {"fp8": _ops.PV_FP8, "fp16": _ops.PV_FP16, "fp8_fp16acc": _ops.PV_FP8_FP16ACC}
 _DEVICE_TYPES = ("cpu", "cuda", "meta")
 
 
@@ -85,8 +86,8 @@ class QuantizedQKV(NamedTuple):
     k: Tensor  #: int8 [B, Hkv, Lk, D]: round((k - k_mean) / k_scale)
     k_scale: Tensor  #: fp32 [B, Hkv, k_groups]
     k_mean: Tensor  #: fp32 [B, Hkv, D]: token mean of k (zeros when smooth_k is off)
-    v: Tensor  #: float8_e4m3fn (pv_precision "fp8") or float16 [B, Hkv, D, Lk_pad], transposed, zero padded
-    v_scale: Tensor  #: fp32 [B, Hkv, D]: per-channel amax / 448
+    v: Tensor  #: float8_e4m3fn ("fp8", "fp8_fp16acc") or float16 [B, Hkv, D, Lk_pad], transposed, zero padded
+    v_scale: Tensor  #: fp32 [B, Hkv, D]: per-channel amax / 448 (amax / 2.25 for "fp8_fp16acc")
     lse_shift: Tensor  #: fp32 [B, Hq, Lq]: scale · (q · k_mean), the LSE removed by smoothing
     q_pool: Tensor  #: fp32 [B, Hq, nbq, D]: mean of the q rows of each block
     q_sim: Tensor  #: fp32 [B, Hq, nbq]: mean pairwise cosine similarity of those rows
@@ -233,7 +234,7 @@ def _check_scale(scale) -> float:
 def _check_output_dtype(output_dtype, default: torch.dtype) -> torch.dtype:
     if output_dtype is None:
         return default
-    if output_dtype not in _ops.DTYPE_CODES:
+    if not isinstance(output_dtype, torch.dtype) or output_dtype not in _ops.DTYPE_CODES:
         raise ValueError(
             f"output_dtype: expected None, torch.float16, torch.bfloat16 or torch.float32, got {output_dtype}"
         )
@@ -370,7 +371,11 @@ def attention(
             which keeps nearly every block of video-like inputs. No effect on topk.
         smooth_k: subtract the token mean of K before quantizing it (exact for softmax).
         qk_quant_gran: rows sharing one INT8 scale: ``"per_thread"``, ``"per_warp"`` or ``"per_block"``.
-        pv_precision: ``"fp8"`` (P and V in e4m3) or ``"fp16"`` (more accurate).
+        pv_precision: ``"fp8"`` (P and V in e4m3), ``"fp16"`` (more accurate) or ``"fp8_fp16acc"``
+            (P and V in e4m3, each 64-key chunk of the P·V product summed in an fp16 accumulator,
+            V scaled into ±2.25 so that it cannot overflow; as accurate as ``"fp8"`` to about 0.1 %
+            and twice its P·V tensor-core rate on Ada and RTX 50xx GPUs; on Hopper it runs the
+            mma.sync kernel rather than wgmma, so it is slower there; needs sm_89 or newer).
         output_dtype: dtype of the output, default the dtype of q.
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` fp32 (natural log) of the scaled
             scores over the kept blocks.
@@ -380,13 +385,20 @@ def attention(
         ``o`` (the layout of q) when neither flag is set; otherwise the tuple ``(o, lse)``,
         ``(o, sparsity)`` or ``(o, lse, sparsity)``, in that order.
     """
-    o, lse, stats = _attention_parts(
-        q, k, v, mode=mode, topk=topk, cdfthreshd=cdfthreshd, simthreshd1=simthreshd1, block_score=block_score,
-        pvthreshd=pvthreshd, is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, layout=layout,
-        block_mask=block_mask, block_size=block_size, attention_sink=attention_sink, smooth_k=smooth_k,
-        qk_quant_gran=qk_quant_gran, pv_precision=pv_precision, output_dtype=output_dtype, return_lse=return_lse,
-        return_sparsity=return_sparsity, cdf_sharpen=cdf_sharpen,
+    parts = _attention_fast(
+        q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, pvthreshd, is_causal, causal_alignment, scale,
+        layout, block_mask, block_size, attention_sink, cdf_sharpen, smooth_k, qk_quant_gran, pv_precision,
+        output_dtype, return_lse, return_sparsity,
     )  # fmt: skip
+    if parts is None:
+        parts = _attention_parts(
+            q, k, v, mode=mode, topk=topk, cdfthreshd=cdfthreshd, simthreshd1=simthreshd1, block_score=block_score,
+            pvthreshd=pvthreshd, is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, layout=layout,
+            block_mask=block_mask, block_size=block_size, attention_sink=attention_sink, smooth_k=smooth_k,
+            qk_quant_gran=qk_quant_gran, pv_precision=pv_precision, output_dtype=output_dtype, return_lse=return_lse,
+            return_sparsity=return_sparsity, cdf_sharpen=cdf_sharpen,
+        )  # fmt: skip
+    o, lse, stats = parts
     return _attention_result(o, lse, block_sparsity(stats) if return_sparsity else None, return_lse, return_sparsity)
 
 
@@ -443,6 +455,76 @@ def _attention_parts(q, k, v, *, mode, topk, cdfthreshd, simthreshd1, block_scor
         return_lse=bool(return_lse),
         return_stats=bool(return_sparsity),
     )
+
+
+# (layout, mode, block_score, causal_alignment, qk_quant_gran, pv_precision) → their codes (mode
+# and block_score resolved as by _mode and _score_code), for every valid combination without a
+# block mask: one lookup checks and converts all the string arguments of a fast-path call.
+_FAST_MODES = {None: _ops.MODE_TOPK, **{name: code for name, code in _MODES.items() if code != _ops.MODE_BLOCK_MASK}}
+_FAST_CODES = {
+    (layout, mode, score, alignment, gran, pv): (layout_code, mode_code, _score_code(score, mode_code),
+                                                 alignment_code, gran_code, pv_code)
+    for (layout, layout_code), (mode, mode_code), score, (alignment, alignment_code), (gran, gran_code), (pv, pv_code)
+    in itertools.product(_LAYOUTS.items(), _FAST_MODES.items(), _SCORE_CHOICES, _ALIGNMENTS.items(),
+                         _GRANULARITIES.items(), _PV_PRECISIONS.items())
+}  # fmt: skip
+
+
+def _attention_fast(q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, pvthreshd, is_causal, causal_alignment,
+                    scale, layout, block_mask, block_size, attention_sink, cdf_sharpen, smooth_k, qk_quant_gran,
+                    pv_precision, output_dtype, return_lse, return_sparsity):  # fmt: skip
+    """:func:`attention` for the common call, reading each argument once and skipping the
+    dispatcher: plain eager tensors (``_ops.is_plain_eager``) of a non-empty problem, float
+    hyperparameters, no block mask, a tuple ``block_size``. Returns ``(o, lse or None, stats or
+    None)``, or None for any other call and for any argument that fails a check: the general path
+    (:func:`_attention_parts`) then runs and raises the error. This path raises none of its own,
+    and where it runs, it calls ``_ops.run_attention`` with the arguments the general path would."""
+    if block_mask is not None or not _ops.is_plain_eager(q, k, v):
+        return None
+    try:
+        codes = _FAST_CODES.get((layout, mode, block_score, causal_alignment, qk_quant_gran, pv_precision))
+    except TypeError:  # an unhashable argument
+        return None
+    if codes is None:
+        return None
+    layout_code, mode_code, score_code, alignment, granularity, pv = codes
+    if not (type(topk) is float and 0.0 <= topk <= 1.0 and type(cdfthreshd) is float and 0.0 <= cdfthreshd <= 1.0
+            and type(simthreshd1) is float and -1.0 <= simthreshd1 <= 1.0
+            and type(pvthreshd) is float and pvthreshd >= 0.0):  # fmt: skip
+        return None
+    if scale is None:
+        scale = 0.0
+    elif not (type(scale) is float and 0.0 < scale < math.inf):
+        return None
+    if type(block_size) is not tuple or len(block_size) != 2:
+        return None
+    block_q, block_k = block_size
+    if not (type(block_q) is int and 16 <= block_q <= 1024 and block_q % 16 == 0
+            and type(block_k) is int and 16 <= block_k <= 1024 and block_k % 16 == 0):  # fmt: skip
+        return None
+    dtype, device = q.dtype, q.device
+    if output_dtype is None:
+        output_dtype = dtype
+    elif type(output_dtype) is not torch.dtype or output_dtype not in _ops.DTYPE_CODES:
+        return None
+    if (dtype not in _ops.DTYPE_CODES or k.dtype is not dtype or v.dtype is not dtype or k.device != device
+            or v.device != device):  # fmt: skip
+        return None
+    q_size, k_size = q.shape, k.shape
+    if len(q_size) != 4 or len(k_size) != 4 or v.shape != k_size:
+        return None
+    batch, heads_q, len_q, head_dim = _ops._hnd_sizes(q_size, layout_code)
+    k_batch, heads_kv, len_k, k_dim = _ops._hnd_sizes(k_size, layout_code)
+    if (k_batch != batch or k_dim != head_dim or heads_kv == 0 or heads_q % heads_kv != 0
+            or not 1 <= head_dim <= _C.MAX_HEAD_DIM or batch * heads_q * len_q == 0
+            or q.stride()[3] != 1 or k.stride()[3] != 1 or v.stride()[3] != 1):  # fmt: skip
+        return None
+    return _ops.run_attention(
+        q, k, v, (batch, heads_q, heads_kv, len_q, len_k, head_dim), None, None, None, None, None, layout_code,
+        mode_code, score_code, topk, cdfthreshd, simthreshd1, pvthreshd, alignment if is_causal else _ops.CAUSAL_NONE,
+        scale, block_q, block_k, _select_flags(attention_sink, cdf_sharpen), bool(smooth_k), granularity, pv,
+        output_dtype, bool(return_lse), bool(return_sparsity),
+    )  # fmt: skip
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, **kwargs):
@@ -676,6 +758,7 @@ def attend(
         causal=_causal(is_causal, causal_alignment),
         scale=_check_scale(quantized.scale),
         granularity=_choice("quantized.qk_quant_gran", quantized.qk_quant_gran, _GRANULARITIES),
+        pv=_choice("quantized.pv_precision", quantized.pv_precision, _PV_PRECISIONS),
         block_q=blocks[0],
         block_k=blocks[1],
         pvthreshd=pv_v,

@@ -10,10 +10,12 @@ SageAttention.
 ``--overhead`` adds the per-call overhead rows: ``N`` back-to-back calls at the small shape
 B=1 H=8 L=256 D=64 (``OVERHEAD_SHAPE``) of torch's SDPA, :func:`sparge.attention` and SDPA routed
 through :func:`sparge.patch.sdpa`, reported as µs per call: *host* (the time the Python thread
-spends issuing the calls, before the final synchronisation), *GPU* (CUDA events around the N
-calls; on a GPU) and the ratio of the host time to SDPA's. On a GPU, at this shape the kernels
-are shorter than the launch path, so the host time is the per-call overhead; on the CPU the
-calls compute synchronously and the host time includes the attention itself.
+spends issuing the calls, before the final synchronisation), *C++* (for sparge.attention: the
+host time of its C++ call alone, binding and core on buffers allocated once; the rest of the host
+time is its Python layer, checks and allocations), *GPU* (CUDA events around the N calls; on a
+GPU) and the ratio of the host time to SDPA's. On a GPU, at this shape the kernels are shorter
+than the launch path, so the host time is the per-call overhead; on the CPU the calls compute
+synchronously and the host time includes the attention itself.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 import sparge
+from sparge import _ops
 from sparge.testing import cosine_similarity, reference_attention, relative_l1, structured_qkv
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -51,6 +54,7 @@ class Result:
     host_us: Optional[float] = None  # --overhead: host time per call (µs)
     gpu_us: Optional[float] = None  # --overhead: GPU time per call (µs, CUDA events)
     overhead_ratio: Optional[float] = None  # --overhead: host_us / host_us of torch SDPA
+    core_us: Optional[float] = None  # --overhead, sparge.attention: host time per call of its C++ call alone (µs)
     note: str = ""
 
 
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video-like workload: positions on a T×H×W grid (sets the lengths to T·H·W)")  # fmt: skip
     p.add_argument("--modes", type=_parse_modes, default=_parse_modes(DEFAULT_MODES),
                    help=f"sparge cases, comma separated (default {DEFAULT_MODES})")  # fmt: skip
-    p.add_argument("--pv-precision", choices=("fp8", "fp16"), default="fp8")
+    p.add_argument("--pv-precision", choices=("fp8", "fp16", "fp8_fp16acc"), default="fp8")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 20 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per case (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--stages", action="store_true", help="also time quantize / predict / attend separately")
@@ -188,8 +192,33 @@ def _per_call_us(fn: Callable[[], object], device: torch.device, calls: int,
     return statistics.median(host), (statistics.median(gpu) if gpu else None)
 
 
+def _core_call(q, k, v) -> Callable[[], None]:
+    """A callable that repeats only the C++ call of ``sparge.attention(q, k, v)``
+    (``_ops.launch_attention``: binding and core, no checks, no allocation), into the buffers of
+    the first call, which it records and keeps alive."""
+    launch = _ops.launch_attention
+    recorded = []
+
+    def record(*args):
+        recorded.append(args)
+        launch(*args)
+
+    def call():
+        if recorded:
+            launch(*recorded[0])
+            return
+        _ops.launch_attention = record
+        try:
+            sparge.attention(q, k, v)
+        finally:
+            _ops.launch_attention = launch
+
+    return call
+
+
 def _overhead(device: torch.device, dtype: torch.dtype, calls: int, seed: int) -> list[Result]:
-    """The --overhead rows: torch SDPA, sparge.attention and SDPA routed by sparge.patch.sdpa."""
+    """The --overhead rows: torch SDPA, sparge.attention (with the host time of its C++ call alone)
+    and SDPA routed by sparge.patch.sdpa."""
     batch, heads, length, head_dim = OVERHEAD_SHAPE
     q, k, v = structured_qkv(batch, heads, heads, length, length, head_dim, dtype=dtype, device=device, seed=seed)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -213,6 +242,10 @@ def _overhead(device: torch.device, dtype: torch.dtype, calls: int, seed: int) -
             results.append(Result(name, note=f"unavailable: {note}"))
             continue
         results.append(Result(name, host_us=host, gpu_us=gpu))
+    attention_row = results[1]
+    if attention_row.host_us is not None:
+        _log(f"{attention_row.case}: its C++ call alone ...")
+        attention_row.core_us, _ = _per_call_us(_core_call(q, k, v), device, calls)
     base = results[0].host_us
     for r in results:
         if base and r.host_us is not None:
@@ -382,8 +415,9 @@ def format_table(results: list[Result]) -> str:
         for r in results
     ]  # fmt: skip
     if any(r.host_us is not None for r in results):
-        header += ("host µs/call", "GPU µs/call", "vs sdpa")
-        rows = [row + (fmt(r.host_us, ".1f"), fmt(r.gpu_us, ".1f"), fmt(r.overhead_ratio, ".2f", "x"))
+        header += ("host µs/call", "C++ µs/call", "GPU µs/call", "vs sdpa")
+        rows = [row + (fmt(r.host_us, ".1f"), fmt(r.core_us, ".1f"), fmt(r.gpu_us, ".1f"),
+                       fmt(r.overhead_ratio, ".2f", "x"))
                 for row, r in zip(rows, results)]  # fmt: skip
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
 

@@ -665,7 +665,7 @@ def _partials(qz, q: Tensor, k: Tensor, v: Tensor, b: int, h: int, rows: Tensor,
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p = torch.exp2(s2 - top.view(-1, 1, 1))
     l = p.sum(dim=2)
-    p = (p * _P_SCALE).to(torch.float8_e4m3fn if qz.pv_precision == "fp8" else torch.float16).float()
+    p = (p * _P_SCALE).to(torch.float16 if qz.pv_precision == "fp16" else torch.float8_e4m3fn).float()
     vq = qz.v[b, hk, :, :len_k].float() * (qz.v_scale[b, hk].unsqueeze(1) / _P_SCALE)  # [D, Lk]
     vq = F.pad(vq, (0, nbk * bk - len_k)).view(dim, nbk, bk).permute(1, 2, 0)  # [nbk, bk, D]
     O = torch.bmm(p.transpose(0, 1), vq).transpose(0, 1).contiguous()  # [n, nbk, D]

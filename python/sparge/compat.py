@@ -45,8 +45,10 @@ Differences from the originals, common to all functions (they fix the originals'
   read directly. CPU tensors run on sparge's CPU backend.
 * Hyperparameters (``topk``, ``cdfthreshd``, ``simthreshd1``, ``pvthreshd``) take a float or
   one value per query head (1-D tensor or sequence of length Hq).
-* P·V is always accumulated in fp32: every ``pv_accum_dtype`` the originals accept is accepted
-  and changes nothing (the result is that of their most accurate setting).
+* P·V is accumulated in fp32, except for ``sageattn_qk_int8_pv_fp8_cuda(pv_accum_dtype="fp32+fp16")``,
+  which runs sparge's fp16-accumulator mode (``pv_precision="fp8_fp16acc"``, SageAttention2++).
+  Every other ``pv_accum_dtype`` the originals accept is accepted and changes nothing (the result
+  is that of their most accurate setting).
 * ``attn_mask`` and ``dropout_p`` are never ignored. An ``attn_mask`` (SDPA convention: bool
   True = attend or additive float, broadcastable to ``[B, Hq, Lq, Lk]`` whatever
   ``tensor_layout``) that is a key-padding mask (the same keys kept for every query and head of
@@ -59,7 +61,7 @@ Differences from the originals, common to all functions (they fix the originals'
   the no-op ``dropout_p=0.0``, ``enable_gqa``; any other name raises ``TypeError`` listing the
   unknown names.
 * ``smooth_v=True`` raises ``NotImplementedError`` (the option only matters for the originals'
-  fp16 accumulator, which sparge does not have).
+  fp16 accumulator; sparge's bounds the V range instead, so that it cannot overflow).
 * The sparsity of ``return_sparsity`` is a Python float, as in SpargeAttn, but computed as
   ``1 - kept / allowed`` where *allowed* counts the K blocks holding a visible key (the
   original's causal formula was wrong).
@@ -645,16 +647,20 @@ def sageattn_qk_int8_pv_fp8_cuda(
 
     Native call: ``sparge.attention(q, k, v, mode="dense", qk_quant_gran=qk_quant_gran,
     pv_precision="fp8", ...)``. ``pv_accum_dtype`` accepts ``"fp32"``, ``"fp32+fp32"`` (the
-    default documented by the original) and ``"fp32+fp16"`` (SageAttention2++; the 2.2 source
-    uses it as the signature default); sparge always accumulates in fp32.
-    ``smooth_v=True`` raises ``NotImplementedError``. ``**kwargs`` as in :func:`sageattn`.
+    default documented by the original; both accumulate in fp32) and ``"fp32+fp16"``
+    (SageAttention2++; the 2.2 source uses it as the signature default), which runs
+    ``pv_precision="fp8_fp16acc"``: each 64-key chunk of P·V summed in fp16 with V scaled into
+    ±2.25, added to an fp32 accumulator (needs sm_89+; faster on Ada and RTX 50xx, slower on
+    Hopper, where it runs the mma.sync kernel). ``smooth_v=True`` raises
+    ``NotImplementedError``. ``**kwargs`` as in :func:`sageattn`.
     """
     sm_scale = _sage_kwargs("sageattn_qk_int8_pv_fp8_cuda", sm_scale, kwargs)
     gran = _choice("qk_quant_gran", qk_quant_gran, _QK_GRANS)
     _choice("pv_accum_dtype", pv_accum_dtype, _FP8_ACCUM)
     _no_smooth_v(smooth_v)
+    pv_precision = "fp8_fp16acc" if pv_accum_dtype == "fp32+fp16" else "fp8"
     return _dense("sageattn_qk_int8_pv_fp8_cuda", q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse,
-                  gran, "fp8", kwargs.get("attn_mask"))
+                  gran, pv_precision, kwargs.get("attn_mask"))
 
 
 def sageattn_qk_int8_pv_fp8_cuda_sm90(

@@ -96,7 +96,9 @@ _ATTEND_KWARGS = _parameters(api.attend, "quantized", "index", "count", "layout"
 _PREDICT_DEFAULT_SCORE = inspect.signature(api.predict).parameters["block_score"].default
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _QUANT_ROWS = 64  # rows of the INT8 scale groups of Q and K (include/sparge/layout.h): shards align to them
-_V_MAX = 448.0  # V is scaled into [-448, 448] (docs/method.md §0)
+#: V is scaled into [-v_max, v_max] (docs/method.md §0): 2.25 keeps the fp16 accumulator of
+#: "fp8_fp16acc" from overflowing.
+_V_MAX = {"fp8": 448.0, "fp16": 448.0, "fp8_fp16acc": 2.25}
 
 
 # ---- checks shared by both functions ---------------------------------------------------------------
@@ -462,12 +464,12 @@ def _global_k_mean(kh: Tensor, len_k: int, group, rank: int, world: int) -> Tens
 
 def _quantize_v(vh: Tensor, amax: Tensor, pv_precision: str) -> tuple[Tensor, Tensor]:
     """V of this shard in the P·V format with the global per-channel amax (docs/method.md §0):
-    ``[B, Hkv, D, ceil(L_r / 64)·64]`` transposed and zero padded, and ``v_scale = amax / 448``."""
+    ``[B, Hkv, D, ceil(L_r / 64)·64]`` transposed and zero padded, and ``v_scale = amax / v_max``."""
     batch, heads, length, dim = vh.shape
-    full = torch.full_like(amax, _V_MAX)
+    full = torch.full_like(amax, _V_MAX[pv_precision])
     inv = torch.where(amax == 0, 0.0, full / torch.where(amax == 0, 1.0, amax))
     v_scale = amax / full
-    dtype = _ops.V_DTYPES[_ops.PV_FP8 if pv_precision == "fp8" else _ops.PV_FP16]
+    dtype = torch.float16 if pv_precision == "fp16" else torch.float8_e4m3fn
     padded = _ops.ceil_div(length, _QUANT_ROWS) * _QUANT_ROWS
     out = torch.zeros(batch, heads, dim, padded, dtype=dtype, device=vh.device)
     out[..., :length] = (vh.to(torch.float32) * inv.unsqueeze(2)).to(dtype).transpose(-1, -2)

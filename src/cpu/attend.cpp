@@ -41,7 +41,10 @@ struct QBlockState {
         m_blk(kPvGroupRows),
         k_scale(block_k),
         v(block_k * dim),
-        pv(dim) {}
+        p8(block_k),
+        pv(dim),
+        pv_step(dim),
+        pv_chunk(dim) {}
   std::vector<float> m;        // [bq]      running max (log2 units)
   std::vector<float> l;        // [bq]      running sum
   std::vector<float> acc;      // [bq, D]   running Σ fmt(p · 448) · v_q
@@ -49,7 +52,10 @@ struct QBlockState {
   std::vector<float> m_blk;    // [16]      their row maxima
   std::vector<float> k_scale;  // [bk]      k_scale of each key of the current block
   std::vector<float> v;        // [bk, D]   v_q of the current block as fp32, token-major
+  std::vector<float> p8;       // [bk]      one row's fmt(p · 448) of the current block (0 where masked)
   std::vector<float> pv;       // [D]       one row's P·V of the current block
+  std::vector<float> pv_step;  // [D]       kFp8Fp16Accum: the fp32 sum of one 32-key step
+  std::vector<float> pv_chunk;  // [D]      kFp8Fp16Accum: the fp16 accumulator of one 64-key chunk
 };
 
 int32_t dot_int8(const int8_t* a, const int8_t* b, int64_t n) {
@@ -58,14 +64,14 @@ int32_t dot_int8(const int8_t* a, const int8_t* b, int64_t n) {
   return sum;
 }
 
-float round_pv(float x, PvPrecision pv) { return pv == PvPrecision::kFp8 ? num::round_e4m3(x) : num::round_fp16(x); }
+float round_pv(float x, PvPrecision pv) { return pv_is_fp8(pv) ? num::round_e4m3(x) : num::round_fp16(x); }
 
 // Keys [c0, c0 + cols) of V [D, Lk_pad] (e4m3 or fp16) as fp32, token-major: out [cols, D].
 void decode_v_block(const void* v, PvPrecision pv, int64_t dim, int64_t len_pad, int64_t c0, int64_t cols, float* out) {
   const std::array<float, 256>& e4m3 = num::e4m3_table();
   for (int64_t d = 0; d < dim; ++d) {
     const int64_t channel = d * len_pad + c0;
-    if (pv == PvPrecision::kFp8) {
+    if (pv_is_fp8(pv)) {
       const uint8_t* x = static_cast<const uint8_t*>(v) + channel;
       for (int64_t c = 0; c < cols; ++c) out[c * dim + d] = e4m3[x[c]];
     } else {
@@ -111,6 +117,41 @@ bool score_group(const AttendParams& p, const HeadData& hd, const Group& g, int6
   return skip;
 }
 
+// One row's P·V of a block, Σ_c p8[c] · v_q[c, :] into st.pv: summed over the keys in ascending
+// order in fp32 (kFp8, kFp16).
+void block_pv_fp32(int64_t cols, int64_t dim, QBlockState& st) {
+  std::fill(st.pv.begin(), st.pv.end(), 0.0f);
+  for (int64_t c = 0; c < cols; ++c) {
+    const float p8 = st.p8[c];
+    if (p8 == 0.0f) continue;  // a zero term changes no sum
+    const float* v = st.v.data() + c * dim;
+    for (int64_t d = 0; d < dim; ++d) st.pv[d] += p8 * v[d];
+  }
+}
+
+// The same product with an fp16 accumulator (kFp8Fp16Accum): per chunk of kFp16AccumChunkKeys keys
+// of the block an accumulator c = 0; per step of kFp16AccumStepKeys keys of the chunk
+// c = fp16(c + step), the step's sum in fp32 in ascending key order (each e4m3 · e4m3 product is
+// exact); then pv += c in fp32, chunk by chunk.
+void block_pv_fp16_accum(int64_t cols, int64_t dim, QBlockState& st) {
+  std::fill(st.pv.begin(), st.pv.end(), 0.0f);
+  for (int64_t chunk = 0; chunk < cols; chunk += kFp16AccumChunkKeys) {
+    const int64_t chunk_end = std::min(chunk + kFp16AccumChunkKeys, cols);
+    std::fill(st.pv_chunk.begin(), st.pv_chunk.end(), 0.0f);
+    for (int64_t step = chunk; step < chunk_end; step += kFp16AccumStepKeys) {
+      std::fill(st.pv_step.begin(), st.pv_step.end(), 0.0f);
+      for (int64_t c = step; c < std::min(step + kFp16AccumStepKeys, chunk_end); ++c) {
+        const float p8 = st.p8[c];
+        if (p8 == 0.0f) continue;  // a zero term changes no sum
+        const float* v = st.v.data() + c * dim;
+        for (int64_t d = 0; d < dim; ++d) st.pv_step[d] += p8 * v[d];
+      }
+      for (int64_t d = 0; d < dim; ++d) st.pv_chunk[d] = num::round_fp16(st.pv_chunk[d] + st.pv_step[d]);
+    }
+    for (int64_t d = 0; d < dim; ++d) st.pv[d] += st.pv_chunk[d];
+  }
+}
+
 // Step 3 for group g over the block scored by score_group, with its V decoded in st.v.
 void update_group(const AttendParams& p, const Group& g, int64_t cols, QBlockState& st) {
   const int64_t dim = p.shape.head_dim;
@@ -119,15 +160,17 @@ void update_group(const AttendParams& p, const Group& g, int64_t cols, QBlockSta
     const float m_new = std::max(g.m[r], st.m_blk[r]);
     const float alpha = m_new == kNegInf ? 1.0f : std::exp2(g.m[r] - m_new);
     float p_sum = 0.0f;
-    std::fill(st.pv.begin(), st.pv.end(), 0.0f);
     for (int64_t c = 0; c < cols; ++c) {
+      st.p8[c] = 0.0f;
       if (sr[c] == kNegInf) continue;  // p = 0
       const float prob = std::exp2(sr[c] - m_new);
       p_sum += prob;
-      const float p8 = round_pv(prob * kPScale, p.quant.pv);
-      if (p8 == 0.0f) continue;  // a zero term changes no sum
-      const float* v = st.v.data() + c * dim;
-      for (int64_t d = 0; d < dim; ++d) st.pv[d] += p8 * v[d];
+      st.p8[c] = round_pv(prob * kPScale, p.quant.pv);
+    }
+    if (p.quant.pv == PvPrecision::kFp8Fp16Accum) {
+      block_pv_fp16_accum(cols, dim, st);
+    } else {
+      block_pv_fp32(cols, dim, st);
     }
     g.l[r] = g.l[r] * alpha + p_sum;
     float* acc = g.acc + r * dim;
@@ -205,7 +248,7 @@ void attend(const AttendParams& p) {
   const QuantizedQKV& qz = p.quantized;
   const auto [nbq, nbk] = block_counts(s, p.blocks);
   const int64_t heads_per_kv = s.heads_q / s.heads_kv;
-  const int64_t v_bytes = p.quant.pv == PvPrecision::kFp8 ? 1 : 2;
+  const int64_t v_bytes = v_elem_bytes(p.quant.pv);
   int64_t units = 0;
   int64_t skipped = 0;
 

@@ -162,13 +162,14 @@ void quantize_kv_head(const QuantizeParams& p, int64_t b, int64_t hk) {
   std::vector<float> v(len * dim);  // [Lk, D]
   load_head(p.in.v, p.in.dtype, p.in.v_strides, b, hk, len, dim, v.data());
   const int64_t len_pad = padded_len_k(len);
+  const float v_max = v_quant_max(p.quant.pv);
   for (int64_t d = 0; d < dim; ++d) {
     float amax = 0.0f;
     for (int64_t t = 0; t < len; ++t) amax = std::max(amax, std::fabs(v[t * dim + d]));
-    const float inv = amax == 0.0f ? 0.0f : kVQuantMax / amax;
-    v_scale[d] = amax / kVQuantMax;
+    const float inv = amax == 0.0f ? 0.0f : v_max / amax;
+    v_scale[d] = amax / v_max;
     const int64_t row = (bh * dim + d) * len_pad;  // channel d of [B, Hkv, D, Lk_pad]
-    if (p.quant.pv == PvPrecision::kFp8) {
+    if (pv_is_fp8(p.quant.pv)) {
       uint8_t* vq = static_cast<uint8_t*>(out.v) + row;
       for (int64_t t = 0; t < len; ++t) vq[t] = num::float_to_e4m3(v[t * dim + d] * inv);
       std::fill(vq + len, vq + len_pad, uint8_t{0});

@@ -2,7 +2,9 @@
 //
 // No torch here: every function takes device addresses as integers, shapes and element strides
 // as int64 tuples, enums as their integer codes (params.h) and the CUDA stream as an integer
-// handle (0 is the legacy stream). Tuple arguments:
+// handle (0 is the legacy stream). Arguments are passed by keyword or, where the call is hot
+// (_ops.launch_attention), by position in the order of the names below: matching ~35 keywords
+// costs close to a microsecond per call. Tuple arguments:
 //
 //   shape      (B, Hq, Hkv, Lq, Lk, D)
 //   blocks     (block_q, block_k)
@@ -237,41 +239,39 @@ NB_MODULE(_C, m) {
   m.def("cuda_architectures", &sparge::cuda_architectures,
         "CUDA architectures the backend was compiled for, e.g. \"90a;89;80\" (empty without CUDA).");
 
-  m.def("attend_kernel", &attend_kernel, nb::kw_only(), nb::arg("device"), nb::arg("shape"), nb::arg("blocks"),
-        nb::arg("pv"), "Stage 2 kernel the request runs on the current device: \"cpu\", \"wgmma\" or \"mma\".");
-  m.def("workspace_size", &workspace_size, nb::kw_only(), nb::arg("shape"), nb::arg("blocks"),
-        nb::arg("granularity"), nb::arg("pv"), "Bytes of workspace `attention` needs (256-byte aligned).");
-  m.def("stage_buffers_size", &stage_buffers_size, nb::kw_only(), nb::arg("shape"), nb::arg("blocks"),
-        nb::arg("granularity"), nb::arg("pv"), "Bytes of QuantizedQKV + BlockIndex when carved from one buffer.");
+  m.def("attend_kernel", &attend_kernel, nb::arg("device"), nb::arg("shape"), nb::arg("blocks"), nb::arg("pv"),
+        "Stage 2 kernel the request runs on the current device: \"cpu\", \"wgmma\" or \"mma\".");
+  m.def("workspace_size", &workspace_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("granularity"), nb::arg("pv"),
+        "Bytes of workspace `attention` needs (256-byte aligned).");
+  m.def("stage_buffers_size", &stage_buffers_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("granularity"),
+        nb::arg("pv"), "Bytes of QuantizedQKV + BlockIndex when carved from one buffer.");
 
-  m.def("quantize", &quantize, nb::kw_only(), nb::arg("device"), nb::arg("stream"), nb::arg("shape"),
-        nb::arg("blocks"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("dtype"), nb::arg("q_strides"),
-        nb::arg("k_strides"), nb::arg("v_strides"), nb::arg("sm_scale"), nb::arg("smooth_k"), nb::arg("granularity"),
-        nb::arg("pv"), nb::arg("out"), "Stage 0: smoothing, INT8 Q/K, V in the P·V format, block statistics.");
+  m.def("quantize", &quantize, nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"), nb::arg("q"),
+        nb::arg("k"), nb::arg("v"), nb::arg("dtype"), nb::arg("q_strides"), nb::arg("k_strides"), nb::arg("v_strides"),
+        nb::arg("sm_scale"), nb::arg("smooth_k"), nb::arg("granularity"), nb::arg("pv"), nb::arg("out"),
+        "Stage 0: smoothing, INT8 Q/K, V in the P·V format, block statistics.");
 
-  m.def("predict", &predict, nb::kw_only(), nb::arg("device"), nb::arg("stream"), nb::arg("shape"),
-        nb::arg("blocks"), nb::arg("causal"), nb::arg("sm_scale"), nb::arg("mode"), nb::arg("block_score"),
-        nb::arg("topk"),
+  m.def("predict", &predict, nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"),
+        nb::arg("causal"), nb::arg("sm_scale"), nb::arg("mode"), nb::arg("block_score"), nb::arg("topk"),
         nb::arg("topk_per_head"), nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"),
         nb::arg("simthreshd1_per_head"), nb::arg("select_flags"), nb::arg("block_mask"), nb::arg("quantized"),
         nb::arg("index"), nb::arg("count"), nb::arg("mask_out"), nb::arg("stats_out"),
         "Stage 1: block prediction from the block statistics of quantized.");
 
-  m.def("attend", &attend, nb::kw_only(), nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"),
-        nb::arg("causal"), nb::arg("sm_scale"), nb::arg("granularity"), nb::arg("pv"), nb::arg("quantized"),
-        nb::arg("index"), nb::arg("count"), nb::arg("pvthreshd"), nb::arg("pvthreshd_per_head"), nb::arg("o"),
-        nb::arg("o_dtype"), nb::arg("o_strides"), nb::arg("lse"), nb::arg("stats_out"),
+  m.def("attend", &attend, nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"), nb::arg("causal"),
+        nb::arg("sm_scale"), nb::arg("granularity"), nb::arg("pv"), nb::arg("quantized"), nb::arg("index"),
+        nb::arg("count"), nb::arg("pvthreshd"), nb::arg("pvthreshd_per_head"), nb::arg("o"), nb::arg("o_dtype"),
+        nb::arg("o_strides"), nb::arg("lse"), nb::arg("stats_out"),
         "Stage 2: sparse attention over the kept blocks with the online P·V filter.");
 
-  m.def("attention", &attention, nb::kw_only(), nb::arg("device"), nb::arg("stream"), nb::arg("shape"),
-        nb::arg("blocks"), nb::arg("causal"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("dtype"),
-        nb::arg("q_strides"), nb::arg("k_strides"), nb::arg("v_strides"), nb::arg("sm_scale"), nb::arg("smooth_k"),
-        nb::arg("granularity"), nb::arg("pv"), nb::arg("mode"), nb::arg("block_score"), nb::arg("topk"),
-        nb::arg("topk_per_head"),
-        nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"),
-        nb::arg("simthreshd1_per_head"), nb::arg("select_flags"), nb::arg("block_mask"), nb::arg("pvthreshd"),
-        nb::arg("pvthreshd_per_head"), nb::arg("o"), nb::arg("o_dtype"), nb::arg("o_strides"), nb::arg("lse"),
-        nb::arg("stats_out"), nb::arg("workspace"), nb::arg("workspace_bytes"),
+  m.def("attention", &attention, nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"),
+        nb::arg("causal"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("dtype"), nb::arg("q_strides"),
+        nb::arg("k_strides"), nb::arg("v_strides"), nb::arg("sm_scale"), nb::arg("smooth_k"), nb::arg("granularity"),
+        nb::arg("pv"), nb::arg("mode"), nb::arg("block_score"), nb::arg("topk"), nb::arg("topk_per_head"),
+        nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"), nb::arg("simthreshd1_per_head"),
+        nb::arg("select_flags"), nb::arg("block_mask"), nb::arg("pvthreshd"), nb::arg("pvthreshd_per_head"),
+        nb::arg("o"), nb::arg("o_dtype"), nb::arg("o_strides"), nb::arg("lse"), nb::arg("stats_out"),
+        nb::arg("workspace"), nb::arg("workspace_bytes"),
         "quantize → predict → attend in one call, with a caller-provided workspace.");
 
   m.attr("STAT_BLOCKS_KEPT") = static_cast<int>(sparge::kStatBlocksKept);

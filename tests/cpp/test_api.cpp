@@ -171,7 +171,7 @@ TEST_F(ApiContract, StageEntryPointsValidateToo) {
   EXPECT_NE(status.message().find("index.count"), std::string::npos) << status.message();
 
   status = attend(AttendParams{.shape = shape,
-                               .quant = {.pv = static_cast<PvPrecision>(2)},
+                               .quant = {.pv = static_cast<PvPrecision>(3)},
                                .quantized = ws.buffers.quantized,
                                .index = ws.buffers.index,
                                .o = o.data(),
@@ -201,7 +201,7 @@ TEST(Api, EmptyShapesSucceed) {
 TEST(Api, WorkspaceSizeMatchesTheCarving) {
   const Shape base{.batch = 2, .heads_q = 4, .heads_kv = 2, .len_q = 300, .len_k = 500, .head_dim = 64};
   for (QuantGranularity g : {QuantGranularity::kPerBlock, QuantGranularity::kPerWarp, QuantGranularity::kPerThread}) {
-    for (PvPrecision pv : {PvPrecision::kFp8, PvPrecision::kFp16}) {
+    for (PvPrecision pv : {PvPrecision::kFp8, PvPrecision::kFp16, PvPrecision::kFp8Fp16Accum}) {
       const AttentionParams p{.shape = base, .quant = {.granularity = g, .pv = pv}};
       const size_t size = workspace_size(p);
       EXPECT_EQ(size, stage_buffers_size(base, p.blocks, g, pv));
@@ -217,7 +217,7 @@ TEST(Api, WorkspaceSizeMatchesTheCarving) {
           {buf.quantized.k, bhk * 500 * 64},
           {buf.quantized.k_scale, bhk * k_scale_groups(500, g) * 4},
           {buf.quantized.k_mean, bhk * 64 * 4},
-          {buf.quantized.v, bhk * 64 * padded_len_k(500) * (pv == PvPrecision::kFp8 ? 1 : 2)},
+          {buf.quantized.v, bhk * 64 * padded_len_k(500) * (pv == PvPrecision::kFp16 ? 2 : 1)},
           {buf.quantized.v_scale, bhk * 64 * 4},
           {buf.quantized.lse_shift, bhq * 300 * 4},
           {buf.quantized.q_pool, bhq * nbq * 64 * 4},

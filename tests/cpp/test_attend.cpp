@@ -1,10 +1,12 @@
 // Stage 2 (method.md §2) beyond accuracy: exact equalities between equivalent requests, the
 // per-16-row-group P·V skip against a brute-force recomputation, per-head parameters, the cost
-// counters, output strides and thread-count independence.
+// counters, output strides, thread-count independence, and P·V with the fp16 accumulator.
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -376,6 +378,183 @@ TEST(Attend, LseIsOptional) {
   const AttentionResult without = run_attention(c, x);
   ASSERT_TRUE(with.status.ok() && without.status.ok());
   EXPECT_TRUE(same_bits(with.o, without.o));
+}
+
+// ---- P·V with the fp16 accumulator (PvPrecision::kFp8Fp16Accum) -------------------------------
+
+// o of kFp8Fp16Accum recomputed from the quantized buffers of `st` (batch 1, every block attended:
+// no P·V skip) by the text of method.md §2: for each kept block in ascending order, p8 = e4m3(p · 448);
+// per 64-key chunk of the block c = 0 and, per 32-key step of the chunk, c = fp16(c + the step's
+// fp32 sum in ascending key order); the block product sums the chunks' c in fp32; acc = acc · α +
+// block product. With `fp16_steps` false c stays fp32 (what the fp16 rounding changes).
+std::vector<float> fp16_accumulator_attention(const Stages& st, bool fp16_steps) {
+  const Case& c = st.c;
+  const Shape& s = c.shape;
+  const QuantizedQKV& qz = st.ws.buffers.quantized;
+  const BlockIndex& index = st.ws.buffers.index;
+  const auto [nbq, nbk] = block_counts(s, c.blocks);
+  const int64_t dim = s.head_dim, bk = c.blocks.block_k, len_pad = padded_len_k(s.len_k);
+  const QuantGranularity g = c.quant.granularity;
+  const auto* v8 = static_cast<const uint8_t*>(qz.v);
+  EXPECT_EQ(s.batch, 1);
+  std::vector<float> o(static_cast<size_t>(s.heads_q * s.len_q * dim));
+  for (int64_t h = 0; h < s.heads_q; ++h) {
+    const int64_t hk = h / (s.heads_q / s.heads_kv);
+    for (int64_t r = 0; r < s.len_q; ++r) {
+      const int64_t i = r / c.blocks.block_q;
+      const float q_scale = qz.q_scale[h * q_scale_groups(s.len_q, g) + q_scale_group(r, g)];
+      float m = -kInf, l = 0.0f;
+      std::vector<float> acc(dim, 0.0f);
+      for (int32_t n = 0; n < index.count[h * nbq + i]; ++n) {
+        const int64_t c0 = index.index[(h * nbq + i) * nbk + n] * bk;
+        const int64_t cols = std::min(bk, s.len_k - c0);
+        std::vector<float> score(cols, -kInf);
+        float m_blk = -kInf;
+        for (int64_t col = 0; col < cols && c0 + col < visible_end(r, c.causal, s.len_q, s.len_k); ++col) {
+          int32_t dot = 0;
+          for (int64_t d = 0; d < dim; ++d)
+            dot += qz.q[(h * s.len_q + r) * dim + d] * qz.k[(hk * s.len_k + c0 + col) * dim + d];
+          score[col] = static_cast<float>(dot) *
+                       (q_scale * qz.k_scale[hk * k_scale_groups(s.len_k, g) + k_scale_group(c0 + col, g)]);
+          m_blk = std::max(m_blk, score[col]);
+        }
+        if (m_blk == -kInf) continue;  // no visible key: the state is unchanged
+        const float m_new = std::max(m, m_blk);
+        const float alpha = std::exp2(m - m_new);
+        float p_sum = 0.0f;
+        std::vector<float> p8(cols, 0.0f);
+        for (int64_t col = 0; col < cols; ++col) {
+          if (score[col] == -kInf) continue;
+          const float p = std::exp2(score[col] - m_new);
+          p_sum += p;
+          p8[col] = num::round_e4m3(p * 448.0f);
+        }
+        std::vector<float> block(dim, 0.0f);
+        for (int64_t chunk = 0; chunk < cols; chunk += 64) {
+          std::vector<float> acc16(dim, 0.0f);
+          for (int64_t step = chunk; step < std::min(chunk + 64, cols); step += 32) {
+            for (int64_t d = 0; d < dim; ++d) {
+              float sum = 0.0f;
+              for (int64_t col = step; col < std::min({step + 32, chunk + 64, cols}); ++col)
+                sum += p8[col] * num::e4m3_to_float(v8[(hk * dim + d) * len_pad + c0 + col]);
+              acc16[d] = fp16_steps ? num::round_fp16(acc16[d] + sum) : acc16[d] + sum;
+            }
+          }
+          for (int64_t d = 0; d < dim; ++d) block[d] += acc16[d];
+        }
+        l = l * alpha + p_sum;
+        for (int64_t d = 0; d < dim; ++d) acc[d] = acc[d] * alpha + block[d];
+        m = m_new;
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        o[(h * s.len_q + r) * dim + d] = l == 0.0f ? 0.0f : acc[d] * qz.v_scale[hk * dim + d] / (448.0f * l);
+      }
+    }
+  }
+  return o;
+}
+
+double max_abs(const std::vector<float>& x) {
+  double m = 0.0;
+  for (float v : x) m = std::max(m, static_cast<double>(std::fabs(v)));
+  return m;
+}
+
+// Largest |a − b|; infinite where either is not finite.
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return kInf;
+    m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
+  }
+  return m;
+}
+
+TEST(Attend, Fp16AccumulatorMatchesARecomputation) {
+  // Block sizes with whole and partial 64-key chunks and 32-key steps (16, 48, 96: steps of 16
+  // keys; 128: two chunks), odd lengths, causal and sparse selections.
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  for (int64_t block_k : {16, 48, 64, 96, 128}) {
+    for (Causal causal : {Causal::kNone, Causal::kTopLeft}) {
+      SCOPED_TRACE(testing::Message() << "block_k " << block_k << " causal " << static_cast<int>(causal));
+      const Case c{.shape = {.batch = 1, .heads_q = 2, .heads_kv = 1, .len_q = 150, .len_k = 333, .head_dim = 40},
+                   .blocks = {.block_q = 64, .block_k = block_k},
+                   .causal = causal,
+                   .quant = {.pv = PvPrecision::kFp8Fp16Accum},
+                   .select = {.mode = SelectMode::kTopK, .topk = {0.6f}}};
+      const Stages stages(c, make_structured(c, seed));
+      const AttentionResult run = stages.attend_with({kInf});
+      ASSERT_TRUE(run.status.ok()) << run.status.message();
+      const std::vector<float> expect = fp16_accumulator_attention(stages, true);
+      const double scale = max_abs(expect);
+      // The same operations in the same order: equal up to contraction by the test's compiler.
+      EXPECT_LE(max_abs_diff(run.o, expect), 1e-6 * scale);
+      // Without the fp16 roundings the result moves by far more: the comparison sees them.
+      EXPECT_GT(max_abs_diff(run.o, fp16_accumulator_attention(stages, false)), 1e-5 * scale);
+    }
+  }
+}
+
+TEST(Attend, Fp16AccumulatorAccuracyMatchesFp8) {
+  // Against fp64 attention: the bounds of FP8 P·V (test_attention.cpp), and within 0.3 % relative
+  // L1 of the fp32-accumulator result on the same inputs.
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  for (int64_t block_k : {64, 128}) {
+    for (Causal causal : {Causal::kNone, Causal::kBottomRight}) {
+      SCOPED_TRACE(testing::Message() << "block_k " << block_k << " causal " << static_cast<int>(causal));
+      Case c{.shape = {.batch = 2, .heads_q = 4, .heads_kv = 2, .len_q = 300, .len_k = 420, .head_dim = 64},
+             .blocks = {.block_q = 128, .block_k = block_k},
+             .causal = causal,
+             .quant = {.pv = PvPrecision::kFp8Fp16Accum}};
+      const QKV x = make_structured(c, seed);
+      const Reference ref = reference_attention(x, c.shape, causal, default_sm_scale(64));
+      const AttentionResult fp16_accum = run_attention(c, x);
+      c.quant.pv = PvPrecision::kFp8;
+      const AttentionResult fp32_accum = run_attention(c, x);
+      ASSERT_TRUE(fp16_accum.status.ok() && fp32_accum.status.ok());
+      const Errors e = compare(fp16_accum.o, ref.o);
+      const Errors e8 = compare(fp32_accum.o, ref.o);
+      EXPECT_TRUE(e.finite) << e;
+      EXPECT_GE(e.cos, 0.999) << e;
+      EXPECT_LE(e.rel_l1, 0.035) << e;
+      EXPECT_LE(e.rel_l1, e8.rel_l1 + 0.003) << e << " vs fp32 accumulator " << e8;
+      EXPECT_FALSE(same_bits(fp16_accum.o, fp32_accum.o));
+      for (size_t row = 0; row < ref.lse.size(); ++row) {  // P·V does not touch the LSE
+        ASSERT_EQ(fp16_accum.lse[row], fp32_accum.lse[row]) << "row " << row;
+      }
+    }
+  }
+}
+
+TEST(Attend, Fp16AccumulatorWorstCaseDoesNotOverflow) {
+  // Every score 0 (each K row is one constant vector, which smoothing removes), so every p8 is
+  // 448, and every V channel at ±amax: a 64-key chunk sums 64 · 448 · 2.25 = 64512, next to the
+  // fp16 maximum 65504. Channels: all +a, all −a, and ±a alternating per key (cancelling).
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  const Shape shape{.batch = 1, .heads_q = 2, .heads_kv = 1, .len_q = 100, .len_k = 1024, .head_dim = 32};
+  const Case c{.shape = shape,
+               .dtype = DType::kFloat32,
+               .blocks = {.block_q = 128, .block_k = 128},
+               .quant = {.pv = PvPrecision::kFp8Fp16Accum}};
+  QKV x = make_structured(c, seed);
+  for (int64_t t = 0; t < shape.len_k; ++t) {
+    for (int64_t d = 0; d < shape.head_dim; ++d) {
+      const float a = 0.5f + 0.37f * static_cast<float>(d);
+      const float sign = d % 3 == 0 ? 1.0f : d % 3 == 1 ? -1.0f : (t % 2 == 0 ? 1.0f : -1.0f);
+      x.k.set(0, 0, t, d, 1.0f + 0.1f * static_cast<float>(d));
+      x.v.set(0, 0, t, d, sign * a);
+    }
+  }
+  const AttentionResult run = run_attention(c, x);
+  ASSERT_TRUE(run.status.ok()) << run.status.message();
+  const Reference ref = reference_attention(x, shape, Causal::kNone, default_sm_scale(shape.head_dim));
+  const Errors e = compare(run.o, ref.o);
+  EXPECT_TRUE(e.finite) << e;
+  EXPECT_LE(e.max_abs, 1e-5 * max_abs(run.o)) << e;  // exact up to the epilogue's rounding
+  EXPECT_GT(max_abs(run.o), 10.0);
 }
 
 TEST(Attend, NoKeysGiveZeroOutputAndMinusInfinityLse) {

@@ -1,5 +1,5 @@
 // Stage 0 (method.md §0) on hand-computed cases: INT8 groups of every granularity, smoothing,
-// zero groups, V in both P·V formats with its padded transposed layout, the LSE shift and the
+// zero groups, V in every P·V format with its padded transposed layout, the LSE shift and the
 // block statistics.
 #include <gtest/gtest.h>
 
@@ -85,26 +85,46 @@ TEST(Quantize, VInFp16) {
   for (int64_t t = 3; t < 64; ++t) ASSERT_EQ(v[t], 0) << "padding of channel 0 at token " << t;
 }
 
+TEST(Quantize, VInFp8ForTheFp16Accumulator) {
+  // kFp8Fp16Accum: v_scale = amax / 2.25; channel 0 (amax 2): v · 1.125 = [1.125, −2.25, 0.5625];
+  // channel 1 (amax 3): v · 0.75 = [2.25, 0.75, 0], all exact in e4m3.
+  SmallProblem pb;
+  const QuantOptions quant{.pv = PvPrecision::kFp8Fp16Accum};
+  StageWorkspace ws(pb.shape, {}, quant);
+  const QuantizedQKV& out = ws.buffers.quantized;
+  ASSERT_TRUE(run_quantize(pb.shape, {}, quant, pb.x, out).ok());
+  EXPECT_EQ(floats(out.v_scale, 2), (std::vector<float>{2.0f / 2.25f, 3.0f / 2.25f}));
+  const auto* v = static_cast<const uint8_t*>(out.v);  // [D, Lk_pad = 64] e4m3
+  EXPECT_EQ(std::vector<uint8_t>(v, v + 3), (std::vector<uint8_t>{0x39, 0xc1, 0x31}));
+  EXPECT_EQ(std::vector<uint8_t>(v + 64, v + 67), (std::vector<uint8_t>{0x41, 0x34, 0x00}));
+  EXPECT_EQ(num::e4m3_to_float(v[1]), -2.25f);
+  for (int64_t t = 3; t < 64; ++t) ASSERT_EQ(v[t], 0) << "padding of channel 0 at token " << t;
+}
+
 TEST(Quantize, VPaddingIsZero) {
   for (int64_t len_k : {1, 63, 64, 65, 130}) {
     SCOPED_TRACE(len_k);
     const uint32_t seed = fresh_seed();
     SCOPED_TRACE(seed);
     const Shape shape{.batch = 2, .heads_q = 2, .heads_kv = 2, .len_q = 5, .len_k = len_k, .head_dim = 3};
-    for (PvPrecision pv : {PvPrecision::kFp8, PvPrecision::kFp16}) {
+    for (PvPrecision pv : {PvPrecision::kFp8, PvPrecision::kFp16, PvPrecision::kFp8Fp16Accum}) {
+      SCOPED_TRACE(static_cast<int>(pv));
       const QuantOptions quant{.pv = pv};
       StageWorkspace ws(shape, {}, quant, 0xFF);
       const QKV x = make_structured(shape, DType::kFloat32, Layout::kHND, seed);
       ASSERT_TRUE(run_quantize(shape, {}, quant, x, ws.buffers.quantized).ok());
       const int64_t pad = padded_len_k(len_k);
-      const int64_t bytes = pv == PvPrecision::kFp8 ? 1 : 2;
+      const bool fp8 = pv != PvPrecision::kFp16;
+      const int64_t bytes = fp8 ? 1 : 2;
+      const float v_max = pv == PvPrecision::kFp8Fp16Accum ? 2.25f : 448.0f;
       const auto* v = static_cast<const unsigned char*>(ws.buffers.quantized.v);
       for (int64_t channel = 0; channel < 2 * 2 * 3; ++channel) {
         const unsigned char* padding = v + (channel * pad + len_k) * bytes;
         const unsigned char* end = v + (channel + 1) * pad * bytes;
         ASSERT_TRUE(std::all_of(padding, end, [](unsigned char c) { return c == 0; })) << "channel " << channel;
       }
-      // Every stored value is x · 448 / amax of its channel in the format.
+      // Every stored value is x · v_max / amax of its channel in the format, v_max = 448, or 2.25
+      // for the fp16 accumulator (|v_q| <= 2.25).
       const float* scale = ws.buffers.quantized.v_scale;
       for (int64_t b = 0; b < 2; ++b) {
         for (int64_t h = 0; h < 2; ++h) {
@@ -112,11 +132,12 @@ TEST(Quantize, VPaddingIsZero) {
             const int64_t channel = (b * 2 + h) * 3 + d;
             float amax = 0.0f;
             for (int64_t t = 0; t < len_k; ++t) amax = std::max(amax, std::fabs(x.v.get(b, h, t, d)));
-            ASSERT_EQ(scale[channel], amax / 448.0f);
+            ASSERT_EQ(scale[channel], amax / v_max);
             for (int64_t t = 0; t < len_k; ++t) {
-              const float scaled = x.v.get(b, h, t, d) * (448.0f / amax);
-              if (pv == PvPrecision::kFp8) {
+              const float scaled = x.v.get(b, h, t, d) * (v_max / amax);
+              if (fp8) {
                 ASSERT_EQ(v[channel * pad + t], num::float_to_e4m3(scaled));
+                ASSERT_LE(std::fabs(num::e4m3_to_float(v[channel * pad + t])), v_max);
               } else {
                 uint16_t bits;
                 std::memcpy(&bits, v + 2 * (channel * pad + t), 2);

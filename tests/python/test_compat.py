@@ -292,7 +292,7 @@ def test_sage_granularity_and_accumulators(name, seed):
     q, k, v = structured_qkv(B, H, None, 200, None, D, seed=seed)
     f = getattr(compat, name)
     accums = {"sageattn_qk_int8_pv_fp16_cuda": ["fp16", "fp16+fp32", "fp32"],
-              "sageattn_qk_int8_pv_fp8_cuda": ["fp32", "fp32+fp32", "fp32+fp16"],
+              "sageattn_qk_int8_pv_fp8_cuda": ["fp32", "fp32+fp32"],  # "fp32+fp16": test_pv_fp16acc.py
               "sageattn_qk_int8_pv_fp8_cuda_sm90": ["fp32+fp32", "fp32"],
               "sageattn": ["fp32", "fp32+fp16", "fp16+fp32"]}[name]  # fmt: skip
     base = f(q, k, v)

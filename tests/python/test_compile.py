@@ -38,7 +38,7 @@ def test_opcheck_stages(seed):
                   block_q=64, block_k=32, select_flags=3)  # fmt: skip
     torch.library.opcheck(torch.ops.sparge.predict.default, (quantized, None, None, torch.full((2,), 0.95), None), select)
     index, count, _, _ = torch.ops.sparge.predict(quantized, None, None, None, None, **select)
-    attend = dict(layout=1, causal=2, scale=0.0, granularity=1, block_q=64, block_k=32, pvthreshd=5.0,
+    attend = dict(layout=1, causal=2, scale=0.0, granularity=1, pv=1, block_q=64, block_k=32, pvthreshd=5.0,
                   output_dtype=torch.float16, return_lse=True, return_stats=True)  # fmt: skip
     torch.library.opcheck(torch.ops.sparge.attend.default, (quantized, index, count, torch.tensor([1.0, 30.0])), attend)
 

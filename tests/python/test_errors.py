@@ -87,7 +87,7 @@ BAD_KWARGS = [
     (dict(block_size=128), ValueError, r"block_size: .*got 128"),
     (dict(causal_alignment="center", is_causal=True), ValueError, r"causal_alignment: expected one of 'top_left', 'bottom_right', got 'center'"),
     (dict(qk_quant_gran="per_tensor"), ValueError, r"qk_quant_gran: expected one of 'per_block', 'per_warp', 'per_thread', got 'per_tensor'"),
-    (dict(pv_precision="fp4"), ValueError, r"pv_precision: expected one of 'fp8', 'fp16', got 'fp4'"),
+    (dict(pv_precision="fp4"), ValueError, r"pv_precision: expected one of 'fp8', 'fp16', 'fp8_fp16acc', got 'fp4'"),
     (dict(output_dtype=torch.int8), ValueError, r"output_dtype: expected None, torch.float16, torch.bfloat16 or torch.float32, got torch.int8"),
 ]  # fmt: skip
 
@@ -153,7 +153,7 @@ def test_stage_function_errors():
         sparge.predict(wrong_blocks)
     with pytest.raises(ValueError, match=r"pvthreshd: expected a value >= 0"):
         sparge.attend(qz, pred.index, pred.count, pvthreshd=-3.0)
-    with pytest.raises(ValueError, match=r"quantized.v: expected float8_e4m3fn or float16, got torch.int16"):
+    with pytest.raises(ValueError, match=r"quantized.v: expected a contiguous torch.float8_e4m3fn tensor .* got torch.int16"):
         sparge.attend(qz._replace(v=qz.v.view(torch.uint8).to(torch.int16)), pred.index, pred.count)
 
 

@@ -15,6 +15,7 @@
 #include "cuda/attn/sm80/attend_mma.h"
 #include "cuda/attn/sm90/attend_wgmma.h"
 #include "cuda/common/device_utils.cuh"
+#include "cuda/common/ptx_mma.cuh"
 #include "sparge/layout.h"
 #include "sparge_build_config.h"
 
@@ -22,7 +23,7 @@ namespace sparge::cuda {
 namespace {
 
 constexpr int kMinComputeCapability = 80;      // ldmatrix, cp.async, mma.sync int8 / fp16
-constexpr int kMinFp8ComputeCapability = 89;   // mma.sync with e4m3 operands
+constexpr int kMinFp8ComputeCapability = 89;   // mma.sync with e4m3 operands (kFp8, kFp8Fp16Accum)
 constexpr int kWgmmaComputeCapability = 90;    // wgmma / TMA, built for sm_90a only
 constexpr bool kBuiltSm90a = std::string_view(SPARGE_CUDA_ARCHS).find("90a") != std::string_view::npos;
 constexpr int64_t kHeadDimStep = 16;           // head dims are whole 16-byte rows of int8 chunks
@@ -34,8 +35,6 @@ constexpr size_t kStaticSmemAllowance = 1024;  // the kernel's static __shared__
 // Head dims are padded to the next instantiated width; padded columns are zero in shared memory.
 int head_dim_pad(int64_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
 
-const char* pv_name(PvPrecision pv) { return pv == PvPrecision::kFp8 ? "kFp8" : "kFp16"; }
-
 std::string cc_name(int cc) { return std::to_string(cc / 10) + "." + std::to_string(cc % 10); }
 
 Status unsupported(const std::string& message) { return {StatusCode::kUnsupported, message}; }
@@ -45,6 +44,8 @@ Status dispatch_pv(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) 
   switch (p.quant.pv) {
     case PvPrecision::kFp8: return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8>(kp, grid, p.stream);
     case PvPrecision::kFp16: return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp16>(kp, grid, p.stream);
+    case PvPrecision::kFp8Fp16Accum:
+      return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8Fp16Accum>(kp, grid, p.stream);
   }
   return unsupported("quant.pv: no attention kernel for value " + std::to_string(static_cast<int>(p.quant.pv)));
 }
@@ -99,8 +100,9 @@ Status kernel_choice(KernelChoice* choice) {
 }
 
 // Whether stage 2 runs on the wgmma kernel: built for sm_90a, a compute capability 9.0 device (the
-// sm_90a cubin runs on no other), a request it covers, and not forced to mma.sync. Forcing wgmma
-// where it cannot run is kUnsupported.
+// sm_90a cubin runs on no other), a request it covers (kFp8 P·V only: kFp8Fp16Accum runs on
+// mma.sync on every GPU), and not forced to mma.sync. Forcing wgmma where it cannot run is
+// kUnsupported.
 Status use_wgmma(const Shape& s, const BlockConfig& blocks, PvPrecision pv, const Arch& arch, bool* wgmma) {
   KernelChoice choice = KernelChoice::kAuto;
   SPARGE_RETURN_IF_ERROR(kernel_choice(&choice));
@@ -108,9 +110,9 @@ Status use_wgmma(const Shape& s, const BlockConfig& blocks, PvPrecision pv, cons
   const bool can = kBuiltSm90a && device_ok && wgmma_attend_covers(s.head_dim, blocks.block_q, blocks.block_k, pv, s.len_k);
   if (choice == KernelChoice::kWgmma && !can) {
     return unsupported(std::string(kKernelEnv) +
-                       "=wgmma: the wgmma kernel needs a build with sm_90a, a compute capability 9.0 device, fp8 "
-                       "P·V, head_dim <= 128, block_q a multiple of " + std::to_string(kWgmmaAttendRows) +
-                       " and block_k 64 or 128");
+                       "=wgmma: the wgmma kernel needs a build with sm_90a, a compute capability 9.0 device, kFp8 "
+                       "P·V (got " + pv_name(pv) + "), head_dim <= 128, block_q a multiple of " +
+                       std::to_string(kWgmmaAttendRows) + " and block_k 64 or 128");
   }
   *wgmma = can && choice != KernelChoice::kMma;
   return Status::Ok();
@@ -140,15 +142,24 @@ Status attend_supports(const Shape& shape, const BlockConfig& blocks, const Quan
     return unsupported("device: the CUDA attention kernel needs compute capability " + cc_name(kMinComputeCapability) +
                        " or newer, got " + cc_name(arch.device));
   }
-  if (quant.pv == PvPrecision::kFp8 && arch.device < kMinFp8ComputeCapability) {
-    return unsupported("quant.pv: kFp8 needs compute capability " + cc_name(kMinFp8ComputeCapability) +
-                       " or newer (e4m3 mma), got " + cc_name(arch.device) + "; use kFp16");
+  const bool fp8 = pv_is_fp8(quant.pv);
+  if (fp8 && arch.device < kMinFp8ComputeCapability) {
+    return unsupported(std::string("quant.pv: ") + pv_name(quant.pv) + " needs compute capability " +
+                       cc_name(kMinFp8ComputeCapability) + " or newer (e4m3 mma), got " + cc_name(arch.device) +
+                       "; use kFp16");
   }
-  if (quant.pv == PvPrecision::kFp8 && arch.image < kMinFp8ComputeCapability) {
-    return unsupported("quant.pv: kFp8 needs e4m3 mma, but the kernels that run on this device (compute capability " +
+  if (fp8 && arch.image < kMinFp8ComputeCapability) {
+    return unsupported(std::string("quant.pv: ") + pv_name(quant.pv) +
+                       " needs e4m3 mma, but the kernels that run on this device (compute capability " +
                        cc_name(arch.device) + ") were compiled for " + cc_name(arch.image) + " (SPARGE_CUDA_ARCHS=" +
                        SPARGE_CUDA_ARCHS + "); use kFp16 or build for " + cc_name(kMinFp8ComputeCapability) +
                        " or newer");
+  }
+  if (quant.pv == PvPrecision::kFp8Fp16Accum && !kHasMmaE4m3F16Accum) {
+    return unsupported("quant.pv: kFp8Fp16Accum needs mma.sync with an f16 accumulator (PTX ISA 8.7), which this "
+                       "build's nvcc " + std::to_string(__CUDACC_VER_MAJOR__) + "." +
+                       std::to_string(__CUDACC_VER_MINOR__) +
+                       " cannot emit; use kFp8 or build with CUDA 12.8 or newer");
   }
   bool wgmma = false;
   SPARGE_RETURN_IF_ERROR(use_wgmma(shape, blocks, quant.pv, arch, &wgmma));

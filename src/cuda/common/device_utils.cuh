@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -122,5 +123,29 @@ inline Status cuda_status(cudaError_t err, const char* what) {
 }
 
 #define SPARGE_CUDA_TRY(call, what) SPARGE_RETURN_IF_ERROR(::sparge::cuda::cuda_status((call), (what)))
+
+inline constexpr int kMaxTrackedDevices = 64;
+inline constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // usable without cudaFuncSetAttribute
+
+// Lets kKernel launch with `bytes` of dynamic shared memory on the current device. The attribute
+// call costs microseconds, so it is made only above the default limit and once per device and
+// size raised to (devices past kMaxTrackedDevices: every time).
+template <auto kKernel>
+Status allow_dynamic_smem(size_t bytes, const char* what) {
+  if (bytes <= kDefaultDynamicSmem) return Status::Ok();
+  static std::atomic<size_t> raised[kMaxTrackedDevices] = {};
+  int device = 0;
+  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+  const bool tracked = device < kMaxTrackedDevices;
+  if (tracked && raised[device].load(std::memory_order_acquire) >= bytes) return Status::Ok();
+  SPARGE_CUDA_TRY(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                  what);
+  if (tracked) {
+    size_t seen = raised[device].load(std::memory_order_relaxed);
+    while (seen < bytes && !raised[device].compare_exchange_weak(seen, bytes, std::memory_order_acq_rel)) {
+    }
+  }
+  return Status::Ok();
+}
 
 }  // namespace sparge::cuda

@@ -318,9 +318,14 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
 // fp32 bits into their rows of the index output, which select_kernel reads back before it
 // overwrites them: one thread per K block, every K statistic read once for the whole group (the
 // pooled queries are a shared-memory broadcast). The last Q block of a group allows the most K
-// blocks; entries past a row's allowed blocks are scored but never read.
+// blocks; entries past a row's allowed blocks are scored but never read. Also clears the block
+// counters of the statistics, which select_kernel adds to (in place of a memset call).
 __global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
   extern __shared__ float q_rows[];  // [group][D]
+  if (a.stats != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+    a.stats[kStatBlocksKept] = 0;
+    a.stats[kStatBlocksAllowed] = 0;
+  }
   const Shape& s = a.shape;
   const int64_t bh = blockIdx.y;
   const int heads_q = static_cast<int>(s.heads_q);
@@ -372,27 +377,28 @@ int score_group(int64_t nbq, int64_t bhq) {
 Status predict(const PredictParams& p) {
   const auto [nbq, nbk] = block_counts(p.shape, p.blocks);
   unsigned long long* stats = reinterpret_cast<unsigned long long*>(p.stats_out);
-  if (stats != nullptr) {
+  const int64_t bhq = p.shape.batch * p.shape.heads_q;
+  const bool launches = bhq > 0 && nbq > 0;
+  const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
+  static_assert(kStatBlocksAllowed == kStatBlocksKept + 1, "the two block counters are cleared with one memset");
+  if (stats != nullptr && !(launches && scored)) {  // else score_kernel clears them
     SPARGE_CUDA_TRY(cudaMemsetAsync(stats + kStatBlocksKept, 0, 2 * sizeof(int64_t), p.stream), "predict: clear stats");
   }
-  const int64_t bhq = p.shape.batch * p.shape.heads_q;
-  if (bhq == 0 || nbq == 0) return Status::Ok();
+  if (!launches) return Status::Ok();
   const PredictArgs args{.shape = p.shape, .blocks = p.blocks, .causal = p.causal, .sm_scale = p.sm_scale,
                          .select = p.select, .q_pool = p.stats.q_pool, .q_sim = p.stats.q_sim,
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
                          .group = score_group(nbq, bhq)};
-  if (p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf) {
+  if (scored) {
     const size_t q_bytes = static_cast<size_t>(args.group) * static_cast<size_t>(p.shape.head_dim) * sizeof(float);
     const auto groups = static_cast<unsigned>(ceil_div(nbq, args.group));
     score_kernel<<<dim3(groups, static_cast<unsigned>(bhq)), kThreads, q_bytes, p.stream>>>(args);
     SPARGE_RETURN_IF_ERROR(launch_status("predict (scores)"));
   }
   const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t));
-  SPARGE_CUDA_TRY(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)),
-                  "predict: set shared memory");
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<select_kernel>(smem, "predict: set shared memory"));
   select_kernel<<<dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
   return launch_status("predict");
 }

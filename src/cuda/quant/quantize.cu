@@ -12,8 +12,10 @@
 // Fast path (quantize_fast, taken for 16-byte aligned rows with D / (16 / sizeof(T)) in {8, 16, 32}
 // and 64-multiple prediction blocks, i.e. every CUDA call the dispatcher accepts at D = 64/128/256
 // in fp16/bf16): 16-byte loads kept in registers, 1+5 fused into kv_stats_fast (K block sums and
-// V amax in one pass), a parallel k_mean, register-resident rows kernels, and a v_quant whose smem
-// transpose is bank-conflict-free on the load side. Same arithmetic per element as the passes above.
+// per-block V amax in one pass, no atomics), one kv_reduce for k_mean and the V amax (so nothing
+// needs clearing first), register-resident rows kernels (the Q one also does 7), and a v_quant
+// whose smem transpose is bank-conflict-free on the load side: four launches for the stage. Same
+// arithmetic per element as the passes above.
 #include <cuda_fp8.h>
 
 #include "cuda/common/device_utils.cuh"
@@ -46,6 +48,9 @@ struct RowsArgs {
   float* sim;             // [B, H, nblocks]
   float* lse_shift;       // [B, H, L] (Q only) or null
   float* spikes;          // [B, H, nblocks, kSpikeKeys, D] (K only) or null
+  float* v_finalize;      // fast rows<Q> only, or null: v_scale ([v_count]) holding V amax, divided
+  int64_t v_count;        //   by v_max here (saves the v_finalize launch; v_quant ran before)
+  float v_max;
 };
 
 template <bool kIsQ>
@@ -252,7 +257,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename Out>
 __global__ void __launch_bounds__(kThreads)
     v_quant_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad, int64_t head_dim,
-                   const float* amax, Out* out) {
+                   const float* amax, float v_max, Out* out) {
   extern __shared__ float vtile[];  // (kTileRows, D+1)
   const int64_t pitch = head_dim + 1;
   const int64_t bh = blockIdx.y;
@@ -266,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = threadIdx.x; i < kTileRows * head_dim; i += kThreads) {
     const int64_t d = i / kTileRows, r = i % kTileRows;
     const float m = amax[bh * head_dim + d];
-    const float inv = m > 0.0f ? __fdiv_rn(kVQuantMax, m) : 0.0f;
+    const float inv = m > 0.0f ? __fdiv_rn(v_max, m) : 0.0f;
     const float y = __fmul_rn(vtile[r * pitch + d], inv);
     Out q;
     if constexpr (std::is_same_v<Out, __nv_fp8_e4m3>) {
@@ -278,9 +283,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void v_finalize_kernel(float* scale, int64_t count) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < count) scale[i] = __fdiv_rn(scale[i], kVQuantMax);
+// amax → v_scale = amax / v_max (v_max = v_quant_max(pv)), element i.
+__device__ __forceinline__ void v_finalize_at(float* scale, int64_t count, float v_max, int64_t i) {
+  if (i < count) scale[i] = __fdiv_rn(scale[i], v_max);
+}
+
+__global__ void v_finalize_kernel(float* scale, int64_t count, float v_max) {
+  v_finalize_at(scale, count, v_max, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x);
 }
 
 size_t rows_smem_bytes(int64_t head_dim) {
@@ -290,9 +299,8 @@ size_t rows_smem_bytes(int64_t head_dim) {
 template <bool kIsQ, typename T>
 Status launch_rows(const RowsArgs& a, int64_t nblocks, int64_t bh, cudaStream_t stream) {
   const size_t smem = rows_smem_bytes(a.head_dim);
-  auto kernel = quantize_rows_kernel<kIsQ, T>;
-  SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                  "quantize_rows: set shared memory");
+  constexpr auto kernel = quantize_rows_kernel<kIsQ, T>;
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(smem, "quantize_rows: set shared memory"));
   kernel<<<dim3(static_cast<unsigned>(nblocks), static_cast<unsigned>(bh)), kThreads, smem, stream>>>(a);
   return launch_status(kIsQ ? "quantize_rows<Q>" : "quantize_rows<K>");
 }
@@ -342,7 +350,7 @@ __device__ __forceinline__ bool spike_before(float n1, int64_t r1, float n2, int
 }
 
 template <bool kIsQ, typename T, int CPR>
-__global__ void __launch_bounds__(kThreads, CPR <= 16 ? 4 : 2) quantize_rows_fast_kernel(RowsArgs a) {
+__global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) quantize_rows_fast_kernel(RowsArgs a) {
   constexpr int VEC = kVec<T>;
   constexpr int RPP = kThreads / CPR;         // rows per pass
   constexpr int ITERS = kTileRows / RPP;      // passes per 64-row tile
@@ -367,6 +375,10 @@ __global__ void __launch_bounds__(kThreads, CPR <= 16 ? 4 : 2) quantize_rows_fas
   const int c = threadIdx.x % CPR;
   const int rsub = threadIdx.x / CPR;
   const int col0 = c * VEC;
+  if (kIsQ && a.v_finalize != nullptr) {
+    const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    v_finalize_at(a.v_finalize, a.v_count, a.v_max, cta * kThreads + threadIdx.x);
+  }
 
   float km[VEC];
 #pragma unroll
@@ -541,12 +553,12 @@ __global__ void __launch_bounds__(kThreads, CPR <= 16 ? 4 : 2) quantize_rows_fas
   }
 }
 
-// Raw K block sums (when sums != null) and V per-channel amax (atomic max into amax), one CTA per
-// prediction K block.
+// Raw K block sums (when sums != null) and the V per-channel amax of the block (into amax_parts,
+// [B, Hkv, nbk, D]), one CTA per prediction K block.
 template <typename T, int CPR>
 __global__ void __launch_bounds__(kThreads)
     kv_stats_fast_kernel(const T* k, Strides ks, const T* v, Strides vs, int64_t heads, int64_t len,
-                         int64_t block_rows, float* sums, float* amax) {
+                         int64_t block_rows, float* sums, float* amax_parts) {
   constexpr int VEC = kVec<T>;
   constexpr int RPP = kThreads / CPR;
   constexpr int D = CPR * VEC;
@@ -589,27 +601,38 @@ __global__ void __launch_bounds__(kThreads)
       tm = fmaxf(tm, red[1][j * D + d]);
     }
     if (do_sums) sums[(bh * gridDim.x + block) * D + d] = ts;
-    atomic_max_nonneg(&amax[bh * D + d], tm);
+    amax_parts[(bh * gridDim.x + block) * D + d] = tm;
   }
 }
 
-// k_mean from the block sums: 32 channels × 8 partial sums per CTA, reduced in a fixed order.
+// k_mean from the block sums (zeros when sums is null) and the V amax from the per-block amax:
+// 32 channels × 8 partials per CTA, reduced in a fixed order.
 __global__ void __launch_bounds__(kThreads)
-    k_mean_fast_kernel(const float* sums, int64_t nblocks, int64_t len, int64_t head_dim, float* mean) {
-  __shared__ float part[kWarps][kWarpSize];
+    kv_reduce_kernel(const float* sums, const float* amax_parts, int64_t nblocks, int64_t len, int64_t head_dim,
+                     float* mean, float* amax) {
+  __shared__ float part[2][kWarps][kWarpSize];
   const int64_t bh = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t d = blockIdx.y * kWarpSize + lane;
-  float s = 0.0f;
+  float s = 0.0f, m = 0.0f;
   if (d < head_dim) {
-    for (int64_t j = warp; j < nblocks; j += kWarps) s += sums[(bh * nblocks + j) * head_dim + d];
+    for (int64_t j = warp; j < nblocks; j += kWarps) {
+      const int64_t at = (bh * nblocks + j) * head_dim + d;
+      if (sums != nullptr) s += sums[at];
+      m = fmaxf(m, amax_parts[at]);
+    }
   }
-  part[warp][lane] = s;
+  part[0][warp][lane] = s;
+  part[1][warp][lane] = m;
   __syncthreads();
   if (warp == 0 && d < head_dim) {
-    float t = 0.0f;
-    for (int w = 0; w < kWarps; ++w) t += part[w][lane];
-    mean[bh * head_dim + d] = t / static_cast<float>(len);
+    float t = 0.0f, tm = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      t += part[0][w][lane];
+      tm = fmaxf(tm, part[1][w][lane]);
+    }
+    mean[bh * head_dim + d] = sums != nullptr ? t / static_cast<float>(len) : 0.0f;
+    amax[bh * head_dim + d] = tm;
   }
 }
 
@@ -618,7 +641,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename Out, int CPR>
 __global__ void __launch_bounds__(kThreads)
     v_quant_fast_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad,
-                        const float* amax, Out* out) {
+                        const float* amax, float v_max, Out* out) {
   constexpr int VEC = kVec<T>;
   constexpr int D = CPR * VEC;
   constexpr int P = D + 1;
@@ -629,7 +652,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   for (int d = threadIdx.x; d < D; d += kThreads) {
     const float m = amax[bh * D + d];
-    inv[d] = m > 0.0f ? __fdiv_rn(kVQuantMax, m) : 0.0f;
+    inv[d] = m > 0.0f ? __fdiv_rn(v_max, m) : 0.0f;
   }
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   constexpr int kTasks = (kTileRows / 8) * (CPR / 4);
@@ -677,11 +700,11 @@ template <typename T, int CPR, typename Out>
 Status launch_v_quant_fast(const QuantizeParams& p, int64_t bhk, int64_t len_pad, Out* out) {
   const dim3 vgrid(static_cast<unsigned>(len_pad / kTileRows), static_cast<unsigned>(bhk));
   const size_t smem = sizeof(float) * kTileRows * (CPR * kVec<T> + 1);
-  auto kernel = v_quant_fast_kernel<T, Out, CPR>;
-  SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                  "v_quant_fast: set shared memory");
+  constexpr auto kernel = v_quant_fast_kernel<T, Out, CPR>;
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(smem, "v_quant_fast: set shared memory"));
   kernel<<<vgrid, kThreads, smem, p.stream>>>(
-      static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv, p.shape.len_k, len_pad, p.out.v_scale, out);
+      static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv, p.shape.len_k, len_pad, p.out.v_scale,
+      v_quant_max(p.quant.pv), out);
   return launch_status("v_quant_fast");
 }
 
@@ -698,18 +721,20 @@ Status quantize_fast(const QuantizeParams& p) {
   const QuantGranularity g = p.quant.granularity;
   const T* k = static_cast<const T*>(p.in.k);
   const T* v = static_cast<const T*>(p.in.v);
-  SPARGE_CUDA_TRY(cudaMemsetAsync(o.k_mean, 0, sizeof(float) * bhk * d, stream), "quantize: clear k_mean");
-  SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");
-  if (s.len_k > 0) {
+  if (s.len_k == 0) {
+    SPARGE_CUDA_TRY(cudaMemsetAsync(o.k_mean, 0, sizeof(float) * bhk * d, stream), "quantize: clear k_mean");
+    SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");
+  } else {
+    // The per-block V amax lives in the quantized V buffer until v_quant overwrites it: it needs
+    // nbk · D floats per head, V holds D · Lk_pad >= D · 64 · nbk elements of at least one byte.
+    float* v_amax_parts = static_cast<float*>(o.v);
+    float* k_sums = p.quant.smooth_k ? o.k_pool : nullptr;
     kv_stats_fast_kernel<T, CPR><<<dim3(nbk, bhk), kThreads, 0, stream>>>(
-        k, p.in.k_strides, v, p.in.v_strides, s.heads_kv, s.len_k, p.blocks.block_k,
-        p.quant.smooth_k ? o.k_pool : nullptr, o.v_scale);
+        k, p.in.k_strides, v, p.in.v_strides, s.heads_kv, s.len_k, p.blocks.block_k, k_sums, v_amax_parts);
     SPARGE_RETURN_IF_ERROR(launch_status("kv_stats_fast"));
-    if (p.quant.smooth_k) {
-      k_mean_fast_kernel<<<dim3(bhk, ceil_div(d, kWarpSize)), kThreads, 0, stream>>>(o.k_pool, nbk, s.len_k, d,
-                                                                                      o.k_mean);
-      SPARGE_RETURN_IF_ERROR(launch_status("k_mean_fast"));
-    }
+    kv_reduce_kernel<<<dim3(bhk, ceil_div(d, kWarpSize)), kThreads, 0, stream>>>(k_sums, v_amax_parts, nbk, s.len_k,
+                                                                                 d, o.k_mean, o.v_scale);
+    SPARGE_RETURN_IF_ERROR(launch_status("kv_reduce"));
     const RowsArgs ka{.x = k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
                       .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
                       .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
@@ -718,21 +743,31 @@ Status quantize_fast(const QuantizeParams& p) {
     quantize_rows_fast_kernel<false, T, CPR><<<dim3(nbk, bhk), kThreads, 0, stream>>>(ka);
     SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<K>"));
     const int64_t len_pad = padded_len_k(s.len_k);
-    if (p.quant.pv == PvPrecision::kFp8) {
+    if (pv_is_fp8(p.quant.pv)) {
       SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
     } else {
       SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, bhk, len_pad, static_cast<__half*>(o.v))));
     }
-    v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d);
+  }
+  // v_scale still holds the V amax when Lk > 0: the Q rows launch finalizes it when it has a thread
+  // per entry, else v_finalize does.
+  const bool q_rows = bhq > 0 && s.len_q > 0;
+  const bool finalize_in_q_rows = q_rows && nbq * bhq * kThreads >= bhk * d;
+  if (s.len_k > 0 && !finalize_in_q_rows) {
+    v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d,
+                                                                            v_quant_max(p.quant.pv));
     SPARGE_RETURN_IF_ERROR(launch_status("v_finalize"));
   }
-  if (bhq > 0 && s.len_q > 0) {
+  if (q_rows) {
     const float c = p.quant.sm_scale * kLog2e;
+    const bool finalize = s.len_k > 0 && finalize_in_q_rows;
     const RowsArgs qa{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
                       .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
                       .k_mean = o.k_mean, .scale_factor = c, .sm_scale = p.quant.sm_scale, .out = o.q,
                       .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
-                      .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr};
+                      .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr,
+                      .v_finalize = finalize ? o.v_scale : nullptr, .v_count = bhk * d,
+                      .v_max = v_quant_max(p.quant.pv)};
     quantize_rows_fast_kernel<true, T, CPR><<<dim3(nbq, bhq), kThreads, 0, stream>>>(qa);
     SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<Q>"));
   }
@@ -803,21 +838,22 @@ Status quantize(const QuantizeParams& p) {
       SPARGE_RETURN_IF_ERROR(launch_status("v_amax"));
       const dim3 vgrid(static_cast<unsigned>(len_pad / kTileRows), static_cast<unsigned>(bhk));
       const size_t vsmem = sizeof(float) * kTileRows * (d + 1);
-      if (p.quant.pv == PvPrecision::kFp8) {
+      if (pv_is_fp8(p.quant.pv)) {
         auto kernel = v_quant_kernel<T, __nv_fp8_e4m3>;
         SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, vsmem),
                         "v_quant: set shared memory");
         kernel<<<vgrid, kThreads, vsmem, stream>>>(v, p.in.v_strides, s.heads_kv, s.len_k, len_pad, d, o.v_scale,
-                                                   static_cast<__nv_fp8_e4m3*>(o.v));
+                                                   v_quant_max(p.quant.pv), static_cast<__nv_fp8_e4m3*>(o.v));
       } else {
         auto kernel = v_quant_kernel<T, __half>;
         SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, vsmem),
                         "v_quant: set shared memory");
         kernel<<<vgrid, kThreads, vsmem, stream>>>(v, p.in.v_strides, s.heads_kv, s.len_k, len_pad, d, o.v_scale,
-                                                   static_cast<__half*>(o.v));
+                                                   v_quant_max(p.quant.pv), static_cast<__half*>(o.v));
       }
       SPARGE_RETURN_IF_ERROR(launch_status("v_quant"));
-      v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d);
+      v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d,
+                                                                              v_quant_max(p.quant.pv));
       SPARGE_RETURN_IF_ERROR(launch_status("v_finalize"));
     } else if (bhk > 0) {
       SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");

@@ -1,6 +1,7 @@
 // Stage 2 (docs/method.md §2) on warp-level mma.sync: INT8 Q·K^T (m16n8k32.s8), online softmax
-// in the log2 domain, the per-warp P·V skip, and P·V in e4m3 (m16n8k32.e4m3, sm_89+) or fp16
-// (m16n8k16.f16). Include only from the explicit instantiations under ../instantiations/.
+// in the log2 domain, the per-warp P·V skip, and P·V in e4m3 (m16n8k32.e4m3, sm_89+; fp32
+// accumulators, or f16 ones per 64-key chunk for kFp8Fp16Accum) or fp16 (m16n8k16.f16). Include
+// only from the explicit instantiations under ../instantiations/.
 //
 // One CTA = 4 warps = 64 query rows of one (b, h), all inside one prediction Q block (block_q is a
 // multiple of 64). Warp w owns rows [16w, 16w + 16) of the tile: exactly one 16-row P·V group of
@@ -14,7 +15,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -37,8 +37,6 @@ inline constexpr unsigned kFullWarp = 0xffffffffu;
 inline constexpr int kMmaN = 8;        // n of every mma shape used here
 inline constexpr int kMmaNPairs = 2;   // n8 tiles delivered by one ldmatrix.x4 of B fragments
 inline constexpr int kQuadLanes = 4;   // lanes sharing one accumulator row (t = lane % 4)
-inline constexpr size_t kDefaultSmemLimit = 48 * 1024;  // dynamic smem usable without opting in
-inline constexpr int kMaxTrackedDevices = 64;
 
 // Which key of the K block sits in column n (0..7) of S n-tile `tile`; equivalently, which key
 // the K tile stores in shared row 8·tile + n (the K loader writes key(row / 8, row % 8) there and
@@ -112,8 +110,9 @@ struct Config {
   static constexpr int kHeadDimPad = kHeadDimPad_;
   static constexpr int kBlockK = kBlockK_;
   static constexpr PvPrecision kPv = kPv_;
-  static constexpr bool kFp8 = kPv == PvPrecision::kFp8;
-  static constexpr int kVElemBytes = kFp8 ? 1 : 2;
+  static constexpr bool kFp8 = pv_is_fp8(kPv);  // P and V in e4m3
+  static constexpr bool kFp16Accum = kPv == PvPrecision::kFp8Fp16Accum;
+  static constexpr int kVElemBytes = static_cast<int>(v_elem_bytes(kPv));
   static constexpr int kVKeysPerChunk = kCpAsyncBytes / kVElemBytes;
 
   static constexpr int kQkK = 32;                          // head-dim bytes per int8 mma
@@ -122,6 +121,10 @@ struct Config {
   static constexpr int kPvK = kFp8 ? 32 : 16;              // keys per P·V mma
   static constexpr int kPvSteps = kBlockK / kPvK;
   static constexpr int kPvStepBytes = kPvK * kVElemBytes;  // bytes of a V^T row per P·V step
+  // kFp16Accum: keys (and P·V steps) summed in one f16 accumulator before the fp32 add.
+  static constexpr int kPvAccumKeys = static_cast<int>(kFp16AccumChunkKeys);
+  static constexpr int kPvAccumSteps = kPvAccumKeys / kPvK;
+  static constexpr int kPvAccumChunks = kBlockK / kPvAccumKeys;
   static constexpr int kPassCols = mma_attend_pass_cols(kHeadDimPad, kBlockK);  // O columns per pass
   static constexpr int kPasses = kHeadDimPad / kPassCols;
   static constexpr int kOTiles = kPassCols / kMmaN;        // O per warp and pass: (16, kPassCols) as n8 tiles
@@ -149,6 +152,8 @@ struct Config {
   static_assert(kSTiles % kMmaNPairs == 0 && kPvChunkTiles % kMmaNPairs == 0, "B fragments come in tile pairs");
   static_assert(kHeadDimPad % kPassCols == 0 && kOTiles % kPvChunkTiles == 0, "whole passes and P·V chunks");
   static_assert(kBlockK % kPvK == 0 && kHeadDimPad % kQkK == 0, "whole mma k-steps");
+  static_assert(!kFp16Accum || (kPvK == kFp16AccumStepKeys && kBlockK % kPvAccumKeys == 0),
+                "kFp8Fp16Accum: one mma per 32-key step, whole 64-key accumulator chunks");
   static_assert(kQkK == 2 * kCpAsyncBytes && kPvStepBytes == 2 * kCpAsyncBytes,
                 "an mma k-step spans two 16-byte ldmatrix columns");
   static_assert(key_order_is_valid<kPv, kBlockK>(), "S columns: every key once, lane pairs consecutive");
@@ -184,6 +189,12 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
   constexpr int kPvChunkTiles = Cfg::kPvChunkTiles;
   constexpr int kQFragSteps = Cfg::kQInRegisters ? Cfg::kQkSteps : 1;
   static_assert(kMmaAttendWarpRows == 16, "one m16 mma row tile per warp");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  if constexpr (Cfg::kFp8) {  // no e4m3 mma: attend_supports rejects these images; an empty body builds faster
+    __trap();
+    return;
+  }
+#endif
 
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int skipped_per_warp[kMmaAttendWarps];
@@ -421,18 +432,52 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
 #pragma unroll
           for (int e = 0; e < 4; ++e) pv[dt][e] = 0.0f;
         }
+        // B fragments of O tiles dp, dp + 1 of this chunk at P·V step ks.
+        auto load_v = [&](uint32_t (&bv)[4], int ks, int dp) {
+          ldmatrix_x4(bv, v_stage + VTile::offset((chunk * kPvChunkTiles + dp) * kMmaN, 2 * ks));
+        };
+        if constexpr (Cfg::kFp16Accum) {
+          // Per 64-key chunk and pair of O tiles fresh f16 accumulators, one mma per 32-key step
+          // (rounded to f16 by the mma), then pv += their fp32 value; |partial sums| <= 64 · 448 ·
+          // 2.25 < 65504. A pair at a time keeps 4 accumulator registers live, not 8.
 #pragma unroll
-        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+          for (int kc = 0; kc < Cfg::kPvAccumChunks; ++kc) {
 #pragma unroll
-          for (int dp = 0; dp < kPvChunkTiles; dp += kMmaNPairs) {
-            uint32_t bv[4];
-            ldmatrix_x4(bv, v_stage + VTile::offset((chunk * kPvChunkTiles + dp) * kMmaN, 2 * ks));
-            if constexpr (Cfg::kFp8) {
-              mma_m16n8k32_e4m3(pv[dp], p_frag[ks], bv[0], bv[1]);
-              mma_m16n8k32_e4m3(pv[dp + 1], p_frag[ks], bv[2], bv[3]);
-            } else {
-              mma_m16n8k16_f16(pv[dp], p_frag[ks], bv[0], bv[1]);
-              mma_m16n8k16_f16(pv[dp + 1], p_frag[ks], bv[2], bv[3]);
+            for (int dp = 0; dp < kPvChunkTiles; dp += kMmaNPairs) {
+              uint32_t pv16[kMmaNPairs][2] = {};  // O tiles dp, dp + 1: f16x2 of rows g | g + 8
+#pragma unroll
+              for (int step = 0; step < Cfg::kPvAccumSteps; ++step) {
+                const int ks = kc * Cfg::kPvAccumSteps + step;
+                uint32_t bv[4];
+                load_v(bv, ks, dp);
+                mma_m16n8k32_e4m3_f16(pv16[0], p_frag[ks], bv[0], bv[1]);
+                mma_m16n8k32_e4m3_f16(pv16[1], p_frag[ks], bv[2], bv[3]);
+              }
+#pragma unroll
+              for (int j = 0; j < kMmaNPairs; ++j) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                  const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&pv16[j][i]));
+                  pv[dp + j][2 * i] += c.x;
+                  pv[dp + j][2 * i + 1] += c.y;
+                }
+              }
+            }
+          }
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+            for (int dp = 0; dp < kPvChunkTiles; dp += kMmaNPairs) {
+              uint32_t bv[4];
+              load_v(bv, ks, dp);
+              if constexpr (Cfg::kFp8) {
+                mma_m16n8k32_e4m3(pv[dp], p_frag[ks], bv[0], bv[1]);
+                mma_m16n8k32_e4m3(pv[dp + 1], p_frag[ks], bv[2], bv[3]);
+              } else {
+                mma_m16n8k16_f16(pv[dp], p_frag[ks], bv[0], bv[1]);
+                mma_m16n8k16_f16(pv[dp + 1], p_frag[ks], bv[2], bv[3]);
+              }
             }
           }
         }
@@ -518,22 +563,10 @@ template <int kHeadDimPad, int kBlockK, PvPrecision kPv>
 Status launch_mma_attend(const MmaAttendParams& params, dim3 grid, cudaStream_t stream) {
   using Cfg = mma_attend::Config<kHeadDimPad, kBlockK, kPv>;
   constexpr auto kernel = &mma_attend::mma_attend_kernel<kHeadDimPad, kBlockK, kPv>;
-  const std::string name = "mma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
-                           ", BLOCK_K=" + std::to_string(kBlockK) +
-                           (kPv == PvPrecision::kFp8 ? ", kFp8>" : ", kFp16>");
-
-  if constexpr (Cfg::kSmemBytes > mma_attend::kDefaultSmemLimit) {
-    // Once per device and instantiation (devices past kMaxTrackedDevices: every launch).
-    static std::atomic<uint64_t> raised_on_device{0};
-    int device = 0;
-    SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
-    const uint64_t bit = device < mma_attend::kMaxTrackedDevices ? uint64_t{1} << device : 0;
-    if (bit == 0 || (raised_on_device.load(std::memory_order_acquire) & bit) == 0) {
-      SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-                      (name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)").c_str());
-      raised_on_device.fetch_or(bit, std::memory_order_acq_rel);
-    }
-  }
+  static const std::string name = "mma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
+                                  ", BLOCK_K=" + std::to_string(kBlockK) + ", " + pv_name(kPv) + ">";
+  static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(Cfg::kSmemBytes, smem_what.c_str()));
   kernel<<<grid, kMmaAttendThreads, Cfg::kSmemBytes, stream>>>(params);
   return launch_status(name.c_str());
 }

@@ -1,4 +1,4 @@
-// Stage 2 on warp-level mma.sync (sm_80 for the fp16 P·V path, sm_89+ for fp8): declarations
+// Stage 2 on warp-level mma.sync (sm_80 for the fp16 P·V path, sm_89+ for both fp8 ones): declarations
 // shared by the dispatcher (attend.cu), the kernel template (attend_mma.cuh) and its
 // instantiations (instantiations/attend_mma_*.cu).
 #pragma once
@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "sparge/layout.h"
 #include "sparge/params.h"
 #include "sparge/status.h"
 
@@ -25,7 +26,7 @@ struct MmaAttendParams {
   const float* q_scale = nullptr;     // [B, Hq, q_groups]
   const int8_t* k = nullptr;          // [B, Hkv, Lk, D]
   const float* k_scale = nullptr;     // [B, Hkv, k_groups]
-  const void* v = nullptr;            // [B, Hkv, D, Lk_pad]  e4m3 or fp16, transposed, zero padded
+  const void* v = nullptr;            // [B, Hkv, D, Lk_pad]  e4m3 (both fp8 modes) or fp16, transposed, zero padded
   const float* v_scale = nullptr;     // [B, Hkv, D]
   const float* lse_shift = nullptr;   // [B, Hq, Lq]
   const int32_t* index = nullptr;     // [B, Hq, nbq, nbk]    kept K blocks, ascending
@@ -70,14 +71,24 @@ constexpr int mma_attend_pass_cols(int head_dim_pad, int block_k) {
 // K scale of every key), tile rows padded by 16 bytes (PaddedTile).
 constexpr size_t mma_attend_smem_bytes(int head_dim_pad, int block_k, PvPrecision pv) {
   constexpr size_t kRowPad = 16;
-  const size_t v_elem_bytes = pv == PvPrecision::kFp8 ? 1 : 2;
+  const size_t v_bytes = static_cast<size_t>(v_elem_bytes(pv));
   const size_t q_tile = static_cast<size_t>(kMmaAttendRows) * (head_dim_pad + kRowPad);
   const size_t k_tile = static_cast<size_t>(block_k) * (head_dim_pad + kRowPad);
   const size_t v_tile =
-      static_cast<size_t>(mma_attend_pass_cols(head_dim_pad, block_k)) * (block_k * v_elem_bytes + kRowPad);
+      static_cast<size_t>(mma_attend_pass_cols(head_dim_pad, block_k)) * (block_k * v_bytes + kRowPad);
   const size_t k_scales = static_cast<size_t>(block_k) * sizeof(float);
   constexpr size_t kStages = 2;
   return q_tile + kStages * (k_tile + v_tile + k_scales);
+}
+
+// The enumerator's name, for messages.
+constexpr const char* pv_name(PvPrecision pv) {
+  switch (pv) {
+    case PvPrecision::kFp8: return "kFp8";
+    case PvPrecision::kFp16: return "kFp16";
+    case PvPrecision::kFp8Fp16Accum: return "kFp8Fp16Accum";
+  }
+  return "unknown";
 }
 
 // Launches the kernel for one (padded head dim, K block, P·V format) on `stream`; grid is

@@ -40,7 +40,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -77,7 +76,6 @@ inline constexpr int kProducerRegs = 24;
 inline constexpr int kConsumerRegs = 240;
 inline constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale)
 inline constexpr int kPingPongBarrier0 = 3;  // named barriers 3, 4 (1, 2: the skip votes)
-inline constexpr int kMaxTrackedDevices = 64;
 
 template <int kHeadDimPad_, int kBlockK_>
 struct Config {
@@ -935,8 +933,8 @@ template <int kHeadDimPad, int kBlockK>
 Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t stream) {
   using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK>;
   constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK>;
-  const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
-                           ", BLOCK_K=" + std::to_string(kBlockK) + ", kFp8>";
+  static const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
+                                  ", BLOCK_K=" + std::to_string(kBlockK) + ", kFp8>";
 
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   SPARGE_RETURN_IF_ERROR(wgmma_attend::tensor_map_encoder(&encode));
@@ -958,16 +956,8 @@ Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t str
   SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_v, a.v, {len_k_pad, dim, bhk},
                                                      {len_k_pad, len_k_pad * dim}, {kK, kD, 1}, kBlockK, "V^T"));
 
-  // Once per device and instantiation (devices past kMaxTrackedDevices: every launch).
-  static std::atomic<uint64_t> raised_on_device{0};
-  int device = 0;
-  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
-  const uint64_t bit = device < wgmma_attend::kMaxTrackedDevices ? uint64_t{1} << device : 0;
-  if (bit == 0 || (raised_on_device.load(std::memory_order_acquire) & bit) == 0) {
-    SPARGE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-                    (name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)").c_str());
-    raised_on_device.fetch_or(bit, std::memory_order_acq_rel);
-  }
+  static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(Cfg::kSmemBytes, smem_what.c_str()));
   const dim3 grid(static_cast<unsigned>(ceil_div(a.len_q, kWgmmaAttendRows)), static_cast<unsigned>(a.heads_q),
                   static_cast<unsigned>(batch));
   kernel<<<grid, kWgmmaAttendThreads, Cfg::kSmemBytes, stream>>>(params);

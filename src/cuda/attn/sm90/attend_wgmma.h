@@ -21,7 +21,8 @@ inline constexpr int kWgmmaAttendRows = kWgmmaAttendConsumerGroups * 64;  // que
 inline constexpr int kWgmmaAttendStages = 3;                              // K / V^T pipeline depth
 
 // Whether the wgmma kernel covers this request (head dim padded to 64 or 128, block_q a multiple
-// of 128, block_k 64 or 128, fp8 P·V, non-empty keys); the rest runs on the mma.sync kernel.
+// of 128, block_k 64 or 128, kFp8 P·V (not kFp8Fp16Accum), non-empty keys); the rest runs on the
+// mma.sync kernel.
 constexpr bool wgmma_attend_covers(int64_t head_dim, int64_t block_q, int64_t block_k, PvPrecision pv, int64_t len_k) {
   return head_dim >= 16 && head_dim <= 128 && head_dim % 16 == 0 && block_q % kWgmmaAttendRows == 0 &&
          (block_k == 64 || block_k == 128) && pv == PvPrecision::kFp8 && len_k > 0;

@@ -1,0 +1,10 @@
+// Explicit instantiations of the mma.sync attention kernel: head dims padded to 256, P·V in fp8 with
+// f16 accumulators (kFp8Fp16Accum).
+#include "cuda/attn/sm80/attend_mma.cuh"
+
+namespace sparge::cuda {
+
+template Status launch_mma_attend<256, 64, PvPrecision::kFp8Fp16Accum>(const MmaAttendParams&, dim3, cudaStream_t);
+template Status launch_mma_attend<256, 128, PvPrecision::kFp8Fp16Accum>(const MmaAttendParams&, dim3, cudaStream_t);
+
+}  // namespace sparge::cuda

@@ -1,0 +1,218 @@
+"""The eager fast path of sparge.attention (api._attention_fast): taken for plain eager tensors and
+common arguments only, bit-identical to the registered op, and never the source of an error."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import sparge
+from helpers import assert_equal
+from sparge import _C, _ops, api
+from sparge.testing import structured_qkv
+
+
+@pytest.fixture
+def general_path_calls(monkeypatch):
+    """The list of calls that reached the general path (api._attention_parts)."""
+    calls = []
+    real = api._attention_parts
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_attention_parts", spy)
+    return calls
+
+
+def _via_registered_op(monkeypatch, fn):
+    """fn() with every attention call sent through the dispatcher (torch.ops.sparge.attention)."""
+    with monkeypatch.context() as m:
+        m.setattr(_ops, "is_plain_eager", lambda q, k, v: False)
+        return fn()
+
+
+CASES = [
+    dict(),
+    dict(layout="NHD", is_causal=True),
+    dict(mode="cdf", cdfthreshd=0.9, is_causal=True, causal_alignment="bottom_right"),
+    dict(mode="dense", block_size=(64, 128), output_dtype=torch.float32, scale=0.1),
+    dict(topk=0.3, block_score="mean", attention_sink=True, smooth_k=False, qk_quant_gran="per_warp"),
+    dict(pv_precision="fp16", pvthreshd=math.inf, cdf_sharpen=False, return_lse=True),
+    dict(return_lse=True, return_sparsity=True, layout="NHD"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(kw) or "defaults")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fast_path_matches_registered_op_bit_exactly(monkeypatch, general_path_calls, seed, kwargs, dtype):
+    layout = kwargs.get("layout", "HND")
+    q, k, v = structured_qkv(2, 4, 2, 200, 230, 64, dtype=dtype, seed=seed, layout=layout)
+    fast = sparge.attention(q, k, v, **kwargs)
+    assert not general_path_calls, "the fast path was not taken"
+    reference = _via_registered_op(monkeypatch, lambda: sparge.attention(q, k, v, **kwargs))
+    assert len(general_path_calls) == 1
+    fast, reference = (x if isinstance(x, tuple) else (x,) for x in (fast, reference))
+    assert len(fast) == len(reference)
+    for i, (a, b) in enumerate(zip(fast, reference)):
+        assert_equal(a, b, f"output {i}, {kwargs}, {dtype}, seed={seed}")
+
+
+def test_positional_core_call_matches_the_binding_names(monkeypatch):
+    """_ops.launch_attention passes ~35 arguments by position: each lands on the binding argument of
+    its name (the names of the nanobind signature)."""
+    signature = _C.attention.__doc__.splitlines()[0]
+    names = re.findall(r"(\w+): ", signature[signature.index("(") + 1 : signature.rindex(")")])
+    calls = []
+    monkeypatch.setattr(_C, "attention", lambda *args: calls.append(dict(zip(names, args, strict=True))))
+    q, k, v = structured_qkv(2, 4, 2, 100, 130, 64, layout="NHD", seed=4)
+    o, lse = sparge.attention(q, k, v, mode="cdf", topk=0.25, cdfthreshd=0.75, simthreshd1=-0.5, block_score="spikes",
+                              pvthreshd=7.0, is_causal=True, causal_alignment="bottom_right", scale=0.1, layout="NHD",
+                              block_size=(64, 128), attention_sink=True, cdf_sharpen=False, smooth_k=False,
+                              qk_quant_gran="per_warp", pv_precision="fp16", output_dtype=torch.float32,
+                              return_lse=True)  # fmt: skip
+    (call,) = calls
+    hnd = lambda x: (x.stride(0), x.stride(2), x.stride(1))  # noqa: E731
+    expected = dict(device=0, stream=0, shape=(2, 4, 2, 100, 130, 64), blocks=(64, 128), causal=_ops.CAUSAL_BOTTOM_RIGHT,
+                    q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dtype=_ops.DTYPE_CODES[torch.float16],
+                    q_strides=hnd(q), k_strides=hnd(k), v_strides=hnd(v), sm_scale=0.1, smooth_k=False,
+                    granularity=_ops.GRAN_PER_WARP, pv=_ops.PV_FP16, mode=_ops.MODE_CDF, block_score=_ops.SCORE_SPIKES,
+                    topk=0.25, topk_per_head=0, cdfthreshd=0.75, cdfthreshd_per_head=0, simthreshd1=-0.5,
+                    simthreshd1_per_head=0, select_flags=_ops.SELECT_SINK, block_mask=0, pvthreshd=7.0,
+                    pvthreshd_per_head=0, o=o.data_ptr(), o_dtype=_ops.DTYPE_CODES[torch.float32], o_strides=hnd(o),
+                    lse=lse.data_ptr(), stats_out=0)  # fmt: skip
+    assert {name: call[name] for name in expected} == expected
+    assert call["workspace"] % _C.WORKSPACE_ALIGN == 0 and call["workspace_bytes"] >= _C.workspace_size(
+        expected["shape"], expected["blocks"], expected["granularity"], expected["pv"])
+    calls.clear()
+    per_head = dict(topk=torch.full((4,), 0.5), simthreshd1=torch.zeros(4), pvthreshd=torch.full((4,), 3.0))
+    sparge.attention(q, k, v, layout="NHD", return_sparsity=True, **per_head)
+    sparge.attention(q, k, v, layout="NHD", mode="cdf", cdfthreshd=torch.full((4,), 0.9))
+    sparge.attention(q, k, v, layout="NHD", block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    (topk_call, cdf_call, mask_call) = calls
+    for name in ("topk_per_head", "simthreshd1_per_head", "pvthreshd_per_head", "stats_out"):
+        assert topk_call[name] != 0, name
+    assert cdf_call["cdfthreshd_per_head"] != 0 and mask_call["block_mask"] != 0
+    assert mask_call["mode"] == _ops.MODE_BLOCK_MASK
+
+def test_fast_path_allocates_only_the_outputs_asked_for(monkeypatch):
+    results = []
+    real = _ops.run_attention
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(_ops, "run_attention", spy)
+    q, k, v = structured_qkv(1, 2, 2, 128, 128, 64)
+    sparge.attention(q, k, v)
+    sparge.attention(q, k, v, return_lse=True, return_sparsity=True)
+    (_, lse, stats), (_, lse2, stats2) = results
+    assert lse is None and stats is None
+    assert lse2.shape == (1, 2, 128) and stats2.shape == (_C.STAT_COUNT,)
+
+
+GENERAL_CASES = [
+    # calls the fast path leaves to the general path (which may accept them, or raise)
+    dict(topk=torch.full((4,), 0.5)),
+    dict(topk=[0.5] * 4),
+    dict(topk=1),
+    dict(pvthreshd=np.float64(15.0)),
+    dict(scale=np.float32(0.125)),
+    dict(block_size=[128, 64]),
+    dict(block_mask=torch.ones(1, 4, 1, 3, dtype=torch.bool)),
+    dict(output_dtype=torch.float16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs", GENERAL_CASES, ids=lambda kw: str(kw)[:40])
+def test_unusual_arguments_take_the_general_path_with_the_same_result(monkeypatch, general_path_calls, kwargs):
+    q, k, v = structured_qkv(1, 4, 2, 100, 130, 64, seed=1)
+    out = sparge.attention(q, k, v, **kwargs)
+    if "output_dtype" in kwargs:  # a valid dtype given explicitly stays on the fast path
+        assert not general_path_calls
+    else:
+        assert len(general_path_calls) == 1
+    assert_equal(out, _via_registered_op(monkeypatch, lambda: sparge.attention(q, k, v, **kwargs)), str(kwargs))
+
+
+BAD_CALLS = [
+    (dict(layout=["HND"]), ValueError, r"layout: expected one of 'HND', 'NHD', got \['HND'\]"),
+    (dict(mode={"topk": 1}), ValueError, r"mode: expected one of"),
+    (dict(block_score="max"), ValueError, r"block_score: expected one of 'mean', 'spikes', 'auto', got 'max'"),
+    (dict(topk=math.nan), ValueError, r"topk: expected a value in \[0, 1\], got nan"),
+    (dict(pvthreshd=math.nan), ValueError, r"pvthreshd: expected a value >= 0 \(inf allowed\), got nan"),
+    (dict(simthreshd1=-1.5), ValueError, r"simthreshd1: expected a value in \[-1, 1\], got -1.5"),
+    (dict(scale=0.0), ValueError, r"scale: expected None \(for D \*\* -0.5\) or a positive finite float, got 0.0"),
+    (dict(block_size=(128, True)), ValueError, r"block_size: .*got \(128, True\)"),
+    (dict(block_size=(128, 64, 64)), ValueError, r"block_size: .*got \(128, 64, 64\)"),
+    (dict(output_dtype="fp16"), ValueError, r"output_dtype: expected None, torch.float16"),
+    (dict(output_dtype=[torch.float16]), ValueError, r"output_dtype: expected None, torch.float16"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", BAD_CALLS, ids=lambda x: str(x)[:40])
+def test_bad_arguments_raise_the_general_path_errors(general_path_calls, kwargs, exc, pattern):
+    q, k, v = structured_qkv(1, 4, 2, 100, 130, 64, seed=1)
+    with pytest.raises(exc, match=pattern):
+        sparge.attention(q, k, v, **kwargs)
+    assert len(general_path_calls) == 1
+
+
+def test_fast_path_is_skipped_where_the_dispatcher_is_needed(general_path_calls):
+    q, k, v = structured_qkv(1, 2, 2, 128, 128, 64, seed=2)
+    sparge.attention(q.requires_grad_(), k, v)
+    meta = torch.empty(1, 2, 128, 64, device="meta")
+    assert sparge.attention(meta, meta, meta).shape == meta.shape
+    empty = torch.empty(1, 2, 0, 64)
+    assert sparge.attention(empty, empty, empty).shape == empty.shape
+    assert len(general_path_calls) == 3
+
+
+def test_fast_path_is_not_traced_by_torch_compile():
+    defaults = dict(mode=None, topk=0.5, cdfthreshd=0.98, simthreshd1=0.02, block_score="auto", pvthreshd=15.0,
+                    is_causal=False, causal_alignment="top_left", scale=None, layout="HND", block_mask=None,
+                    block_size=(128, 64), attention_sink=False, cdf_sharpen=True, smooth_k=True,
+                    qk_quant_gran="per_thread", pv_precision="fp8", output_dtype=None, return_lse=False,
+                    return_sparsity=False)  # fmt: skip
+    q = torch.randn(1, 2, 128, 64)
+    assert api._attention_fast(q, q, q, **defaults) is not None
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: api._attention_fast(x, x, x, **defaults) is None, fullgraph=True)
+    assert traced(q)
+
+
+@pytest.mark.gpu
+def test_cuda_fast_path_runs_on_the_current_stream_and_device(monkeypatch, seed):
+    q, k, v = structured_qkv(1, 4, 2, 256, 256, 64, device="cuda", seed=seed)
+    reference = _via_registered_op(monkeypatch, lambda: sparge.attention(q, k, v))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = sparge.attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_equal(out, reference, f"side stream, seed={seed}")
+    if torch.cuda.device_count() > 1:  # inputs on another device than the current one: a device guard
+        q1, k1, v1 = (x.to("cuda:1") for x in (q, k, v))
+        with torch.cuda.device(0):
+            out1 = sparge.attention(q1, k1, v1)
+        assert out1.device == q1.device
+        assert_equal(out1.cpu(), reference.cpu(), f"cuda:1 from cuda:0, seed={seed}")
+
+
+
+def test_bench_core_call_repeats_only_the_cpp_call(monkeypatch):
+    from sparge import bench
+
+    q, k, v = structured_qkv(1, 2, 2, 128, 128, 64, seed=3)
+    launch = _ops.launch_attention
+    call = bench._core_call(q, k, v)
+    call()  # one sparge.attention, recording the arguments of its C++ call
+    assert _ops.launch_attention is launch
+    monkeypatch.setattr(sparge, "attention", None)
+    call()
