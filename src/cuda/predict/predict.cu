@@ -6,7 +6,9 @@
 // selects and writes the index list over them.
 //
 // TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
-// of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF).
+// of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF); TopK
+// over at most 32 blocks ranks them in one warp instead. Short sequences also split the spike
+// score's dot products over threads.
 #include <algorithm>
 #include <cstdint>
 
@@ -98,30 +100,20 @@ __device__ __forceinline__ void ordered_dots(const float* x, int64_t x_stride, i
   }
 }
 
-// Compressed scores of K block j for the n pooled queries of the group (method.md §1, "Block
-// scores"), one thread per K block, in the exact fp32 order of the CPU reference: kMean s·q̄·k̄;
-// kSpikes log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys.
-__device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_rows, int64_t bhk, int64_t j,
-                             float (&out)[kMaxGroup]) {
-  const Shape& s = a.shape;
-  const int64_t dim = s.head_dim;
-  float dot[kMaxGroup];
-  ordered_dots(q_rows, dim, n_rows, a.k_pool + (bhk * a.nbk + j) * dim, dim, dot);
-  if (a.select.block_score != BlockScore::kSpikes) {
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) out[g] = __fmul_rn(dot[g], a.sm_scale);
-    return;
-  }
-  const int64_t bk = a.blocks.block_k;
-  const int64_t n = min(bk, s.len_k - j * bk);
-  const int64_t m = min(kSpikeKeys, n);
-  float spike[kSpikeKeys][kMaxGroup];
-#pragma unroll
-  for (int t = 0; t < kSpikeKeys; ++t) {
-    if (t < m) {
-      ordered_dots(q_rows, dim, n_rows, a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t) * dim, dim, spike[t]);
-    }
-  }
+// Keys of K block j, and how many of them are spike keys.
+__device__ __forceinline__ int64_t block_keys(const PredictArgs& a, int64_t j) {
+  return min(a.blocks.block_k, a.shape.len_k - j * a.blocks.block_k);
+}
+__device__ __forceinline__ int64_t spike_keys(const PredictArgs& a, int64_t j) {
+  return min(static_cast<int64_t>(kSpikeKeys), block_keys(a, j));
+}
+
+// kSpikes score of K block j from its dot products with the pooled queries: dot[g] with the
+// pooled K row, spike[t][g] with spike key t (t < spike_keys).
+__device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const float (&dot)[kMaxGroup],
+                             const float (&spike)[kSpikeKeys][kMaxGroup], float (&out)[kMaxGroup]) {
+  const int64_t n = block_keys(a, j);
+  const int64_t m = spike_keys(a, j);
   const float rest = static_cast<float>(n - m);
   const float log_rest = n > m ? logf(rest) : 0.0f;
 #pragma unroll
@@ -151,6 +143,30 @@ __device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_ro
     for (int t = 0; t < terms; ++t) sum = __fadd_rn(sum, expf(__fsub_rn(term[t], max_term)));
     out[g] = __fadd_rn(max_term, logf(sum));
   }
+}
+
+// Compressed scores of K block j for the n pooled queries of the group (method.md §1, "Block
+// scores"), one thread per K block, in the exact fp32 order of the CPU reference: kMean s·q̄·k̄;
+// kSpikes log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys.
+__device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_rows, int64_t bhk, int64_t j,
+                             float (&out)[kMaxGroup]) {
+  const Shape& s = a.shape;
+  const int64_t dim = s.head_dim;
+  float dot[kMaxGroup];
+  ordered_dots(q_rows, dim, n_rows, a.k_pool + (bhk * a.nbk + j) * dim, dim, dot);
+  if (a.select.block_score != BlockScore::kSpikes) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) out[g] = __fmul_rn(dot[g], a.sm_scale);
+    return;
+  }
+  float spike[kSpikeKeys][kMaxGroup];
+#pragma unroll
+  for (int t = 0; t < kSpikeKeys; ++t) {
+    if (t < spike_keys(a, j)) {
+      ordered_dots(q_rows, dim, n_rows, a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t) * dim, dim, spike[t]);
+    }
+  }
+  spike_scores(a, j, n_rows, dot, spike, out);
 }
 
 // Blocks of Q block i with at least one visible key (32-bit division: lengths fit in int).
@@ -212,36 +228,55 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
       int64_t n_keep = static_cast<int64_t>(floorf(topk * static_cast<float>(n_allowed) + 0.5f));
       n_keep = n_keep < 1 ? 1 : (n_keep > n_allowed ? n_allowed : n_keep);
       n_keep = n_keep > n_cand ? static_cast<int64_t>(n_cand) : n_keep;
-      // Largest T with #{key >= T} >= n_keep: the key of the n_keep-th best candidate.
-      uint32_t threshold = 0;
-      for (int bit = 31; bit >= 0; --bit) {
-        const uint32_t trial = threshold | (1u << bit);
-        int local = 0;
-        for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-          local += ((state[j] & kCandidate) && order_key(score[j]) >= trial) ? 1 : 0;
+      if (n_allowed <= kWarpSize) {
+        // Few blocks (short sequences): one warp ranks every candidate against all others by
+        // (key desc, index asc) and keeps ranks < n_keep, the same set as the search below,
+        // without its 32 CTA-wide reductions.
+        if (threadIdx.x < kWarpSize) {
+          const int j = static_cast<int>(threadIdx.x);
+          const bool cand = j < n_allowed && (state[j] & kCandidate);
+          const uint32_t key = cand ? order_key(score[j]) : 0u;
+          int rank = 0;
+          for (int o = 0; o < n_allowed; ++o) {
+            const bool other_cand = __shfl_sync(0xffffffffu, cand, o);
+            const uint32_t other_key = __shfl_sync(0xffffffffu, key, o);
+            rank += other_cand && (other_key > key || (other_key == key && o < j)) ? 1 : 0;
+          }
+          if (cand && rank < n_keep) state[j] |= kKept;
         }
-        if (block_sum(local, iscratch) >= n_keep) threshold = trial;
-      }
-      int above = 0;
-      {
-        int local = 0;
-        for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-          local += ((state[j] & kCandidate) && order_key(score[j]) > threshold) ? 1 : 0;
+        __syncthreads();
+      } else {
+        // Largest T with #{key >= T} >= n_keep: the key of the n_keep-th best candidate.
+        uint32_t threshold = 0;
+        for (int bit = 31; bit >= 0; --bit) {
+          const uint32_t trial = threshold | (1u << bit);
+          int local = 0;
+          for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+            local += ((state[j] & kCandidate) && order_key(score[j]) >= trial) ? 1 : 0;
+          }
+          if (block_sum(local, iscratch) >= n_keep) threshold = trial;
         }
-        above = block_sum(local, iscratch);
+        int above = 0;
+        {
+          int local = 0;
+          for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+            local += ((state[j] & kCandidate) && order_key(score[j]) > threshold) ? 1 : 0;
+          }
+          above = block_sum(local, iscratch);
+        }
+        // Ties at the threshold: the lowest indices first.
+        int ties_taken = 0;
+        for (int64_t base = 0; base < n_allowed; base += kThreads) {
+          const int64_t j = base + threadIdx.x;
+          const bool cand = j < n_allowed && (state[j] & kCandidate);
+          const uint32_t key = cand ? order_key(score[j]) : 0u;
+          int chunk_ties = 0;
+          const int rank = block_exclusive_count(cand && key == threshold, iscratch, chunk_ties);
+          if (cand && (key > threshold || (key == threshold && ties_taken + rank < n_keep - above))) state[j] |= kKept;
+          ties_taken += chunk_ties;
+        }
+        __syncthreads();
       }
-      // Ties at the threshold: the lowest indices first.
-      int ties_taken = 0;
-      for (int64_t base = 0; base < n_allowed; base += kThreads) {
-        const int64_t j = base + threadIdx.x;
-        const bool cand = j < n_allowed && (state[j] & kCandidate);
-        const uint32_t key = cand ? order_key(score[j]) : 0u;
-        int chunk_ties = 0;
-        const int rank = block_exclusive_count(cand && key == threshold, iscratch, chunk_ties);
-        if (cand && (key > threshold || (key == threshold && ties_taken + rank < n_keep - above))) state[j] |= kKept;
-        ties_taken += chunk_ties;
-      }
-      __syncthreads();
     } else if (mode == SelectMode::kCdf && n_cand > 0) {
       float local_max = -INFINITY;
       for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
@@ -338,6 +373,39 @@ __global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
   __syncthreads();
   const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
   float* out_rows = reinterpret_cast<float*>(a.index) + (bh * a.nbq + i0) * a.nbk;
+  constexpr int kDots = 1 + kSpikeKeys;  // dot products of a kSpikes score: pooled row, spike keys
+  if (a.select.block_score == BlockScore::kSpikes && n_scored * kDots <= kThreads) {
+    // Few K blocks (short sequences): one thread per dot product, then one per K block combines
+    // them (the same operations in the same order; a third of the serial chain).
+    __shared__ float dots[kThreads][kMaxGroup];
+    const int64_t j = threadIdx.x / kDots;
+    const int t = static_cast<int>(threadIdx.x % kDots);
+    if (j < n_scored && t <= spike_keys(a, j)) {
+      const float* row = t == 0 ? a.k_pool + (bhk * a.nbk + j) * dim
+                                : a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t - 1) * dim;
+      float out[kMaxGroup];
+      ordered_dots(q_rows, dim, n_rows, row, dim, out);
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) dots[threadIdx.x][g] = out[g];
+    }
+    __syncthreads();
+    if (threadIdx.x < n_scored) {
+      const int64_t jj = threadIdx.x;
+      float dot[kMaxGroup], spike[kSpikeKeys][kMaxGroup], out[kMaxGroup];
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        dot[g] = dots[jj * kDots][g];
+#pragma unroll
+        for (int tt = 0; tt < kSpikeKeys; ++tt) spike[tt][g] = dots[jj * kDots + 1 + tt][g];
+      }
+      spike_scores(a, jj, n_rows, dot, spike, out);
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < n_rows) out_rows[g * a.nbk + jj] = out[g];
+      }
+    }
+    return;
+  }
   for (int64_t j = threadIdx.x; j < n_scored; j += kThreads) {
     float out[kMaxGroup];
     block_scores(a, q_rows, n_rows, bhk, j, out);
