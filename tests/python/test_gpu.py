@@ -208,11 +208,12 @@ def test_cuda_kernel_choice():
     major, minor = torch.cuda.get_device_capability()
     hopper = (major, minor) == (9, 0) and "90a" in sparge.cuda_architectures().split(";")
     q_shape = (1, 2, 1024, 128)
+    fp8_image = _fp8_kernel_image()  # asked before SPARGE_CUDA_KERNEL is forced below
     assert sparge.attend_kernel(q_shape, device="cpu") == "cpu"
     assert sparge.attend_kernel(q_shape, pv_precision="fp16") == "mma"
     assert sparge.attend_kernel((1, 2, 1024, 256), pv_precision="fp16") == "mma"
     assert sparge.attend_kernel(q_shape, block_size=(64, 64), pv_precision="fp16") == "mma"
-    if _fp8_kernel_image():
+    if fp8_image:
         assert sparge.attend_kernel(q_shape) == ("wgmma" if hopper else "mma")
         assert sparge.attend_kernel(q_shape, pv_precision="fp8_fp16acc") == "mma"  # on Hopper too
     old = os.environ.get("SPARGE_CUDA_KERNEL")
@@ -224,7 +225,7 @@ def test_cuda_kernel_choice():
             sparge.attend_kernel(q_shape, pv_precision="fp16")
         with pytest.raises(NotImplementedError, match="SPARGE_CUDA_KERNEL=wgmma"):
             sparge.attention(*structured_qkv(1, 2, 2, 256, 256, 64, device="cuda"), pv_precision="fp16")
-        if _fp8_kernel_image():  # the wgmma kernel has no fp16 accumulator: a clear error on every GPU
+        if fp8_image:  # the wgmma kernel has no fp16 accumulator: a clear error on every GPU
             with pytest.raises(NotImplementedError, match=r"SPARGE_CUDA_KERNEL=wgmma.*got kFp8Fp16Accum"):
                 sparge.attend_kernel(q_shape, pv_precision="fp8_fp16acc")
             with pytest.raises(NotImplementedError, match=r"SPARGE_CUDA_KERNEL=wgmma.*got kFp8Fp16Accum"):

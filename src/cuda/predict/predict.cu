@@ -7,8 +7,7 @@
 //
 // TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
 // of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF); TopK
-// over at most 32 blocks ranks them in one warp instead. Short sequences also split the spike
-// score's dot products over threads.
+// over at most 32 blocks ranks them in one warp instead.
 #include <algorithm>
 #include <cstdint>
 
@@ -86,8 +85,10 @@ __device__ __forceinline__ void ordered_dots(const float* x, int64_t x_stride, i
     }
   };
   if (dim % 4 == 0 && reinterpret_cast<uintptr_t>(y) % sizeof(float4) == 0) {
-    // 16-byte loads, unrolled so that several are in flight (the row comes from L2).
-#pragma unroll 8
+    // 16-byte loads, two in flight (the row comes from L2). Unrolling deeper multiplies the code
+    // (kMaxGroup accumulators per element, three rows per spike score), which then misses the
+    // instruction cache on every call of a short problem.
+#pragma unroll 2
     for (int64_t d = 0; d < dim; d += 4) {
       const float4 y4 = *reinterpret_cast<const float4*>(y + d);
       add(d, y4.x);
@@ -373,39 +374,6 @@ __global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
   __syncthreads();
   const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
   float* out_rows = reinterpret_cast<float*>(a.index) + (bh * a.nbq + i0) * a.nbk;
-  constexpr int kDots = 1 + kSpikeKeys;  // dot products of a kSpikes score: pooled row, spike keys
-  if (a.select.block_score == BlockScore::kSpikes && n_scored * kDots <= kThreads) {
-    // Few K blocks (short sequences): one thread per dot product, then one per K block combines
-    // them (the same operations in the same order; a third of the serial chain).
-    __shared__ float dots[kThreads][kMaxGroup];
-    const int64_t j = threadIdx.x / kDots;
-    const int t = static_cast<int>(threadIdx.x % kDots);
-    if (j < n_scored && t <= spike_keys(a, j)) {
-      const float* row = t == 0 ? a.k_pool + (bhk * a.nbk + j) * dim
-                                : a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t - 1) * dim;
-      float out[kMaxGroup];
-      ordered_dots(q_rows, dim, n_rows, row, dim, out);
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) dots[threadIdx.x][g] = out[g];
-    }
-    __syncthreads();
-    if (threadIdx.x < n_scored) {
-      const int64_t jj = threadIdx.x;
-      float dot[kMaxGroup], spike[kSpikeKeys][kMaxGroup], out[kMaxGroup];
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        dot[g] = dots[jj * kDots][g];
-#pragma unroll
-        for (int tt = 0; tt < kSpikeKeys; ++tt) spike[tt][g] = dots[jj * kDots + 1 + tt][g];
-      }
-      spike_scores(a, jj, n_rows, dot, spike, out);
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < n_rows) out_rows[g * a.nbk + jj] = out[g];
-      }
-    }
-    return;
-  }
   for (int64_t j = threadIdx.x; j < n_scored; j += kThreads) {
     float out[kMaxGroup];
     block_scores(a, q_rows, n_rows, bhk, j, out);
