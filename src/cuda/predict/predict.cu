@@ -85,10 +85,8 @@ __device__ __forceinline__ void ordered_dots(const float* x, int64_t x_stride, i
     }
   };
   if (dim % 4 == 0 && reinterpret_cast<uintptr_t>(y) % sizeof(float4) == 0) {
-    // 16-byte loads, two in flight (the row comes from L2). Unrolling deeper multiplies the code
-    // (kMaxGroup accumulators per element, three rows per spike score), which then misses the
-    // instruction cache on every call of a short problem.
-#pragma unroll 2
+    // 16-byte loads, unrolled so that several are in flight (the row comes from L2).
+#pragma unroll 8
     for (int64_t d = 0; d < dim; d += 4) {
       const float4 y4 = *reinterpret_cast<const float4*>(y + d);
       add(d, y4.x);
