@@ -373,9 +373,10 @@ def attention(
         qk_quant_gran: rows sharing one INT8 scale: ``"per_thread"``, ``"per_warp"`` or ``"per_block"``.
         pv_precision: ``"fp8"`` (P and V in e4m3), ``"fp16"`` (more accurate) or ``"fp8_fp16acc"``
             (P and V in e4m3, each 64-key chunk of the P·V product summed in an fp16 accumulator,
-            V scaled into ±2.25 so that it cannot overflow; as accurate as ``"fp8"`` to about 0.1 %
-            and twice its P·V tensor-core rate on Ada and RTX 50xx GPUs; on Hopper it runs the
-            mma.sync kernel rather than wgmma, so it is slower there; needs sm_89 or newer).
+            V scaled into ±2.25 so that it cannot overflow; as accurate as ``"fp8"`` to about 0.1 %;
+            meant for Ada and RTX 50xx GPUs, whose f16-accumulator e4m3 mma runs at twice the rate
+            (not measured by sparge yet); on Hopper it runs the mma.sync kernel rather than wgmma,
+            so it is slower there; needs sm_89 or newer).
         output_dtype: dtype of the output, default the dtype of q.
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` fp32 (natural log) of the scaled
             scores over the kept blocks.

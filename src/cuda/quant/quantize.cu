@@ -14,7 +14,7 @@
 // in fp16/bf16): 16-byte loads kept in registers, 1+5 fused into kv_stats_fast (K block sums and
 // per-block V amax in one pass, no atomics), one kv_reduce for k_mean and the V amax (so nothing
 // needs clearing first), register-resident rows kernels (the Q one also does 7), and a v_quant
-// whose smem transpose is bank-conflict-free on the load side: four launches for the stage. Same
+// whose smem transpose is bank-conflict-free on the load side: five launches for the stage. Same
 // arithmetic per element as the passes above.
 #include <cuda_fp8.h>
 
