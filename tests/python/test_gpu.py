@@ -59,11 +59,14 @@ def _require_pv(pv: str) -> None:
         pytest.skip(f"the kernel image of this build for this GPU has no e4m3 mma ({sparge.cuda_architectures()})")
 
 
-@pytest.fixture(params=["auto", "mma"])
+@pytest.fixture(params=["auto", "singles", "mma"])
 def kernel(request, monkeypatch):
-    """Stage 2 kernel choice: "auto" (wgmma on Hopper where it covers the request) and "mma" (the
-    mma.sync kernel of Ampere / Ada, forced on any GPU through SPARGE_CUDA_KERNEL)."""
-    monkeypatch.setenv("SPARGE_CUDA_KERNEL", request.param)
+    """Stage 2 kernel choice: "auto" (wgmma on Hopper where it covers the request; block_k 64 at
+    head dims padded to 128 on 128-key tiles of two kept blocks), "singles" (the same with one
+    block per tile, SPARGE_WGMMA_PAIRS=0) and "mma" (the mma.sync kernel of Ampere / Ada, forced
+    on any GPU through SPARGE_CUDA_KERNEL)."""
+    monkeypatch.setenv("SPARGE_CUDA_KERNEL", "auto" if request.param == "singles" else request.param)
+    monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if request.param == "singles" else "1")
     return request.param
 
 
@@ -86,13 +89,18 @@ def test_cuda_attention_matches_fp32_truth(seed, kernel, pv, head_dim, dtype, ca
         assert float((lse - ref_lse)[finite].abs().max()) <= 0.1, f"lse seed={seed}"
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2, 333, 270, 64), (2, 2, 1, 129, 1000, 128), (1, 8, 8, 1024, 1024, 64)])
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 2, 333, 270, 64), (2, 2, 1, 129, 1000, 128), (1, 8, 8, 1024, 1024, 64), (1, 4, 2, 640, 1480, 96)]
+)
 @pytest.mark.parametrize("pv", ["fp8", "fp16", "fp8_fp16acc"])
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape, pv, causal):
     """Same quantized inputs and block lists on both backends. Scores are exact int32 dots times
     the same fp32 scale product, so row maxima and P·V skip decisions agree exactly; P differs
     by the exp2 implementation, which can flip single e4m3 (or fp16) roundings: rel-L1 <= 2e-3.
+    The wgmma kernel's pairs of blocks (head dims padded to 128) round p of a pair's first block
+    relative to the max after the pair, the reference relative to the max after that block: more
+    single-rounding flips, within the same bound; skip decisions still agree exactly.
     fp8_fp16acc: the tensor core sums a 32-key step in its own order and precision before the
     fp16 rounding (the CPU: fp32 in key order, then fp16), so a chunk's fp16 value may differ by
     an ulp (2^-11 relative) per step: rel-L1 <= 3e-3."""
@@ -233,7 +241,13 @@ def test_cuda_kernel_choice():
         os.environ["SPARGE_CUDA_KERNEL"] = "fastest"
         with pytest.raises(ValueError, match='SPARGE_CUDA_KERNEL: expected auto, mma or wgmma, got "fastest"'):
             sparge.attend_kernel(q_shape, pv_precision="fp16")
+        os.environ["SPARGE_CUDA_KERNEL"] = "auto"
+        if hopper and fp8_image:  # read where the wgmma kernel picks its tile
+            os.environ["SPARGE_WGMMA_PAIRS"] = "yes"
+            with pytest.raises(ValueError, match='SPARGE_WGMMA_PAIRS: expected 0 or 1, got "yes"'):
+                sparge.attention(*structured_qkv(1, 2, 2, 256, 256, 128, device="cuda"))
     finally:
+        os.environ.pop("SPARGE_WGMMA_PAIRS", None)
         if old is None:
             os.environ.pop("SPARGE_CUDA_KERNEL", None)
         else:

@@ -1,7 +1,9 @@
 // Stage 2 dispatch: from the runtime request to the instantiated kernels: the wgmma + TMA kernel
 // (sm90/attend_wgmma.cuh) on sm_90 where it covers the request, else the mma.sync kernel
 // (sm80/attend_mma.cuh). The environment variable SPARGE_CUDA_KERNEL (auto, mma, wgmma) forces
-// the choice, so that the mma.sync kernel of Ampere / Ada is testable on a Hopper GPU.
+// the choice, so that the mma.sync kernel of Ampere / Ada is testable on a Hopper GPU. With
+// block_k = 64 and head dims padded to 128, the wgmma kernel runs 128-key tiles made of two kept
+// blocks; SPARGE_WGMMA_PAIRS=0 runs one block per 64-key tile instead (for comparison).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -60,12 +62,32 @@ Status dispatch_block_k(const AttendParams& p, const MmaAttendParams& kp, dim3 g
                      std::to_string(p.blocks.block_k));
 }
 
+constexpr const char* kPairsEnv = "SPARGE_WGMMA_PAIRS";
+
+// Whether block_k = 64 runs on 128-key tiles of two kept blocks (SPARGE_WGMMA_PAIRS: 1 or unset, 0).
+Status wgmma_pairs(bool* pairs) {
+  const char* value = std::getenv(kPairsEnv);
+  const std::string_view v = value != nullptr ? value : "";
+  if (v != "" && v != "0" && v != "1") {
+    return {StatusCode::kInvalidArgument, std::string(kPairsEnv) + ": expected 0 or 1, got \"" + std::string(v) + "\""};
+  }
+  *pairs = v != "0";
+  return Status::Ok();
+}
+
 template <int kHeadDimPad>
 Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
   const int batch = static_cast<int>(p.shape.batch);
   switch (p.blocks.block_k) {
-    case 64: return launch_wgmma_attend<kHeadDimPad, 64>(kp, batch, p.stream);
-    case 128: return launch_wgmma_attend<kHeadDimPad, 128>(kp, batch, p.stream);
+    case 64: {
+      if constexpr (kHeadDimPad == 128) {
+        bool pairs = false;
+        SPARGE_RETURN_IF_ERROR(wgmma_pairs(&pairs));
+        if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, batch, p.stream);
+      }
+      return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, batch, p.stream);
+    }
+    case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, batch, p.stream);
   }
   return unsupported("blocks.block_k: the wgmma attention kernel supports 64 or 128, got " +
                      std::to_string(p.blocks.block_k));

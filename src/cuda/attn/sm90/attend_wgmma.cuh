@@ -77,10 +77,15 @@ inline constexpr int kConsumerRegs = 240;
 inline constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale)
 inline constexpr int kPingPongBarrier0 = 3;  // named barriers 3, 4 (1, 2: the skip votes)
 
-template <int kHeadDimPad_, int kBlockK_>
+template <int kHeadDimPad_, int kBlockK_, bool kPairs_>
 struct Config {
   static constexpr int kHeadDimPad = kHeadDimPad_;
-  static constexpr int kBlockK = kBlockK_;
+  static constexpr int kBlockK = kBlockK_;  // keys of one tile (one step of the main loop)
+  // kPairs: a 128-key tile holds two kept 64-key blocks, not necessarily adjacent (block_k = 64).
+  static constexpr bool kPairs = kPairs_;
+  static constexpr int kBlockKeys = kPairs ? kBlockK / 2 : kBlockK;  // keys of one index-list entry
+  // V^T tiles as TMA writes them: (D_PAD, kVRowBytes), one per kept block.
+  static constexpr int kVRowBytes = kBlockKeys;
   static constexpr int kStages = kWgmmaAttendStages;
   static constexpr int kConsumerWarps = kWgmmaAttendConsumerGroups * 4;
   static constexpr int kQkSteps = kHeadDimPad / kWgmmaK8Bit;  // k-steps of Q·K^T over the head dim
@@ -123,7 +128,8 @@ struct Config {
                 "every tile starts on the swizzle atom grid");
   static_assert((1 + 3 * kStages) * kBarBytes <= 1024, "barriers fit their slot");
   static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK), "host/device smem size agree");
-  static_assert(kPvChunkCols * kBlockK % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
+  static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
+  static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
   static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
 };
 
@@ -246,13 +252,17 @@ __device__ __forceinline__ void row_half_max(const T (&v)[kSRegs], T (&out)[2][k
   }
 }
 
-template <int kHeadDimPad, int kBlockK>
+// First key of a missing second block of a pair: beyond every length (kMaxLength < 2^30), so its
+// columns are masked and its K scales read as 0.
+inline constexpr int kAbsentKey = 1 << 30;
+
+template <int kHeadDimPad, int kBlockK, bool kPairs>
 __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     wgmma_attend_kernel(const __grid_constant__ WgmmaAttendParams params) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // wgmma / setmaxnreg exist on sm_90a only; attend.cu dispatches here only on such builds
 #else
-  using Cfg = Config<kHeadDimPad, kBlockK>;
+  using Cfg = Config<kHeadDimPad, kBlockK, kPairs>;
   constexpr int kStages = Cfg::kStages;
   const MmaAttendParams& p = params.a;
 
@@ -278,6 +288,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int64_t q_block = bh * p.nbq + row0 / p.block_q;
   const int32_t* kept = p.index + q_block * p.nbk;  // [count]
   const int n_kept = p.count[q_block];
+  const int n_steps = kPairs ? (n_kept + 1) / 2 : n_kept;  // tiles of the main loop
 
   if (thread == 0) {
     mbarrier_init(q_full, 1);
@@ -291,7 +302,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    // ---- producer: Q once, then K / V^T of kept block i into stage i % kStages -------------------
+    // ---- producer: Q once, then K / V^T of tile i (kept block i, or kept blocks 2i and 2i + 1)
+    // into stage i % kStages ----------------------------------------------------------------------
     setmaxnreg_dec<kProducerRegs>();
     if (thread == 0) {
       tma_prefetch_descriptor(&params.tmap_q);
@@ -299,15 +311,23 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       tma_prefetch_descriptor(&params.tmap_v);
       mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
       tma_load_3d(q_smem, &params.tmap_q, q_full, 0, row0, static_cast<int>(bh));
-      for (int i = 0; i < n_kept; ++i) {
+      constexpr int kBlocksPerTile = kBlockK / Cfg::kBlockKeys;
+      for (int i = 0; i < n_steps; ++i) {
         const int stage = i % kStages;
         const int round = i / kStages;
         if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
-        const int key0 = kept[i] * kBlockK;
         mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
-        tma_load_3d(k_smem(stage), &params.tmap_k, k_full(stage), 0, key0, static_cast<int>(bhk));
         mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVBytes);
-        tma_load_3d(v_smem(stage), &params.tmap_v, v_full(stage), key0, 0, static_cast<int>(bhk));
+#pragma unroll
+        for (int part = 0; part < kBlocksPerTile; ++part) {
+          // A lone last block of a pair also fills the second half (finite data; it is masked).
+          const int entry = min(kBlocksPerTile * i + part, n_kept - 1);
+          const int key0 = kept[entry] * Cfg::kBlockKeys;
+          tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kBlocksPerTile, &params.tmap_k, k_full(stage), 0, key0,
+                      static_cast<int>(bhk));
+          tma_load_3d(v_smem(stage) + part * Cfg::kVBytes / kBlocksPerTile, &params.tmap_v, v_full(stage), key0, 0,
+                      static_cast<int>(bhk));
+        }
       }
     }
     return;
@@ -337,13 +357,24 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
   const PFragmentLane p_lane = p_fragment_lane(lane);
 
-  // K scale of this lane's columns of block `key0`, per 64-key half (one group per lane and half in
-  // every granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
+  // First key of each 64-key half of tile i (kAbsentKey for the missing second block of a pair).
   constexpr int kHalves = kBlockK / kQuantBlockRows;
-  auto load_k_scales = [&](int key0, float (&ks)[kHalves]) {
+  auto half_keys = [&](int i, int (&k0)[kHalves]) {
 #pragma unroll
     for (int hh = 0; hh < kHalves; ++hh) {
-      const int key = key0 + hh * static_cast<int>(kQuantBlockRows) + 2 * t;
+      if constexpr (kPairs) {
+        k0[hh] = 2 * i + hh < n_kept ? kept[2 * i + hh] * Cfg::kBlockKeys : kAbsentKey;
+      } else {
+        k0[hh] = kept[i] * kBlockK + hh * static_cast<int>(kQuantBlockRows);
+      }
+    }
+  };
+  // K scale of this lane's columns of each half (one group per lane and half in every
+  // granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
+  auto load_k_scales = [&](const int (&k0)[kHalves], float (&ks)[kHalves]) {
+#pragma unroll
+    for (int hh = 0; hh < kHalves; ++hh) {
+      const int key = k0[hh] + 2 * t;
       ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
     }
   };
@@ -389,9 +420,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
   int skipped = 0;
 
-  int key0_next = n_kept > 0 ? kept[0] * kBlockK : 0;
+  int key0_next[kHalves];
   float k_scale_next[kHalves];
-  load_k_scales(key0_next, k_scale_next);
+  if (n_kept > 0) {
+    half_keys(0, key0_next);
+    load_k_scales(key0_next, k_scale_next);
+  }
 
   if constexpr (Cfg::kOverlap) {
     // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
@@ -400,8 +434,9 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // warpgroup whose 4 warps all skip multiplies P = 0 (acc · 1 + 0 leaves acc unchanged).
     // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m, l and
     // the skip count.
-    auto softmax = [&](int key0, const float (&k_scale_half)[kHalves], uint32_t (&p_out)[Cfg::kPvSteps][4],
-                       float (&alpha_out)[2]) {
+    auto softmax = [&](const int (&k0)[kHalves], const float (&k_scale_half)[kHalves],
+                       uint32_t (&p_out)[Cfg::kPvSteps][4], float (&alpha_out)[2]) {
+      const int key0 = k0[0];
       float s[Cfg::kSRegs];
       float sc[2][kHalves];
       float mx[2][kHalves];
@@ -559,10 +594,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
                     uint32_t (&p_nxt)[Cfg::kPvSteps][4], float (&alpha_nxt)[2]) {
       constexpr bool has_next = decltype(has_next_c)::value;
       const int stage = i % kStages;
-      int key0_b = 0;  // block i + 1, whose softmax comes next (loads land during the turn)
+      int key0_b[kHalves];  // block i + 1, whose softmax comes next (loads land during the turn)
       float k_scale_b[kHalves];
       if constexpr (has_next) {
-        key0_b = kept[i + 1] * kBlockK;
+        half_keys(i + 1, key0_b);
         load_k_scales(key0_b, k_scale_b);
       }
       mbarrier_wait(v_full(stage), (i / kStages) & 1);
@@ -619,17 +654,21 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       }
     }
   } else {
-    // One kept block: its softmax, then this warpgroup's turn (P·V of the block, S of the next).
+    // One tile (a kept block, or a pair of them): its softmax, then this warpgroup's turn (P·V of
+    // the tile, S of the next).
     auto block = [&](int i, auto has_next_c) {
       constexpr bool has_next = decltype(has_next_c)::value;
       const int stage = i % kStages;
       const uint32_t parity = (i / kStages) & 1;
-      const int key0 = key0_next;
+      int key0[kHalves];
       float k_scale_half[kHalves];
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) k_scale_half[hh] = k_scale_next[hh];
+      for (int hh = 0; hh < kHalves; ++hh) {
+        key0[hh] = key0_next[hh];
+        k_scale_half[hh] = k_scale_next[hh];
+      }
       if constexpr (has_next) {
-        key0_next = kept[i + 1] * kBlockK;
+        half_keys(i + 1, key0_next);
         load_k_scales(key0_next, k_scale_next);
       }
 
@@ -650,7 +689,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
       }
-      if (key0 + kBlockK <= col_end_min) {
+      // Halves are contiguous (or the second is absent, kAbsentKey): the last one ends the tile.
+      if (key0[kHalves - 1] + static_cast<int>(kQuantBlockRows) <= col_end_min) {
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
@@ -674,11 +714,14 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           }
         }
       } else {
-        const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};  // in column offsets
+        int visible[2][kHalves];  // in column offsets from the half's first key
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = 1.0f;
+          for (int hh = 0; hh < kHalves; ++hh) {
+            sc[i_row][hh] = 1.0f;
+            visible[i_row][hh] = col_end[i_row] - key0[hh] - 2 * t;
+          }
         }
 #pragma unroll
         for (int j = 0; j < Cfg::kSTiles; ++j) {
@@ -687,54 +730,97 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
             const int i_row = e / 2;
             const int hh = j * kNTile / kQuantBlockRows;
             const float scale = q_scale_row[i_row] * k_scale_half[hh];
-            const int col = j * kNTile + e % 2;
-            s[4 * j + e] = col < visible[i_row] ? dot_to_float<Cfg::kAluI2f>(s_acc[4 * j + e]) * scale : kNegInf;
+            const int col = j * kNTile + e % 2 - hh * static_cast<int>(kQuantBlockRows);
+            s[4 * j + e] = col < visible[i_row][hh] ? dot_to_float<Cfg::kAluI2f>(s_acc[4 * j + e]) * scale : kNegInf;
             if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
           }
         }
         if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
       }
-      float m_blk[2];
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
-#pragma unroll
-        for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
-#pragma unroll
-        for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-          m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
-        }
-      }
 
-      // ---- 2. the P·V filter, per warp (= 16-row group), then per warpgroup -------------------------
-      bool negligible = true;
+      // ---- 2. the P·V filter, per warp (= 16-row group) and kept block, then per warpgroup -------
+      // m_new: the running max after the tile; skip_half: the warp skips that half (a pair's halves
+      // are two blocks, decided in order like the reference; otherwise both halves share one).
+      float m_new[2];
+      bool skip_half[kHalves];
+      bool warp_skips = true;
+      if constexpr (kPairs) {
+        float m_half[2][kHalves];
 #pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) {
+            m_half[i_row][hh] = mx[i_row][hh] * sc[i_row][hh];
+#pragma unroll
+            for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+              m_half[i_row][hh] = fmaxf(m_half[i_row][hh], __shfl_xor_sync(kFullWarp, m_half[i_row][hh], mask));
+            }
+          }
+          m_new[i_row] = m[i_row];
+        }
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) {
+          bool negligible = true;
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+            negligible = negligible && (!row_valid[i_row] || m_half[i_row][hh] == kNegInf ||
+                                        m_new[i_row] - m_half[i_row][hh] > pvthreshd);
+          }
+          skip_half[hh] = __all_sync(kFullWarp, negligible);
+          if (!skip_half[hh]) {
+#pragma unroll
+            for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[i_row][hh]);
+          }
+          warp_skips = warp_skips && skip_half[hh];
+          skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
+        }
+      } else {
+        float m_blk[2];
+        bool negligible = true;
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+          m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
+#pragma unroll
+          for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
+#pragma unroll
+          for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+            m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
+          }
+          negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
+          m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
+        }
+        warp_skips = __all_sync(kFullWarp, negligible);
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
+        skipped += warp_active && warp_skips;
       }
-      const bool warp_skips = __all_sync(kFullWarp, negligible);
-      skipped += warp_active && warp_skips;
       const bool group_skips = named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
 
       // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
       // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
+      // A skipped half of a pair subtracts +∞: its p are 0. Both blocks of a pair use the max after
+      // the pair, so p of the first is rounded to e4m3 relative to that max (the reference rounds
+      // it relative to the max after the first block, then scales by α of the second).
       float alpha[2] = {1.0f, 1.0f};
       uint32_t p_frag[Cfg::kPvSteps][4];
       if (!group_skips) {
         if (!warp_skips) {
-          float m_sub[2];
+          float m_sub[2][kHalves];
 #pragma unroll
           for (int i_row = 0; i_row < 2; ++i_row) {
-            const float m_new = fmaxf(m[i_row], m_blk[i_row]);
-            alpha[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
-            m[i_row] = m_new;
-            m_sub[i_row] = (m_new == kNegInf ? 0.0f : m_new) - kLog2PScale;
+            alpha[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
+            m[i_row] = m_new[i_row];
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) {
+              m_sub[i_row][hh] = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
+            }
           }
           float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
           for (int e = 0; e < Cfg::kSRegs; ++e) {
             const int i_row = (e % 4) / 2;
-            s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]), e);  // p · 448
+            const int hh = (e / 4) * kNTile / kQuantBlockRows;
+            s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -m_sub[i_row][hh]), e);  // p · 448
             row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
           }
 #pragma unroll
@@ -774,11 +860,15 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
       float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
       auto issue_pv = [&](int chunk) {
-        const uint64_t v_desc = wgmma_desc(v_smem(stage) + chunk * Cfg::kPvChunkCols * kBlockK, kBlockK);
+        // V^T tiles of kVRowBytes keys (two per tile for pairs); chunk rows start every kVRowBytes bytes.
+        constexpr int kStepsPerVTile = Cfg::kVRowBytes / kWgmmaK8Bit;
+        constexpr int kVTileBytes = kHeadDimPad * Cfg::kVRowBytes;
+        const uint32_t v_chunk = v_smem(stage) + chunk * Cfg::kPvChunkCols * Cfg::kVRowBytes;
         wgmma_fence();  // in the wgmma's own basic block (else ptxas adds one and serializes)
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-          const uint64_t desc = wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit);
+          const uint64_t desc = wgmma_desc_advance(
+              wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes), (ks % kStepsPerVTile) * kWgmmaK8Bit);
           if constexpr (Cfg::kPvChunkCols == 128) {
             if (ks == 0) {
               wgmma_m64n128k32_f32_e4m3_rs_first(pv, p_frag[ks], desc);
@@ -825,8 +915,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
       issue_qk(0);
       named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
-      for (int i = 0; i + 1 < n_kept; ++i) block(i, std::true_type{});
-      block(n_kept - 1, std::false_type{});
+      for (int i = 0; i + 1 < n_steps; ++i) block(i, std::true_type{});
+      block(n_steps - 1, std::false_type{});
     }
   }
   // Balances the arrival group 1 made before its first turn (or after its last).
@@ -929,12 +1019,12 @@ inline Status encode_map_3d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMa
 
 }  // namespace wgmma_attend
 
-template <int kHeadDimPad, int kBlockK>
+template <int kHeadDimPad, int kBlockK, bool kPairs>
 Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t stream) {
-  using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK>;
-  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK>;
-  static const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
-                                  ", BLOCK_K=" + std::to_string(kBlockK) + ", kFp8>";
+  using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK, kPairs>;
+  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs>;
+  static const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) + ", TILE_K=" +
+                                  std::to_string(kBlockK) + (kPairs ? ", pairs of 64-key blocks" : "") + ", kFp8>";
 
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   SPARGE_RETURN_IF_ERROR(wgmma_attend::tensor_map_encoder(&encode));
@@ -947,14 +1037,14 @@ Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t str
   const uint64_t bhq = static_cast<uint64_t>(batch) * a.heads_q;
   const uint64_t bhk = static_cast<uint64_t>(batch) * a.heads_kv;
   constexpr uint32_t kD = kHeadDimPad;
-  constexpr uint32_t kK = kBlockK;
+  constexpr uint32_t kK = Cfg::kBlockKeys;  // one TMA box per kept block
   constexpr uint32_t kRows = kWgmmaAttendRows;
   SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_q, a.q, {dim, len_q, bhq},
                                                      {dim, dim * len_q}, {kD, kRows, 1}, kHeadDimPad, "Q"));
   SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_k, a.k, {dim, len_k, bhk},
                                                      {dim, dim * len_k}, {kD, kK, 1}, kHeadDimPad, "K"));
   SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_v, a.v, {len_k_pad, dim, bhk},
-                                                     {len_k_pad, len_k_pad * dim}, {kK, kD, 1}, kBlockK, "V^T"));
+                                                     {len_k_pad, len_k_pad * dim}, {kK, kD, 1}, Cfg::kVRowBytes, "V^T"));
 
   static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(Cfg::kSmemBytes, smem_what.c_str()));

@@ -38,10 +38,11 @@ constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
   return kAlignSlack + q_tile + kv_tiles + kBarrierBytes;
 }
 
-// Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim,
-// K block) on `stream` for `batch` sequences; grid (ceil(Lq / 128), Hq, B). Defined in attend_wgmma.cuh, instantiated
-// under instantiations/attend_wgmma_*.cu. P·V is e4m3.
-template <int kHeadDimPad, int kBlockK>
+// Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
+// of kBlockK keys) on `stream` for `batch` sequences; grid (ceil(Lq / 128), Hq, B). kPairs: the
+// 128-key tile holds two kept 64-key blocks (block_k = 64), else one kept block of kBlockK keys.
+// Defined in attend_wgmma.cuh, instantiated under instantiations/attend_wgmma_*.cu. P·V is e4m3.
+template <int kHeadDimPad, int kBlockK, bool kPairs>
 Status launch_wgmma_attend(const MmaAttendParams& params, int batch, cudaStream_t stream);
 
 }  // namespace sparge::cuda
