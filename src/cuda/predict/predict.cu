@@ -3,7 +3,10 @@
 // of groups of up to kMaxGroup consecutive Q blocks of one b·Hq together, so each K block's
 // statistics (3 rows of D floats with the spike keys) are read once per group rather than once
 // per Q block; it parks them in the index output. select_kernel, one CTA per (Q block, b·Hq),
-// selects and writes the index list over them.
+// selects and writes the index list over them. When the groups would hold one Q block each
+// (score_group == 1, small problems), score_kernel is not launched: select_kernel computes its
+// row's scores itself with the same block_scores call for a group of one (the same values bit for
+// bit), and the host clears the statistics counters that score_kernel would have cleared.
 //
 // TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
 // of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF); TopK
@@ -118,7 +121,9 @@ __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const 
 #pragma unroll
   for (int g = 0; g < kMaxGroup; ++g) {
     if (g >= n_rows) continue;
-    float term[kSpikeKeys + 1];
+    // Terms in order: spike[t] for t < m, then the rest term when n > m (constant indices only, so
+    // the terms stay in registers).
+    float term[kSpikeKeys];
     float spike_sum = 0.0f;
 #pragma unroll
     for (int t = 0; t < kSpikeKeys; ++t) {
@@ -128,18 +133,25 @@ __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const 
         term[t] = __fmul_rn(spike[t][g], a.sm_scale);
       }
     }
-    int terms = static_cast<int>(m);
-    term[kSpikeKeys] = 0.0f;
-    if (n > m) {
+    const bool has_rest = n > m;
+    float rest_term = 0.0f;
+    if (has_rest) {
       const float value = __fmul_rn(
           __fdiv_rn(__fsub_rn(__fmul_rn(static_cast<float>(n), dot[g]), spike_sum), rest), a.sm_scale);
-      term[terms] = __fadd_rn(value, log_rest);
-      ++terms;
+      rest_term = __fadd_rn(value, log_rest);
     }
-    float max_term = term[0];
-    for (int t = 1; t < terms; ++t) max_term = fmaxf(max_term, term[t]);
+    float max_term = m > 0 ? term[0] : rest_term;
+#pragma unroll
+    for (int t = 1; t < kSpikeKeys; ++t) {
+      if (t < m) max_term = fmaxf(max_term, term[t]);
+    }
+    if (has_rest) max_term = fmaxf(max_term, rest_term);
     float sum = 0.0f;
-    for (int t = 0; t < terms; ++t) sum = __fadd_rn(sum, expf(__fsub_rn(term[t], max_term)));
+#pragma unroll
+    for (int t = 0; t < kSpikeKeys; ++t) {
+      if (t < m) sum = __fadd_rn(sum, expf(__fsub_rn(term[t], max_term)));
+    }
+    if (has_rest) sum = __fadd_rn(sum, expf(__fsub_rn(rest_term, max_term)));
     out[g] = __fadd_rn(max_term, logf(sum));
   }
 }
@@ -168,6 +180,13 @@ __device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_ro
   spike_scores(a, j, n_rows, dot, spike, out);
 }
 
+// The b·Hkv row of the K statistics that b·Hq row bh reads.
+__device__ __forceinline__ int64_t kv_row(const PredictArgs& a, int64_t bh) {
+  const int heads_q = static_cast<int>(a.shape.heads_q);
+  return (bh / heads_q) * a.shape.heads_kv +
+         static_cast<int>(bh % heads_q) / (heads_q / static_cast<int>(a.shape.heads_kv));
+}
+
 // Blocks of Q block i with at least one visible key (32-bit division: lengths fit in int).
 __device__ __forceinline__ int64_t allowed_blocks(const PredictArgs& a, int64_t i) {
   const Shape& s = a.shape;
@@ -183,9 +202,8 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
                            int* iscratch, float* fscratch) {
   const Shape& s = a.shape;
   const int heads_q = static_cast<int>(s.heads_q);
-  const int64_t b = bh / heads_q;
   const int64_t h = bh % heads_q;
-  const int64_t bhk = b * s.heads_kv + static_cast<int>(h) / (heads_q / static_cast<int>(s.heads_kv));
+  const int64_t bhk = kv_row(a, bh);
   const int64_t bk = a.blocks.block_k;
   const int64_t end_r0 = visible_end(i * a.blocks.block_q, a.causal, s.len_q, s.len_k);
   const int64_t n_allowed = allowed_blocks(a, i);
@@ -362,9 +380,7 @@ __global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
   }
   const Shape& s = a.shape;
   const int64_t bh = blockIdx.y;
-  const int heads_q = static_cast<int>(s.heads_q);
-  const int64_t bhk = (bh / heads_q) * s.heads_kv + static_cast<int>(bh % heads_q) /
-                                                        (heads_q / static_cast<int>(s.heads_kv));
+  const int64_t bhk = kv_row(a, bh);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * a.group;
   const int n_rows = static_cast<int>(min(static_cast<int64_t>(a.group), a.nbq - i0));
   const int64_t dim = s.head_dim;
@@ -382,16 +398,32 @@ __global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
   }
 }
 
-// Selection of one Q block per CTA: its scores (TopK / CDF: from score_kernel, in its index row)
-// into shared memory, then select_row.
+// Selection of one Q block per CTA: its scores (TopK / CDF) into shared memory, then select_row.
+// With groups of one Q block (a.group == 1) the CTA computes them itself, exactly as score_kernel
+// would for a group of one (no score_kernel launch); else it reads them from its index row.
 __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
-  extern __shared__ float score[];  // [nbk], then state[nbk] (uint8_t)
-  uint8_t* state = reinterpret_cast<uint8_t*>(score + a.nbk);
+  extern __shared__ float score[];  // [nbk], then (scores computed here) q_row[D], then state[nbk] (uint8_t)
+  const bool scored = a.select.mode == SelectMode::kTopK || a.select.mode == SelectMode::kCdf;
+  const bool fused = scored && a.group == 1;
+  const int64_t dim = a.shape.head_dim;
+  float* q_row = score + a.nbk;
+  uint8_t* state = reinterpret_cast<uint8_t*>(q_row + (fused ? dim : 0));
   __shared__ int iscratch[kWarps];
   __shared__ float fscratch[kWarps];
   const int64_t bh = blockIdx.y;
   const int64_t i = blockIdx.x;
-  if (a.select.mode == SelectMode::kTopK || a.select.mode == SelectMode::kCdf) {
+  if (fused) {
+    for (int64_t d = threadIdx.x; d < dim; d += kThreads) q_row[d] = a.q_pool[(bh * a.nbq + i) * dim + d];
+    __syncthreads();
+    const int64_t bhk = kv_row(a, bh);
+    const int64_t n_allowed = allowed_blocks(a, i);
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+      float out[kMaxGroup];
+      block_scores(a, q_row, 1, bhk, j, out);
+      score[j] = out[0];
+    }
+    __syncthreads();
+  } else if (scored) {
     const float* row_scores = reinterpret_cast<const float*>(a.index) + (bh * a.nbq + i) * a.nbk;
     const int64_t n_allowed = allowed_blocks(a, i);
     for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) score[j] = row_scores[j];
@@ -414,8 +446,11 @@ Status predict(const PredictParams& p) {
   const int64_t bhq = p.shape.batch * p.shape.heads_q;
   const bool launches = bhq > 0 && nbq > 0;
   const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
+  const int group = score_group(nbq, bhq);
+  // score_kernel runs for groups of more than one Q block; select_kernel scores groups of one.
+  const bool score_launch = launches && scored && group > 1;
   static_assert(kStatBlocksAllowed == kStatBlocksKept + 1, "the two block counters are cleared with one memset");
-  if (stats != nullptr && !(launches && scored)) {  // else score_kernel clears them
+  if (stats != nullptr && !score_launch) {  // else score_kernel clears them
     SPARGE_CUDA_TRY(cudaMemsetAsync(stats + kStatBlocksKept, 0, 2 * sizeof(int64_t), p.stream), "predict: clear stats");
   }
   if (!launches) return Status::Ok();
@@ -424,14 +459,15 @@ Status predict(const PredictParams& p) {
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
-                         .group = score_group(nbq, bhq)};
-  if (scored) {
+                         .group = group};
+  if (score_launch) {
     const size_t q_bytes = static_cast<size_t>(args.group) * static_cast<size_t>(p.shape.head_dim) * sizeof(float);
     const auto groups = static_cast<unsigned>(ceil_div(nbq, args.group));
     score_kernel<<<dim3(groups, static_cast<unsigned>(bhq)), kThreads, q_bytes, p.stream>>>(args);
     SPARGE_RETURN_IF_ERROR(launch_status("predict (scores)"));
   }
-  const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t));
+  const size_t q_row_bytes = scored && group == 1 ? static_cast<size_t>(p.shape.head_dim) * sizeof(float) : 0;
+  const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t)) + q_row_bytes;
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<select_kernel>(smem, "predict: set shared memory"));
   select_kernel<<<dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
   return launch_status("predict");

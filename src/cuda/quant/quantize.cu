@@ -16,6 +16,17 @@
 // needs clearing first), register-resident rows kernels (the Q one also does 7), and a v_quant
 // whose smem transpose is bank-conflict-free on the load side: five launches for the stage. Same
 // arithmetic per element as the passes above.
+// Small problems on the fast path (0 < Lk <= kSmallLenK = 1024, quantize_fast_small), where the
+// launches rather than the bytes cost the time: two launches.
+//   a. kv_head_fast : one CTA per b·Hkv over all its rows: k_mean (1+2), V amax with
+//                     v_scale = amax / v_max in its final form (5+7), then V quantized tile by tile
+//                     with the v_quant_fast tile code (6)
+//   b. rows<K,Q>    : 3 and 4 in one grid (per kv head row: its K blocks spread over the Q heads
+//                     of its group, then those heads' Q blocks)
+// k_mean sums the rows in another order than the five-launch path (per thread over all rows,
+// not per prediction block first), so it may differ from it by fp32 rounding, and so may what
+// uses it (smoothed K, an INT8 value on a rounding boundary, the LSE shift); the per-element
+// arithmetic is the same.
 #include <cuda_fp8.h>
 
 #include "cuda/common/device_utils.cuh"
@@ -349,25 +360,41 @@ __device__ __forceinline__ bool spike_before(float n1, int64_t r1, float n2, int
   return n1 > n2 || (n1 == n2 && r1 < r2);
 }
 
+// Shared memory of the fast rows body (declared by each kernel that runs it, so that a kernel
+// running both the Q and the K body holds one copy).
+template <typename T>
+struct RowsFastSmem {
+  float row_amax[kTileRows];
+  float row_norm2[kTileRows];
+  float group_amax[kTileRows];
+  float red[2][kThreads * kVec<T>];
+  float spike_norm2[kSpikeKeys];
+  int64_t spike_row[kSpikeKeys];
+  float scratch[kWarps];
+};
+
+// One CTA's work: prediction block block_index (of nblocks per head row) of head row bh_index
+// (b·H) of Q or K.
 template <bool kIsQ, typename T, int CPR>
-__global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) quantize_rows_fast_kernel(RowsArgs a) {
+__device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsigned block_index, unsigned bh_index,
+                                                        unsigned nblocks, RowsFastSmem<T>& sm) {
   constexpr int VEC = kVec<T>;
   constexpr int RPP = kThreads / CPR;         // rows per pass
   constexpr int ITERS = kTileRows / RPP;      // passes per 64-row tile
   constexpr int D = CPR * VEC;
-  __shared__ float row_amax[kTileRows];
-  __shared__ float row_norm2[kTileRows];
-  __shared__ float group_amax[kTileRows];
-  __shared__ float red[2][kThreads * VEC];
-  __shared__ float spike_norm2[kSpikeKeys];
-  __shared__ int64_t spike_row[kSpikeKeys];
-  __shared__ float scratch[kWarps];
+  float* row_amax = sm.row_amax;
+  float* row_norm2 = sm.row_norm2;
+  float* group_amax = sm.group_amax;
+  float (*red)[kThreads * VEC] = sm.red;
+  float* spike_norm2 = sm.spike_norm2;
+  int64_t* spike_row = sm.spike_row;
+  float* scratch = sm.scratch;
 
-  const int64_t block = blockIdx.x;
-  const int64_t bh = blockIdx.y;
+  const int64_t block = block_index;
+  const int64_t bh = bh_index;
   const int heads = static_cast<int>(a.heads);
-  const int64_t b = blockIdx.y / heads;
-  const int64_t h = blockIdx.y % heads;
+  const int64_t b = bh_index / heads;
+  const int64_t h = bh_index % heads;
   const int64_t hk = kIsQ ? static_cast<int>(h) / (heads / static_cast<int>(a.heads_kv)) : h;
   const T* x = static_cast<const T*>(a.x) + b * a.strides.batch + h * a.strides.head;
   const int64_t row_begin = block * a.block_rows;
@@ -376,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) qu
   const int rsub = threadIdx.x / CPR;
   const int col0 = c * VEC;
   if (kIsQ && a.v_finalize != nullptr) {
-    const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    const int64_t cta = bh * nblocks + block;
     v_finalize_at(a.v_finalize, a.v_count, a.v_max, cta * kThreads + threadIdx.x);
   }
 
@@ -525,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) qu
   }
   __syncthreads();
   const int64_t n = row_end - row_begin;
-  float* pool = a.pool + (bh * gridDim.x + block) * D;
+  float* pool = a.pool + (bh * nblocks + block) * D;
   float norm2 = 0.0f;
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float s = 0.0f, u = 0.0f;
@@ -540,16 +567,41 @@ __global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) qu
   const int nonzero_rows = static_cast<int>(block_sum(static_cast<float>(nonzero), scratch));
   if (threadIdx.x == 0) {
     const float nf = static_cast<float>(n);
-    a.sim[bh * gridDim.x + block] = n == 1 ? 1.0f : (norm2 - static_cast<float>(nonzero_rows)) / (nf * (nf - 1.0f));
+    a.sim[bh * nblocks + block] = n == 1 ? 1.0f : (norm2 - static_cast<float>(nonzero_rows)) / (nf * (nf - 1.0f));
   }
   if (!kIsQ && a.spikes != nullptr) {
-    float* spikes = a.spikes + (bh * gridDim.x + block) * kSpikeKeys * D;
+    float* spikes = a.spikes + (bh * nblocks + block) * kSpikeKeys * D;
     for (int i = threadIdx.x; i < kSpikeKeys * D; i += kThreads) {
       const int t = i / D, d = i % D;
       const int64_t r = spike_row[t];
       const float mean = a.k_mean != nullptr ? a.k_mean[(b * a.heads_kv + hk) * D + d] : 0.0f;
       spikes[i] = r < 0 ? 0.0f : load_as_float(x + r * a.strides.token + d) - mean;
     }
+  }
+}
+
+template <bool kIsQ, typename T, int CPR>
+__global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) quantize_rows_fast_kernel(RowsArgs a) {
+  __shared__ RowsFastSmem<T> sm;
+  quantize_rows_fast_body<kIsQ, T, CPR>(a, blockIdx.x, blockIdx.y, gridDim.x, sm);
+}
+
+// Small problems: the K rows and the Q rows in one grid of (kpz + nbq, B·Hkv, G) CTAs, G = Hq / Hkv
+// (1 without Q rows), kpz = ⌈nbk / G⌉. CTA (x, y, z) works for kv head row y: x < kpz is its K
+// block z · kpz + x (none past nbk: fewer than G idle CTAs per row), x >= kpz is Q block x − kpz
+// of query head row y · G + z. The role depends on the CTA index only, so every barrier inside
+// is reached by the whole CTA. The indices are sums and products of blockIdx, not quotients of a
+// flat index: with quotients ptxas spilled at D = 128 on sm_89, where quantize_rows_fast_kernel
+// does not.
+template <typename T, int CPR>
+__global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2)
+    quantize_rows_kq_fast_kernel(RowsArgs ka, unsigned nbk, unsigned kpz, RowsArgs qa, unsigned nbq) {
+  __shared__ RowsFastSmem<T> sm;
+  if (blockIdx.x < kpz) {
+    const unsigned block = blockIdx.z * kpz + blockIdx.x;
+    if (block < nbk) quantize_rows_fast_body<false, T, CPR>(ka, block, blockIdx.y, nbk, sm);
+  } else {
+    quantize_rows_fast_body<true, T, CPR>(qa, blockIdx.x - kpz, blockIdx.y * gridDim.z + blockIdx.z, nbq, sm);
   }
 }
 
@@ -636,24 +688,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// V / scale in the P·V format, transposed, 64 tokens per CTA. Loads: a warp covers 8 rows × 4
-// chunks (bank-conflict-free scalar smem stores with pitch D + 1); stores: 4 tokens per thread.
+// V · inv in the P·V format of the 64-token tile at row0 of one head (x: its rows; out: its
+// [D][len_pad] slice), transposed, zero past len. Loads: a warp covers 8 rows × 4 chunks
+// (bank-conflict-free scalar smem stores with pitch D + 1); stores: 4 tokens per thread.
+// inv ([D], shared) is read only after the barrier inside, so the caller may write it just
+// before; tile ([kTileRows][D + 1] floats, shared) may be reused after the caller's next barrier.
 template <typename T, typename Out, int CPR>
-__global__ void __launch_bounds__(kThreads)
-    v_quant_fast_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad,
-                        const float* amax, float v_max, Out* out) {
+__device__ __forceinline__ void v_quant_fast_tile(const T* x, int64_t token_stride, int64_t len, int64_t len_pad,
+                                                  int64_t row0, const float* inv, float* tile, Out* out) {
   constexpr int VEC = kVec<T>;
   constexpr int D = CPR * VEC;
   constexpr int P = D + 1;
-  extern __shared__ float tile[];  // [kTileRows][P]
-  __shared__ float inv[D];
-  const int64_t bh = blockIdx.y;
-  const T* x = v + (bh / heads) * strides.batch + (bh % heads) * strides.head;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    const float m = amax[bh * D + d];
-    inv[d] = m > 0.0f ? __fdiv_rn(v_max, m) : 0.0f;
-  }
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   constexpr int kTasks = (kTileRows / 8) * (CPR / 4);
 #pragma unroll
@@ -662,7 +707,7 @@ __global__ void __launch_bounds__(kThreads)
     const int c = (t / 8) * 4 + lane / 8;
     float f[VEC];
     if (row0 + r < len) {
-      load_vec(x + (row0 + r) * strides.token + c * VEC, f);
+      load_vec(x + (row0 + r) * token_stride + c * VEC, f);
     } else {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) f[j] = 0.0f;
@@ -683,12 +728,89 @@ __global__ void __launch_bounds__(kThreads)
         bits[j] = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(y)));
       }
     }
-    Out* dst = out + (bh * D + d) * len_pad + row0 + 4 * q;
+    Out* dst = out + d * len_pad + row0 + 4 * q;
     if constexpr (sizeof(Out) == 1) {
       *reinterpret_cast<uint32_t*>(dst) = bits[0] | (bits[1] << 8) | (bits[2] << 16) | (bits[3] << 24);
     } else {
       *reinterpret_cast<uint2*>(dst) = make_uint2(bits[0] | (bits[1] << 16), bits[2] | (bits[3] << 16));
     }
+  }
+}
+
+// V / scale in the P·V format, transposed, 64 tokens per CTA.
+template <typename T, typename Out, int CPR>
+__global__ void __launch_bounds__(kThreads)
+    v_quant_fast_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad,
+                        const float* amax, float v_max, Out* out) {
+  constexpr int D = CPR * kVec<T>;
+  extern __shared__ float tile[];  // [kTileRows][D + 1]
+  __shared__ float inv[D];
+  const int64_t bh = blockIdx.y;
+  const T* x = v + (bh / heads) * strides.batch + (bh % heads) * strides.head;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    const float m = amax[bh * D + d];
+    inv[d] = m > 0.0f ? __fdiv_rn(v_max, m) : 0.0f;
+  }
+  v_quant_fast_tile<T, Out, CPR>(x, strides.token, len, len_pad, row0, inv, tile, out + bh * D * len_pad);
+}
+
+// Small problems (Lk <= kSmallLenK), one CTA per b·Hkv: k_mean (Σ rows / Lk per channel, each
+// thread summing its rows in order and the kThreads / CPR partials added in a fixed order; zeros
+// without smoothing), the V amax per channel → v_scale = amax / v_max in its final form, then V
+// quantized tile by tile as v_quant_fast_kernel does.
+template <typename T, typename Out, int CPR>
+__global__ void __launch_bounds__(kThreads)
+    kv_head_fast_kernel(const T* k, Strides ks, const T* v, Strides vs, int64_t heads, int64_t len, int64_t len_pad,
+                        bool smooth_k, float v_max, float* k_mean, float* v_scale, Out* out) {
+  constexpr int VEC = kVec<T>;
+  constexpr int RPP = kThreads / CPR;
+  constexpr int D = CPR * VEC;
+  extern __shared__ float smem[];  // red [2][kThreads · VEC], then reused as the V tile [kTileRows][D + 1]
+  __shared__ float inv[D];
+  const int64_t bh = blockIdx.x;
+  const int64_t b = static_cast<int>(bh) / static_cast<int>(heads), h = static_cast<int>(bh) % static_cast<int>(heads);
+  const T* kx = k + b * ks.batch + h * ks.head;
+  const T* vx = v + b * vs.batch + h * vs.head;
+  const int col0 = (threadIdx.x % CPR) * VEC;
+  float s[VEC], m[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s[j] = m[j] = 0.0f;
+#pragma unroll 4
+  for (int64_t r = threadIdx.x / CPR; r < len; r += RPP) {
+    float f[VEC];
+    if (smooth_k) {
+      load_vec(kx + r * ks.token + col0, f);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s[j] += f[j];
+    }
+    load_vec(vx + r * vs.token + col0, f);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = fmaxf(m[j], fabsf(f[j]));
+  }
+  float* red_sum = smem;
+  float* red_max = smem + kThreads * VEC;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    red_sum[threadIdx.x * VEC + j] = s[j];
+    red_max[threadIdx.x * VEC + j] = m[j];
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float ts = 0.0f, tm = 0.0f;
+    for (int j = 0; j < RPP; ++j) {
+      ts += red_sum[j * D + d];  // thread j·CPR + d / VEC, element d % VEC
+      tm = fmaxf(tm, red_max[j * D + d]);
+    }
+    k_mean[bh * D + d] = smooth_k ? ts / static_cast<float>(len) : 0.0f;
+    v_scale[bh * D + d] = __fdiv_rn(tm, v_max);
+    inv[d] = tm > 0.0f ? __fdiv_rn(v_max, tm) : 0.0f;
+  }
+  __syncthreads();  // every channel's amax is final before any V element is quantized; red is free
+  Out* out_head = out + bh * D * len_pad;
+  for (int64_t row0 = 0; row0 < len_pad; row0 += kTileRows) {
+    v_quant_fast_tile<T, Out, CPR>(vx, vs.token, len, len_pad, row0, inv, smem, out_head);
+    __syncthreads();  // the tile is reloaded by the next pass
   }
 }
 
@@ -708,9 +830,63 @@ Status launch_v_quant_fast(const QuantizeParams& p, int64_t bhk, int64_t len_pad
   return launch_status("v_quant_fast");
 }
 
+// Largest Lk of the two-launch small-problem path.
+constexpr int64_t kSmallLenK = 1024;
+
+template <typename T, int CPR, typename Out>
+Status launch_kv_head_fast(const QuantizeParams& p, int64_t bhk, int64_t len_pad, Out* out) {
+  constexpr size_t kRed = 2 * kThreads * kVec<T>;
+  constexpr size_t kTile = kTileRows * (CPR * kVec<T> + 1);
+  const size_t smem = sizeof(float) * (kRed > kTile ? kRed : kTile);
+  constexpr auto kernel = kv_head_fast_kernel<T, Out, CPR>;
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(smem, "kv_head_fast: set shared memory"));
+  kernel<<<static_cast<unsigned>(bhk), kThreads, smem, p.stream>>>(
+      static_cast<const T*>(p.in.k), p.in.k_strides, static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv,
+      p.shape.len_k, len_pad, p.quant.smooth_k, v_quant_max(p.quant.pv), p.out.k_mean, p.out.v_scale, out);
+  return launch_status("kv_head_fast");
+}
+
+// The fast path for 0 < Lk <= kSmallLenK in two launches: kv_head_fast (k_mean, final v_scale,
+// quantized V), then the K and Q rows in one grid.
+template <typename T, int CPR>
+Status quantize_fast_small(const QuantizeParams& p) {
+  const Shape& s = p.shape;
+  const QuantizedQKV& o = p.out;
+  const auto [nbq, nbk] = block_counts(s, p.blocks);
+  const int64_t bhq = s.batch * s.heads_q;
+  const int64_t bhk = s.batch * s.heads_kv;
+  const int64_t d = s.head_dim;
+  const QuantGranularity g = p.quant.granularity;
+  const int64_t len_pad = padded_len_k(s.len_k);
+  if (pv_is_fp8(p.quant.pv)) {
+    SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
+  } else {
+    SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, bhk, len_pad, static_cast<__half*>(o.v))));
+  }
+  const RowsArgs ka{.x = p.in.k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
+                    .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
+                    .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
+                    .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
+                    .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
+  const RowsArgs qa{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
+                    .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
+                    .k_mean = o.k_mean, .scale_factor = p.quant.sm_scale * kLog2e, .sm_scale = p.quant.sm_scale,
+                    .out = o.q, .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
+                    .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr, .v_finalize = nullptr};
+  const bool q_rows = bhq > 0 && s.len_q > 0;
+  const int64_t group = q_rows ? s.heads_q / s.heads_kv : 1;
+  const int64_t kpz = ceil_div(nbk, group);
+  const dim3 grid(static_cast<unsigned>(kpz + (q_rows ? nbq : 0)), static_cast<unsigned>(bhk),
+                  static_cast<unsigned>(group));
+  quantize_rows_kq_fast_kernel<T, CPR><<<grid, kThreads, 0, p.stream>>>(
+      ka, static_cast<unsigned>(nbk), static_cast<unsigned>(kpz), qa, static_cast<unsigned>(nbq));
+  return launch_status("quantize_rows_kq_fast");
+}
+
 // The whole stage on the fast path (see above for when it applies).
 template <typename T, int CPR>
 Status quantize_fast(const QuantizeParams& p) {
+  if (p.shape.len_k > 0 && p.shape.len_k <= kSmallLenK) return quantize_fast_small<T, CPR>(p);
   const Shape& s = p.shape;
   const QuantizedQKV& o = p.out;
   const cudaStream_t stream = p.stream;
