@@ -10,11 +10,15 @@ from sparge.testing import structured_qkv
 
 
 def main() -> None:
-    q, k, v = structured_qkv(1, 4, 2, 200, 333, 64, dtype=torch.float16, device="cuda", seed=1)
-    for kwargs in ({"mode": "dense"}, {"topk": 0.5}, {"mode": "cdf", "cdfthreshd": 0.9},
-                   {"topk": 0.5, "is_causal": True}, {"mode": "dense", "pv_precision": "fp16"}):
-        o, lse = sparge.attention(q, k, v, return_lse=True, **kwargs)
-        assert torch.isfinite(o).all() and torch.isfinite(lse).all(), kwargs
+    # Lk = 333: the two-launch quantize path, TopK ranked in one warp. Lk = 2420, D = 128: the
+    # five-launch path, TopK by radix selection over 38 blocks, an odd count of kept blocks
+    # (19 at topk 0.5) for the wgmma kernel's pairs of blocks.
+    for shape in ((1, 4, 2, 200, 333, 64), (1, 2, 1, 256, 2420, 128)):
+        q, k, v = structured_qkv(*shape, dtype=torch.float16, device="cuda", seed=1)
+        for kwargs in ({"mode": "dense"}, {"topk": 0.5}, {"mode": "cdf", "cdfthreshd": 0.9},
+                       {"topk": 0.5, "is_causal": True}, {"mode": "dense", "pv_precision": "fp16"}):
+            o, lse = sparge.attention(q, k, v, return_lse=True, **kwargs)
+            assert torch.isfinite(o).all() and torch.isfinite(lse).all(), (shape, kwargs)
     torch.cuda.synchronize()
     print("sanitize case: ok")
 

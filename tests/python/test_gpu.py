@@ -165,16 +165,18 @@ def test_cuda_quantize_v_for_the_fp16_accumulator(seed, head_dim):
                                   dict(mode="topk", topk=0.3, block_score="mean"),
                                   dict(mode="cdf", cdfthreshd=0.95, block_score="spikes", is_causal=True),
                                   dict(mode="block_mask")], ids=str)  # fmt: skip
-def test_cuda_predict_matches_cpu_backend(seed, case):
+@pytest.mark.parametrize("len_q,len_k", [(1024, 900), (512, 4000)])  # TopK over <= 32 blocks (one warp) and > 32 (radix)
+def test_cuda_predict_matches_cpu_backend(seed, case, len_q, len_k):
     """Same block statistics on both backends. Dense, block-mask and mean-score topk selections
     are exact (the dot products are summed in the reference's order and rounding); spikes scores
     and the cdf cut also go through expf / logf, whose last-bit rounding may differ from the host
     library's, so a near-tie may swap: at most 1e-3 of the blocks differ."""
-    q, k, v = structured_qkv(2, 4, 2, 1024, 900, 64, seed=seed)
+    q, k, v = structured_qkv(2, 4, 2, len_q, len_k, 64, seed=seed)
     quantized = sparge.quantize(q, k, v)
     case = dict(case)
     if case["mode"] == "block_mask":
-        case["block_mask"] = torch.rand(2, 4, 8, 15, generator=torch.Generator().manual_seed(seed)) < 0.4
+        nbq, nbk = -(-len_q // 128), -(-len_k // 64)
+        case["block_mask"] = torch.rand(2, 4, nbq, nbk, generator=torch.Generator().manual_seed(seed)) < 0.4
     cpu = sparge.predict(quantized, **case)
     gpu_case = {key: val.cuda() if isinstance(val, torch.Tensor) else val for key, val in case.items()}
     gpu = sparge.predict(_to(quantized, "cuda"), **gpu_case)

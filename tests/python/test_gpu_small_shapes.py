@@ -74,8 +74,10 @@ def _assert_quantized_match(gpu: sparge.QuantizedQKV, cpu: sparge.QuantizedQKV, 
                                    msg=f"{name} {context}")  # fmt: skip
     # Spike keys are the rows of largest smoothed norm: two rows whose norms tie to rounding may
     # swap after a differently summed k_mean (seen at Lk = 2048, D = 128, on the 5-launch path).
-    differ = (gpu.k_spikes - cpu.k_spikes).abs().amax(dim=-1) > 1e-4
-    assert float(differ.float().mean()) <= 0.02, f"k_spikes: {int(differ.sum())} rows differ, {context}"
+    assert gpu.k_spikes.shape == cpu.k_spikes.shape, f"k_spikes {context}"
+    if gpu.k_spikes.numel() > 0:
+        differ = (gpu.k_spikes - cpu.k_spikes).abs().amax(dim=-1) > 1e-4
+        assert float(differ.float().mean()) <= 0.02, f"k_spikes: {int(differ.sum())} rows differ, {context}"
 
 
 @pytest.mark.parametrize("smooth_k", [True, False])

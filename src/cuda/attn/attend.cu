@@ -2,8 +2,8 @@
 // (sm90/attend_wgmma.cuh) on sm_90 where it covers the request, else the mma.sync kernel
 // (sm80/attend_mma.cuh). The environment variable SPARGE_CUDA_KERNEL (auto, mma, wgmma) forces
 // the choice, so that the mma.sync kernel of Ampere / Ada is testable on a Hopper GPU. With
-// block_k = 64 and head dims padded to 128, the wgmma kernel runs 128-key tiles made of two kept
-// blocks; SPARGE_WGMMA_PAIRS=0 runs one block per 64-key tile instead (for comparison).
+// block_k = 64 the wgmma kernel runs 128-key tiles made of two kept blocks; SPARGE_WGMMA_PAIRS=0
+// runs one block per 64-key tile instead (for comparison).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -80,11 +80,9 @@ Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) 
   const int batch = static_cast<int>(p.shape.batch);
   switch (p.blocks.block_k) {
     case 64: {
-      if constexpr (kHeadDimPad == 128) {
-        bool pairs = false;
-        SPARGE_RETURN_IF_ERROR(wgmma_pairs(&pairs));
-        if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, batch, p.stream);
-      }
+      bool pairs = false;
+      SPARGE_RETURN_IF_ERROR(wgmma_pairs(&pairs));
+      if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, batch, p.stream);
       return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, batch, p.stream);
     }
     case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, batch, p.stream);

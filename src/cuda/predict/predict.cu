@@ -8,9 +8,10 @@
 // row's scores itself with the same block_scores call for a group of one (the same values bit for
 // bit), and the host clears the statistics counters that score_kernel would have cleared.
 //
-// TopK and CDF avoid sorting: a 32-step bitwise search over the order-preserving integer keys
-// of the scores finds the selection threshold exactly (TopK) or the mass threshold (CDF); TopK
-// over at most 32 blocks ranks them in one warp instead.
+// TopK and CDF avoid sorting, working on order-preserving integer keys of the scores: TopK finds
+// the key of its last kept block exactly by a radix selection (four 8-bit digit histograms in
+// shared memory; over at most 32 blocks one warp ranks them instead), CDF its mass threshold by a
+// 32-step bitwise search (its float sums in a fixed order).
 #include <algorithm>
 #include <cstdint>
 
@@ -196,10 +197,73 @@ __device__ __forceinline__ int64_t allowed_blocks(const PredictArgs& a, int64_t 
   return end_r1 <= 0 ? 0 : min(a.nbk, static_cast<int64_t>((static_cast<int>(end_r1) + bk - 1) / bk));
 }
 
+// Shared scratch of kth_largest_key: a histogram of one 8-bit digit, the key prefix found so far
+// and how many keys are still to be passed over.
+struct RadixScratch {
+  int hist[256];
+  uint32_t prefix;
+  int remaining;
+};
+
+// The order key of the k-th largest candidate score (1 <= k <= #candidates): the largest T with
+// #{key >= T} >= k, found digit by digit (four 8-bit passes over the candidates, most significant
+// first), each pass a shared histogram of the candidates that match the digits found so far.
+__device__ uint32_t kth_largest_key(const float* score, const uint8_t* state, int64_t n, int k, RadixScratch& rs) {
+  const int lane = threadIdx.x % kWarpSize;
+  if (threadIdx.x == 0) {
+    rs.prefix = 0;
+    rs.remaining = k;
+  }
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int e = threadIdx.x; e < 256; e += kThreads) rs.hist[e] = 0;
+    __syncthreads();
+    const uint32_t prefix = rs.prefix;
+    const uint64_t high_mask = ~((uint64_t{1} << (shift + 8)) - 1);  // the digits already found
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      const uint32_t key = order_key(score[j]);
+      if ((state[j] & kCandidate) && ((key ^ prefix) & high_mask) == 0) atomicAdd(&rs.hist[(key >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarpSize) {
+      // Lane l holds digits 8l .. 8l + 7; the digit d wanted has Σ_{e > d} < remaining <= Σ_{e >= d}.
+      const int remaining = rs.remaining;
+      int c[8];
+      int total = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        c[e] = rs.hist[8 * lane + e];
+        total += c[e];
+      }
+      int from_lane = total;  // Σ over lanes >= this one
+#pragma unroll
+      for (int o = 1; o < kWarpSize; o *= 2) {
+        const int other = __shfl_down_sync(0xffffffffu, from_lane, o);
+        if (lane + o < kWarpSize) from_lane += other;
+      }
+      int above = from_lane - total;
+      __syncwarp();  // every lane has read rs.remaining before one lane writes it
+      if (from_lane >= remaining && above < remaining) {
+        int d = 0;
+        for (int e = 7; e >= 0; --e) {
+          if (above + c[e] >= remaining) {
+            d = e;
+            break;
+          }
+          above += c[e];
+        }
+        rs.prefix = prefix | (static_cast<uint32_t>(8 * lane + d) << shift);
+        rs.remaining = remaining - above;
+      }
+    }
+    __syncthreads();
+  }
+  return rs.prefix;
+}
+
 // Selection, index list and statistics of Q block i of b·Hq row bh, from the scores of its
 // candidates in `score` ([nbk], shared memory). `state` ([nbk], shared) is scratch.
 __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const float* score, uint8_t* state,
-                           int* iscratch, float* fscratch) {
+                           int* iscratch, float* fscratch, RadixScratch& radix) {
   const Shape& s = a.shape;
   const int heads_q = static_cast<int>(s.heads_q);
   const int64_t h = bh % heads_q;
@@ -263,16 +327,7 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
         }
         __syncthreads();
       } else {
-        // Largest T with #{key >= T} >= n_keep: the key of the n_keep-th best candidate.
-        uint32_t threshold = 0;
-        for (int bit = 31; bit >= 0; --bit) {
-          const uint32_t trial = threshold | (1u << bit);
-          int local = 0;
-          for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-            local += ((state[j] & kCandidate) && order_key(score[j]) >= trial) ? 1 : 0;
-          }
-          if (block_sum(local, iscratch) >= n_keep) threshold = trial;
-        }
+        const uint32_t threshold = kth_largest_key(score, state, n_allowed, static_cast<int>(n_keep), radix);
         int above = 0;
         {
           int local = 0;
@@ -409,6 +464,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
   float* q_row = score + a.nbk;
   uint8_t* state = reinterpret_cast<uint8_t*>(q_row + (fused ? dim : 0));
   __shared__ int iscratch[kWarps];
+  __shared__ RadixScratch radix;
   __shared__ float fscratch[kWarps];
   const int64_t bh = blockIdx.y;
   const int64_t i = blockIdx.x;
@@ -429,7 +485,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
     for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) score[j] = row_scores[j];
     __syncthreads();  // every score is read before select_row writes the index row
   }
-  select_row(a, bh, i, score, state, iscratch, fscratch);
+  select_row(a, bh, i, score, state, iscratch, fscratch, radix);
 }
 
 }  // namespace

@@ -98,8 +98,9 @@ struct Config {
   static constexpr int kPvChunkCols = kHeadDimPad == 128 && kBlockK == 128 ? 64 : kHeadDimPad;
   static constexpr int kPvChunks = kHeadDimPad / kPvChunkCols;
   // Softmax of block i + 1 overlapping P·V of block i: needs (64, D_PAD) fresh products, two P
-  // fragments and S next to the accumulators; not within budget for D_PAD = BLOCK_K = 128.
-  static constexpr bool kOverlap = kPvChunks == 1;
+  // fragments and S next to the accumulators; not within budget for D_PAD = BLOCK_K = 128. Pairs
+  // run on the ping-pong schedule only (its per-block skip logic is written there).
+  static constexpr bool kOverlap = kPvChunks == 1 && !kPairs;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
   // Softmax work moved off the 16/clk/SM pipes (I2FP, MUFU.EX2): measured on H100 (harness, same
   // run) +7% at D128/bk64 (kExpFmaPer8 1; 2 gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the
