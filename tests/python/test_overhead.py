@@ -205,6 +205,36 @@ def test_cuda_fast_path_runs_on_the_current_stream_and_device(monkeypatch, seed)
         assert_equal(out1.cpu(), reference.cpu(), f"cuda:1 from cuda:0, seed={seed}")
 
 
+@pytest.mark.gpu
+def test_cuda_small_workspaces_are_reused_per_stream(seed):
+    """Small calls share one workspace per (device, stream); interleaved problems of different
+    sizes on two streams still give each call its own result; a CUDA graph capture takes no
+    cached workspace."""
+    small = structured_qkv(1, 4, 2, 256, 256, 64, device="cuda", seed=seed)
+    other = structured_qkv(2, 4, 4, 333, 700, 128, device="cuda", seed=seed + 1)
+    first_small, first_other = sparge.attention(*small), sparge.attention(*other)
+    key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+    cached = _ops._workspaces[key]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for _ in range(3):
+        with torch.cuda.stream(side):
+            on_side = sparge.attention(*other)
+        again = sparge.attention(*small)
+        assert_equal(again, first_small, f"reused workspace, seed={seed}")
+    torch.cuda.current_stream().wait_stream(side)
+    assert_equal(on_side, first_other, f"side stream, seed={seed}")
+    assert _ops._workspaces[key] is cached
+    assert (key[0], side.cuda_stream) in _ops._workspaces
+    entries = dict(_ops._workspaces)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sparge.attention(*small)
+    assert _ops._workspaces == entries
+    graph.replay()
+    assert_equal(captured, first_small, f"graph replay, seed={seed}")
+
+
 
 def test_bench_core_call_repeats_only_the_cpp_call(monkeypatch):
     from sparge import bench
