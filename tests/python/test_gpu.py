@@ -165,7 +165,7 @@ def test_cuda_quantize_v_for_the_fp16_accumulator(seed, head_dim):
                                   dict(mode="topk", topk=0.3, block_score="mean"),
                                   dict(mode="cdf", cdfthreshd=0.95, block_score="spikes", is_causal=True),
                                   dict(mode="block_mask")], ids=str)  # fmt: skip
-@pytest.mark.parametrize("len_q,len_k", [(1024, 900), (512, 4000)])  # TopK over <= 32 blocks (one warp) and > 32 (radix)
+@pytest.mark.parametrize("len_q,len_k", [(1024, 900), (512, 4000)])  # TopK over <= 32 K blocks (one warp), > 32 (radix)
 def test_cuda_predict_matches_cpu_backend(seed, case, len_q, len_k):
     """Same block statistics on both backends. Dense, block-mask and mean-score topk selections
     are exact (the dot products are summed in the reference's order and rounding); spikes scores
@@ -257,15 +257,18 @@ def test_cuda_kernel_choice():
 
 
 def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
-    """fp8 P·V (either accumulator) runs where the kernel image has e4m3 mma; on an image compiled
-    for 8.x < 8.9 (a compute_80 build JIT-compiled for a newer GPU) it is a clear error naming the
-    architectures."""
+    """fp8 P·V (either accumulator) runs where the kernel image has e4m3 mma, as accurately as the
+    CPU backend on the same call (the INT8 Q·K error alone reaches rel-L1 0.07 on some seeds of
+    this input: 0.0709 on the CPU for seed 2738856062); on an image compiled for 8.x < 8.9 (a
+    compute_80 build JIT-compiled for a newer GPU) it is a clear error naming the architectures."""
     q, k, v = structured_qkv(2, 4, 2, 1024, 1000, 64, device="cuda", seed=seed)
     if _fp8_kernel_image():
         ref, _ = reference_attention(q, k, v)
         o8, o16, o8acc16 = (sparge.attention(q, k, v, pv_precision=pv) for pv in ("fp8", "fp16", "fp8_fp16acc"))
         for name, o in (("fp8", o8), ("fp8_fp16acc", o8acc16)):
-            assert_close_to(o, ref, **DENSE_FP8, context=f"{name} seed={seed}")
+            cpu = sparge.attention(q.cpu(), k.cpu(), v.cpu(), pv_precision=name)
+            cpu_error = relative_l1(cpu, ref.cpu())
+            assert relative_l1(o, ref) <= cpu_error + 0.005, f"{name}: less accurate than the CPU, seed={seed}"
             assert relative_l1(o, ref) <= relative_l1(o16, ref) + 0.01, f"{name} P·V adds more than 0.01, seed={seed}"
         return
     with pytest.raises(NotImplementedError, match=r"kFp8 needs e4m3 mma.*compiled for 8\.0"):
