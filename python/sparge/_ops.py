@@ -295,11 +295,13 @@ def _attention_impl(
 def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head,
                   pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal,
                   scale, block_q, block_k, select_flags, smooth_k, granularity, pv, output_dtype, return_lse,
-                  return_stats):  # fmt: skip
+                  return_stats, reuse_workspace=False):  # fmt: skip
     """The work of sparge::attention on arguments that passed its checks, ``shape`` being what
     _check_inputs returns: allocates o, the workspace and only the outputs asked for, and runs the
     C++ core. Returns (o, lse or None, stats or None). :func:`sparge.attention` calls it directly on
-    plain eager tensors (see is_plain_eager) whose arguments it has checked itself."""
+    plain eager tensors (see is_plain_eager) whose arguments it has checked itself, with
+    ``reuse_workspace`` (see _workspace): never for the registered op, whose calls may run where
+    torch routes allocations to a private pool it tracks (CUDA graph trees of torch.compile)."""
     batch, heads_q, _, len_q, _, head_dim = shape
     device = q.device
     o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
@@ -311,7 +313,8 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
         return o, lse, stats
     ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv)
     # torch's CPU allocator aligns to 64 bytes only: over-allocate, launch_attention aligns the address.
-    workspace = _workspace(ws_bytes + _C.WORKSPACE_ALIGN, device)
+    nbytes = ws_bytes + _C.WORKSPACE_ALIGN
+    workspace = _workspace(nbytes, device) if reuse_workspace else torch.empty(nbytes, dtype=torch.uint8, device=device)
     launch_attention(
         q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
         simthreshd1_per_head, pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd,
@@ -326,7 +329,7 @@ _workspaces: dict[tuple[int, int], Tensor] = {}
 
 
 def _workspace(nbytes: int, device: torch.device) -> Tensor:
-    """A uint8 workspace of at least ``nbytes`` on ``device``. On CUDA, one of at most
+    """A uint8 workspace of at least ``nbytes`` on ``device`` for an eager call. On CUDA, one of at most
     WORKSPACE_CACHE_BYTES is kept per (device, current stream) and reused, which saves an
     allocation per small call (a third of the Python time of one): calls that share it run in the
     order of their stream, so none overlaps another's use of it. Not while a CUDA graph is being

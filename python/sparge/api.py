@@ -524,7 +524,7 @@ def _attention_fast(q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, p
         q, k, v, (batch, heads_q, heads_kv, len_q, len_k, head_dim), None, None, None, None, None, layout_code,
         mode_code, score_code, topk, cdfthreshd, simthreshd1, pvthreshd, alignment if is_causal else _ops.CAUSAL_NONE,
         scale, block_q, block_k, _select_flags(attention_sink, cdf_sharpen), bool(smooth_k), granularity, pv,
-        output_dtype, bool(return_lse), bool(return_sparsity),
+        output_dtype, bool(return_lse), bool(return_sparsity), reuse_workspace=True,
     )  # fmt: skip
 
 

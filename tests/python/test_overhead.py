@@ -104,8 +104,8 @@ def test_fast_path_allocates_only_the_outputs_asked_for(monkeypatch):
     results = []
     real = _ops.run_attention
 
-    def spy(*args):
-        results.append(real(*args))
+    def spy(*args, **kwargs):
+        results.append(real(*args, **kwargs))
         return results[-1]
 
     monkeypatch.setattr(_ops, "run_attention", spy)
