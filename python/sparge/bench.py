@@ -166,30 +166,44 @@ def _stages(q, k, v, args: argparse.Namespace, stage_cases) -> list[tuple[str, C
     return stages
 
 
-def _per_call_us(fn: Callable[[], object], device: torch.device, calls: int,
-                 rounds: int = 5) -> tuple[float, Optional[float]]:  # fmt: skip
-    """(host µs per call, GPU µs per call or None): medians over ``rounds`` runs of ``calls``
-    back-to-back calls (one warm-up run first)."""
+def _timed_calls(fn: Callable[[], object], device: torch.device, calls: int) -> tuple[float, Optional[float]]:
+    """(host µs per call, GPU µs per call or None) of ``calls`` back-to-back calls."""
     on_gpu = device.type == "cuda"
-    host, gpu = [], []
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter() - t0
+    if not on_gpu:
+        return issued * 1e6 / calls, None
+    end.record()
+    end.synchronize()
+    return issued * 1e6 / calls, start.elapsed_time(end) * 1e3 / calls
+
+
+Case = tuple[Callable[[], object], Callable[[], contextlib.AbstractContextManager]]  # (call, context of its runs)
+
+
+def _per_call_us(cases: dict[str, Case], device: torch.device, calls: int,
+                 rounds: int = 7) -> dict[str, tuple[float, Optional[float]]]:  # fmt: skip
+    """{name: (host µs per call, GPU µs per call or None)} for cases {name: (fn, context)}: medians
+    over ``rounds`` runs of ``calls`` back-to-back calls after one warm-up run, the cases taking
+    turns within each round, so that a drift of the machine's speed reaches all of them alike."""
+    times: dict[str, list[tuple[float, Optional[float]]]] = {name: [] for name in cases}
     for r in range(rounds + 1):
-        if on_gpu:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        issued = time.perf_counter() - t0
-        if on_gpu:
-            end.record()
-            end.synchronize()
-        if r == 0:
-            continue
-        host.append(issued * 1e6 / calls)
-        if on_gpu:
-            gpu.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(host), (statistics.median(gpu) if gpu else None)
+        for name, (fn, context) in cases.items():
+            with context():
+                measured = _timed_calls(fn, device, calls)
+            if r > 0:
+                times[name].append(measured)
+    result = {}
+    for name, runs in times.items():
+        gpu = [g for _, g in runs if g is not None]
+        result[name] = (statistics.median(h for h, _ in runs), statistics.median(gpu) if gpu else None)
+    return result
 
 
 def _core_call(q, k, v) -> Callable[[], None]:
@@ -230,27 +244,35 @@ def _overhead(device: torch.device, dtype: torch.dtype, calls: int, seed: int) -
              ("overhead sparge.attention", lambda: sparge.attention(q, k, v), False),
              ("overhead sparge.patch route", routed, True)]  # fmt: skip
     shape = f"B={batch} H={heads} L={length} D={head_dim}"
-    results = []
-    for name, fn, patched in cases:
-        _log(f"{name} ({shape}, {calls} calls) ...")
+    results, timed = [], {}
+    for name, fn, patched in cases:  # one call each first: a case that cannot run gets a note
+        context = (lambda: sparge.patch.sdpa(min_seq_len=0, record=False)) if patched else contextlib.nullcontext
         try:
-            with sparge.patch.sdpa(min_seq_len=0, record=False) if patched else contextlib.nullcontext():
-                host, gpu = _per_call_us(fn, device, calls)
+            with context():
+                fn()
         except (RuntimeError, NotImplementedError) as e:
             note = str(e).splitlines()[0] if str(e) else type(e).__name__
             _log(f"{name}: skipped ({note})")
             results.append(Result(name, note=f"unavailable: {note}"))
             continue
-        results.append(Result(name, host_us=host, gpu_us=gpu))
-    attention_row = results[1]
-    if attention_row.host_us is not None:
-        _log(f"{attention_row.case}: its C++ call alone ...")
-        attention_row.core_us, _ = _per_call_us(_core_call(q, k, v), device, calls)
+        results.append(Result(name))
+        timed[name] = (fn, context)
+    core = "C++ call alone"
+    if results[1].case in timed:
+        timed[core] = (_core_call(q, k, v), contextlib.nullcontext)
+    _log(f"overhead ({shape}, {calls} calls per run, cases interleaved): {', '.join(timed)} ...")
+    per_call = _per_call_us(timed, device, calls)
+    for r in results:
+        if r.case in per_call:
+            r.host_us, r.gpu_us = per_call[r.case]
+    if core in per_call:
+        results[1].core_us = per_call[core][0]
     base = results[0].host_us
     for r in results:
         if base and r.host_us is not None:
             r.overhead_ratio = r.host_us / base
-    results[0].note = (f"overhead rows: {shape} {dtype}, {calls} back-to-back calls; host = time to issue them, "
+    results[0].note = (f"overhead rows: {shape} {dtype}, medians of 7 runs of {calls} back-to-back calls, the "
+                       "cases taking turns in each round; host = time to issue them, "
                        "GPU = CUDA events (on the CPU the host time includes the computation)")  # fmt: skip
     return results
 
