@@ -605,6 +605,32 @@ __global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2)
   }
 }
 
+// This thread's share of rows [row_begin, row_end) of one head: the sums of its K column chunk
+// (when with_sums, else zeros) and the amax of its V column chunk, over rows row_begin + tid / CPR
+// + k · (kThreads / CPR).
+template <typename T, int CPR>
+__device__ __forceinline__ void kv_column_stats(const T* kx, int64_t k_token, const T* vx, int64_t v_token,
+                                                int64_t row_begin, int64_t row_end, bool with_sums,
+                                                float (&s)[kVec<T>], float (&m)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  constexpr int RPP = kThreads / CPR;
+  const int col0 = (threadIdx.x % CPR) * VEC;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s[j] = m[j] = 0.0f;
+#pragma unroll 4
+  for (int64_t r = row_begin + threadIdx.x / CPR; r < row_end; r += RPP) {
+    float f[VEC];
+    if (with_sums) {
+      load_vec(kx + r * k_token + col0, f);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s[j] += f[j];
+    }
+    load_vec(vx + r * v_token + col0, f);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = fmaxf(m[j], fabsf(f[j]));
+  }
+}
+
 // Raw K block sums (when sums != null) and the V per-channel amax of the block (into amax_parts,
 // [B, Hkv, nbk, D]), one CTA per prediction K block.
 template <typename T, int CPR>
@@ -620,26 +646,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = bh / heads, h = bh % heads;
   const T* kx = k + b * ks.batch + h * ks.head;
   const T* vx = v + b * vs.batch + h * vs.head;
-  const int c = threadIdx.x % CPR;
-  const int col0 = c * VEC;
   const int64_t row_begin = block * block_rows;
   const int64_t row_end = min(row_begin + block_rows, len);
   float s[VEC], m[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) s[j] = m[j] = 0.0f;
   const bool do_sums = sums != nullptr;
-#pragma unroll 4
-  for (int64_t r = row_begin + threadIdx.x / CPR; r < row_end; r += RPP) {
-    float f[VEC];
-    if (do_sums) {
-      load_vec(kx + r * ks.token + col0, f);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) s[j] += f[j];
-    }
-    load_vec(vx + r * vs.token + col0, f);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) m[j] = fmaxf(m[j], fabsf(f[j]));
-  }
+  kv_column_stats<T, CPR>(kx, ks.token, vx, vs.token, row_begin, row_end, do_sums, s, m);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     red[0][threadIdx.x * VEC + j] = s[j];
@@ -772,22 +783,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = static_cast<int>(bh) / static_cast<int>(heads), h = static_cast<int>(bh) % static_cast<int>(heads);
   const T* kx = k + b * ks.batch + h * ks.head;
   const T* vx = v + b * vs.batch + h * vs.head;
-  const int col0 = (threadIdx.x % CPR) * VEC;
   float s[VEC], m[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) s[j] = m[j] = 0.0f;
-#pragma unroll 4
-  for (int64_t r = threadIdx.x / CPR; r < len; r += RPP) {
-    float f[VEC];
-    if (smooth_k) {
-      load_vec(kx + r * ks.token + col0, f);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) s[j] += f[j];
-    }
-    load_vec(vx + r * vs.token + col0, f);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) m[j] = fmaxf(m[j], fabsf(f[j]));
-  }
+  kv_column_stats<T, CPR>(kx, ks.token, vx, vs.token, 0, len, smooth_k, s, m);
   float* red_sum = smem;
   float* red_max = smem + kThreads * VEC;
 #pragma unroll

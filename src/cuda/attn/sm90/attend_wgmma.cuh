@@ -421,6 +421,21 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
   int skipped = 0;
 
+  // Row maxima of the scores over the whole tile, from the per-half maxima mx of this lane's columns
+  // (times sc where mx holds unscaled dots), reduced over the quad.
+  auto tile_row_max = [](const float (&mx)[2][kHalves], const float (&sc)[2][kHalves], float (&m_blk)[2]) {
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
+#pragma unroll
+      for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
+#pragma unroll
+      for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+        m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
+      }
+    }
+  };
+
   int key0_next[kHalves];
   float k_scale_next[kHalves];
   if (n_kept > 0) {
@@ -491,16 +506,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
       }
       float m_blk[2];
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
-#pragma unroll
-        for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
-#pragma unroll
-        for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-          m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
-        }
-      }
+      tile_row_max(mx, sc, m_blk);
       bool negligible = true;
 #pragma unroll
       for (int i_row = 0; i_row < 2; ++i_row) {
@@ -777,16 +783,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         }
       } else {
         float m_blk[2];
+        tile_row_max(mx, sc, m_blk);
         bool negligible = true;
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
-          m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
-#pragma unroll
-          for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
-#pragma unroll
-          for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-            m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
-          }
           negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
           m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
         }
