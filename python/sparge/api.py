@@ -405,7 +405,8 @@ def attention(
 
 def _attention_result(o: Tensor, lse: Optional[Tensor], sparsity: Optional[Tensor], return_lse: bool,
                       return_sparsity: bool):  # fmt: skip
-    """What :func:`attention` returns for these flags."""
+    """What :func:`attention` returns for these flags (:func:`attend` too, its stats in place of
+    the sparsity)."""
     if not (return_lse or return_sparsity):
         return o
     result = (o,)
@@ -767,11 +768,4 @@ def attend(
         return_lse=bool(return_lse),
         return_stats=bool(return_stats),
     )
-    if not (return_lse or return_stats):
-        return o
-    result = (o,)
-    if return_lse:
-        result += (lse,)
-    if return_stats:
-        result += (stats,)
-    return result
+    return _attention_result(o, lse, stats, return_lse, return_stats)
