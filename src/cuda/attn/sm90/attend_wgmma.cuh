@@ -5,12 +5,12 @@
 //
 // One CTA = 128 query rows of one (b, h), inside one prediction Q block (block_q % 128 == 0).
 // Warpgroup 0 produces: one thread loads Q once, then the K and V^T tiles of the kept blocks in
-// order into kWgmmaAttendStages stages. Warpgroups 1 and 2 consume 64 rows each; warp w of a
+// order into kWgmmaAttendStages stages (with kPairs, two kept 64-key blocks per 128-key tile). Warpgroups 1 and 2 consume 64 rows each; warp w of a
 // consumer warpgroup owns rows [16w, 16w + 16) of them, exactly one P·V group of the method.
 //
 // Schedule: the consumer warpgroups take turns issuing their wgmma (ping-pong, named barriers 3
-// and 4), so one's softmax overlaps the other's products. With kOverlap (all but D_PAD = BLOCK_K =
-// 128) a turn issues S of block i + 1 and P·V of block i, and the softmax of block i + 1 runs
+// and 4), so one's softmax overlaps the other's products. With kOverlap (one kept block per tile,
+// all but D_PAD = BLOCK_K = 128) a turn issues S of block i + 1 and P·V of block i, and the softmax of block i + 1 runs
 // while P·V of block i is in flight; otherwise a turn runs P·V of block i to completion, then
 // issues S of block i + 1. ptxas serializes every wgmma of the kernel when one stays in flight
 // across a divergent branch, or when a wgmma.fence is not in the wgmma's basic block: keep it so
