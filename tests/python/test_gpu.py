@@ -103,7 +103,10 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     single-rounding flips, within the same bound; skip decisions still agree exactly.
     fp8_fp16acc: the tensor core sums a 32-key step in its own order and precision before the
     fp16 rounding (the CPU: fp32 in key order, then fp16), so a chunk's fp16 value may differ by
-    an ulp (2^-11 relative) per step: rel-L1 <= 3e-3."""
+    an ulp (2^-11 relative) per step: rel-L1 <= 3e-3.
+    LSE: exp2 rounding (1e-4), plus on the wgmma kernel the one fp32 rounding of 1.5 · 2^23 · scale
+    in its scores (docs/method.md §2, "Scores on the Hopper kernel"): at most 0.75 of one int32 dot
+    unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2."""
     _require_pv(pv)
     b, hq, hkv, lq, lk, d = shape
     q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, seed=seed)
@@ -121,7 +124,9 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     finite = lse_cpu.isfinite()
     assert torch.equal(lse_gpu.cpu().isfinite(), finite), context
     if finite.any():
-        assert float((lse_gpu.cpu() - lse_cpu)[finite].abs().max()) <= 1e-4, context
+        dot_unit = float(quantized.q_scale.max()) * float(quantized.k_scale.max())
+        lse_bound = 1e-4 + math.log(2) * 0.75 * dot_unit
+        assert float((lse_gpu.cpu() - lse_cpu)[finite].abs().max()) <= lse_bound, context
     assert torch.all(o_gpu.cpu()[~finite] == 0), context
     assert torch.equal(st_gpu.cpu(), st_cpu), f"P·V units / skips: {st_gpu.tolist()} vs {st_cpu.tolist()}, {context}"
 

@@ -5,33 +5,34 @@
 //
 // One CTA = 128 query rows of one (b, h), inside one prediction Q block (block_q % 128 == 0).
 // Warpgroup 0 produces: one thread loads Q once, then the K and V^T tiles of the kept blocks in
-// order into kWgmmaAttendStages stages (with kPairs, two kept 64-key blocks per 128-key tile). Warpgroups 1 and 2 consume 64 rows each; warp w of a
-// consumer warpgroup owns rows [16w, 16w + 16) of them, exactly one P·V group of the method.
+// order into kWgmmaAttendStages stages (with kPairs, two kept 64-key blocks per 128-key tile).
+// Warpgroups 1 and 2 consume 64 rows each; warp w of a consumer warpgroup owns rows
+// [16w, 16w + 16) of them, exactly one P·V group of the method.
 //
 // Schedule: the consumer warpgroups take turns issuing their wgmma (ping-pong, named barriers 3
 // and 4), so one's softmax overlaps the other's products. With kOverlap (one kept block per tile,
 // all but D_PAD = BLOCK_K = 128) a turn issues S of block i + 1 and P·V of block i, and the softmax of block i + 1 runs
 // while P·V of block i is in flight; otherwise a turn runs P·V of block i to completion, then
-// issues S of block i + 1. ptxas serializes every wgmma of the kernel when one stays in flight
+// issues S of block i + 1 (with kPvBesideS it issues both and waits for P·V only). ptxas serializes every wgmma of the kernel when one stays in flight
 // across a divergent branch, or when a wgmma.fence is not in the wgmma's basic block: keep it so
 // (check the C75xx infos of -Xptxas=-v).
 //
 // P·V skip: a warp decides for its group like the reference; a skipping warp feeds P = 0 and
-// α = 1, which leaves its m, l and acc unchanged. Without kOverlap the wgmma is skipped when all
-// 4 warps skip (a named-barrier vote); with kOverlap it is always issued (a branch around it
-// would serialize the pipeline), so a skip saves the softmax work but not the tensor work.
+// α = 1, which leaves its m, l and acc unchanged. On the ping-pong schedule the wgmma is skipped
+// when all 4 warps skip (a named-barrier vote); with kOverlap or kPvBesideS it is always issued (a
+// branch around it would serialize the pipeline), so a skip saves the softmax work but not the
+// tensor work.
 //
 // Softmax: p · 448 = exp2(s − (m − log2 448)), l sums p · 448; on a fully visible block the row
-// maximum is max(float(dot)) · scale (bit-identical to max(float(dot) · scale)) and
-// s − m' is one fma. Work is moved off the 16/clk/SM pipes where it measured faster (Config):
-// int32 → fp32 by integer add + fadd, and 1 (D128) or 2 (D64) of every 8 exp2 as a polynomial on
-// the FMA pipe (exp2_fma); the ping-pong-only D128/bk128 keeps I2FP / MUFU and reduces row maxima
-// as trees instead.
+// maximum is max(dot) · scale (bit-identical to max(float(dot) · scale)), each dot becomes a float
+// by one integer add (biased_dot, no I2FP) and s − m' is one fma. On the overlap schedule 1 (D128)
+// or 2 (D64) of every 8 exp2 run as a polynomial on the FMA pipe (exp2_fma, Config); the ping-pong
+// schedule keeps MUFU and reduces row maxima as trees instead.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. The 8-bit A fragment of k-step s wants keys
 // 32s + 4t + {0..3} and 32s + 16 + 4t + {0..3}; two quad shuffles per row and k-step move them
-// there (pack_p_fragment), so V^T is read in natural key order.
+// there (p_fragment_row), so V^T is read in natural key order.
 #pragma once
 
 #include <cuda.h>
@@ -93,6 +94,7 @@ struct Config {
   static constexpr int kSRegs = kBlockK / 2;                  // S per thread: (64, BLOCK_K) / 128
   static constexpr int kORegs = kHeadDimPad / 2;              // O per thread: (64, D_PAD) / 128
   static constexpr int kSTiles = kBlockK / kNTile;
+  static constexpr int kHalves = kBlockK / kQuantBlockRows;  // 64-key halves of a tile (K scale groups)
   // P·V output columns per wgmma chain: D_PAD, halved when (64, 128) scores and (64, 128) fresh
   // products would not fit the register budget next to the accumulators.
   static constexpr int kPvChunkCols = kHeadDimPad == 128 && kBlockK == 128 ? 64 : kHeadDimPad;
@@ -102,11 +104,17 @@ struct Config {
   // run on the ping-pong schedule only (its per-block skip logic is written there).
   static constexpr bool kOverlap = kPvChunks == 1 && !kPairs;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
-  // Softmax work moved off the 16/clk/SM pipes (I2FP, MUFU.EX2): measured on H100 (harness, same
-  // run) +7% at D128/bk64 (kExpFmaPer8 1; 2 gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the
-  // ping-pong-only D128/bk128 lost 3-9% with either, so it keeps I2FP and MUFU.
-  static constexpr bool kAluI2f = kOverlap;
+  // exp2 moved off MUFU: measured on H100 (harness, same run) +7% at D128/bk64 (kExpFmaPer8 1; 2
+  // gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the ping-pong-only D128/bk128 lost 3-9%, and
+  // the pairs with biased dots (session 5, kernel alone) lost 1 % at D128 (1 of 8) and 3.6 % at D64
+  // (2 of 8), so the ping-pong schedule keeps MUFU.
   static constexpr int kExpFmaPer8 = !kOverlap ? 0 : kHeadDimPad == 64 ? 2 : 1;
+  // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
+  // the turn (P·V always issued: a group of 4 skipping warps multiplies P = 0, so no skip vote).
+  // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
+  // 64-column chunks, both in flight with S) lost 0.6 % dense and 3 % at B2 L8k, so they keep
+  // waiting for each chunk inside the turn.
+  static constexpr bool kPvBesideS = kPairs && kPvChunks == 1;
   // Row maxima as pairwise trees (on the int32 dots where the block is fully visible): +2% on the
   // ping-pong-only D128/bk128, −1% to −4% on the overlap path (same run), so there only.
   static constexpr bool kTreeMax = !kOverlap;
@@ -175,16 +183,12 @@ __device__ __forceinline__ uint2 p_fragment_row(const PFragmentLane& pl, const f
 
 inline constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23
 
-// Exact int32 → fp32 of a Q·K^T dot (|dot| <= 128 · 128 · 128 < 2^22). kAlu: on the integer and FMA
-// pipes (the bits 0x4B400000 + dot are the float 1.5 · 2^23 + dot) instead of I2FP.
-template <bool kAlu>
-__device__ __forceinline__ float dot_to_float(int32_t dot) {
-  if constexpr (kAlu) {
-    return __int_as_float(dot + 0x4B400000) - kRoundMagic;
-  } else {
-    return static_cast<float>(dot);
-  }
-}
+// A Q·K^T dot of a fully visible tile as the float 1.5 · 2^23 + dot (|dot| <= 128 · 128 · 128 < 2^22,
+// so the bits are 0x4B400000 + dot): one integer add instead of I2FP, whose pipe also packs P to
+// e4m3. The softmax takes the 1.5 · 2^23 · scale back out in its fma's addend, rounded once to
+// fp32: at most 0.75 · scale off, under one unit of the integer dot (INT8 rounding moves a dot by
+// far more).
+__device__ __forceinline__ float biased_dot(int32_t dot) { return __int_as_float(dot + 0x4B400000); }
 
 // 2^x on the FMA pipe: x clamped to >= −127, j = floor(x) by an add rounding down next to 1.5 · 2^23,
 // 2^(x − j) by a degree-3 polynomial with p(0) = 1 (relative error 8.6e-5, far below the e4m3 step
@@ -265,6 +269,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #else
   using Cfg = Config<kHeadDimPad, kBlockK, kPairs>;
   constexpr int kStages = Cfg::kStages;
+  constexpr int kHalves = Cfg::kHalves;
   const MmaAttendParams& p = params.a;
 
   extern __shared__ uint8_t smem_raw[];
@@ -281,7 +286,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int warp = thread / kWarpSize;
   const int lane = thread % kWarpSize;
   const int warpgroup = thread / kWarpgroupThreads;
-  const int row0 = blockIdx.x * kWgmmaAttendRows;
+  // Causal rows see more keys the later they come: the longest query tiles of a head start first, so
+  // the grid's last CTAs are short ones.
+  const int q_tile = p.causal != Causal::kNone ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int row0 = q_tile * kWgmmaAttendRows;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
@@ -355,12 +363,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   }
   const int col_end_min = min(col_end[0], col_end[1]);
   const float pvthreshd = p.pvthreshd_per_head != nullptr ? p.pvthreshd_per_head[h] : p.pvthreshd;
-  const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
   const PFragmentLane p_lane = p_fragment_lane(lane);
 
-  // First key of each 64-key half of tile i (kAbsentKey for the missing second block of a pair).
-  constexpr int kHalves = kBlockK / kQuantBlockRows;
-  auto half_keys = [&](int i, int (&k0)[kHalves]) {
+  // First key (kAbsentKey for the missing second block of a pair) and this lane's K scale of each
+  // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead (one group per lane
+  // and half in every granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
+  const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
+  auto load_tile = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
 #pragma unroll
     for (int hh = 0; hh < kHalves; ++hh) {
       if constexpr (kPairs) {
@@ -368,13 +377,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       } else {
         k0[hh] = kept[i] * kBlockK + hh * static_cast<int>(kQuantBlockRows);
       }
-    }
-  };
-  // K scale of this lane's columns of each half (one group per lane and half in every
-  // granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
-  auto load_k_scales = [&](const int (&k0)[kHalves], float (&ks)[kHalves]) {
-#pragma unroll
-    for (int hh = 0; hh < kHalves; ++hh) {
       const int key = k0[hh] + 2 * t;
       ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
     }
@@ -436,12 +438,76 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
   };
 
-  int key0_next[kHalves];
+  // Scores of the tile in s_acc (complete) in this lane's columns: s[] and the factors sc[row][half]
+  // that turn s[] into log2-domain scores, the per-half maxima mx of s[] (unscaled), and the return
+  // value mag: 1.5 · 2^23 where s[] holds biased dots (a fully visible tile), else 0 (s[] holds scores,
+  // −inf where invisible, and sc = 1). The softmax forms fma(s, sc, −fma(mag, sc, m_sub)).
+  auto tile_scores = [&](const int (&key0)[kHalves], const float (&k_scale_half)[kHalves], float (&s)[Cfg::kSRegs],
+                         float (&sc)[2][kHalves], float (&mx)[2][kHalves]) {
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
+    }
+    // Halves are contiguous (or the second is absent, kAbsentKey): the last one ends the tile.
+    if (key0[kHalves - 1] + static_cast<int>(kQuantBlockRows) <= col_end_min) {
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
+      }
+#pragma unroll
+      for (int e = 0; e < Cfg::kSRegs; ++e) {
+        s[e] = biased_dot(s_acc[e]);
+        if constexpr (!Cfg::kTreeMax) {
+          float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
+          x = fmaxf(x, s[e]);
+        }
+      }
+      if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the integer adds
+        int32_t mi[2][kHalves];
+        row_half_max(s_acc, mi);
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = static_cast<float>(mi[i_row][hh]);
+        }
+      } else {
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] -= kRoundMagic;  // exact
+        }
+      }
+      return kRoundMagic;
+    }
+    int visible[2][kHalves];  // in column offsets from the half's first key
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) {
+        sc[i_row][hh] = 1.0f;
+        visible[i_row][hh] = col_end[i_row] - key0[hh] - 2 * t;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < Cfg::kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i_row = e / 2;
+        const int hh = j * kNTile / kQuantBlockRows;
+        const float scale = q_scale_row[i_row] * k_scale_half[hh];
+        const int col = j * kNTile + e % 2 - hh * static_cast<int>(kQuantBlockRows);
+        s[4 * j + e] = col < visible[i_row][hh] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
+        if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
+      }
+    }
+    if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
+    return 0.0f;
+  };
+
+  int key0_next[kHalves];  // of the tile whose softmax comes next
   float k_scale_next[kHalves];
-  if (n_kept > 0) {
-    half_keys(0, key0_next);
-    load_k_scales(key0_next, k_scale_next);
-  }
 
   if constexpr (Cfg::kOverlap) {
     // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
@@ -452,59 +518,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // the skip count.
     auto softmax = [&](const int (&k0)[kHalves], const float (&k_scale_half)[kHalves],
                        uint32_t (&p_out)[Cfg::kPvSteps][4], float (&alpha_out)[2]) {
-      const int key0 = k0[0];
       float s[Cfg::kSRegs];
       float sc[2][kHalves];
       float mx[2][kHalves];
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-        for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
-      }
-      if (key0 + kBlockK <= col_end_min) {
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
-        }
-#pragma unroll
-        for (int e = 0; e < Cfg::kSRegs; ++e) {
-          s[e] = dot_to_float<Cfg::kAluI2f>(s_acc[e]);
-          if constexpr (!Cfg::kTreeMax) {
-            float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
-            x = fmaxf(x, s[e]);
-          }
-        }
-        if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the conversions
-          int32_t mi[2][kHalves];
-          row_half_max(s_acc, mi);
-#pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-            for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = dot_to_float<Cfg::kAluI2f>(mi[i_row][hh]);
-          }
-        }
-      } else {
-        const int visible[2] = {col_end[0] - key0 - 2 * t, col_end[1] - key0 - 2 * t};
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = 1.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < Cfg::kSTiles; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i_row = e / 2;
-            const int hh = j * kNTile / kQuantBlockRows;
-            const float scale = q_scale_row[i_row] * k_scale_half[hh];
-            const int col = j * kNTile + e % 2;
-            s[4 * j + e] = col < visible[i_row] ? dot_to_float<Cfg::kAluI2f>(s_acc[4 * j + e]) * scale : kNegInf;
-            if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
-          }
-        }
-        if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
-      }
+      const float mag = tile_scores(k0, k_scale_half, s, sc, mx);
       float m_blk[2];
       tile_row_max(mx, sc, m_blk);
       bool negligible = true;
@@ -517,19 +534,22 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       alpha_out[0] = 1.0f;
       alpha_out[1] = 1.0f;
       if (!warp_skips) {
-        float m_sub[2];
+        float bias[2][kHalves];
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
           const float m_new = fmaxf(m[i_row], m_blk[i_row]);
           alpha_out[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
           m[i_row] = m_new;
-          m_sub[i_row] = (m_new == kNegInf ? 0.0f : m_new) - kLog2PScale;
+          const float m_sub = (m_new == kNegInf ? 0.0f : m_new) - kLog2PScale;
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
         }
         float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) {
           const int i_row = (e % 4) / 2;
-          s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][(e / 4) * kNTile / kQuantBlockRows], -m_sub[i_row]), e);  // p · 448
+          const int hh = (e / 4) * kNTile / kQuantBlockRows;
+          s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
           row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
         }
 #pragma unroll
@@ -603,10 +623,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       const int stage = i % kStages;
       int key0_b[kHalves];  // block i + 1, whose softmax comes next (loads land during the turn)
       float k_scale_b[kHalves];
-      if constexpr (has_next) {
-        half_keys(i + 1, key0_b);
-        load_k_scales(key0_b, k_scale_b);
-      }
+      if constexpr (has_next) load_tile(i + 1, key0_b, k_scale_b);
       mbarrier_wait(v_full(stage), (i / kStages) & 1);
       if constexpr (has_next) wait_k(i + 1);
       named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
@@ -638,6 +655,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
     };
 
+    if (n_kept > 0) load_tile(0, key0_next, k_scale_next);
     mbarrier_wait(q_full, 0);
     if (n_kept > 0) {
       wait_k(0);
@@ -674,76 +692,19 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         key0[hh] = key0_next[hh];
         k_scale_half[hh] = k_scale_next[hh];
       }
-      if constexpr (has_next) {
-        half_keys(i + 1, key0_next);
-        load_k_scales(key0_next, k_scale_next);
-      }
+      if constexpr (has_next) load_tile(i + 1, key0_next, k_scale_next);
 
       // ---- 1. S of this block (issued in the previous turn) --------------------------------------
       wgmma_wait<0>();
 #pragma unroll
       for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
 
-      // s = float(dot) · (q_scale · k_scale), −inf where invisible. A fully visible block keeps
-      // float(dot) and its scale apart: the row maximum of s is max(float(dot)) · scale exactly (the
-      // scale is >= 0 and rounding is monotonic), and p is formed by one fma below.
-      // sc[row][half]: the factor that turns s[] into scores (1 where s[] already holds them).
+      // A fully visible tile keeps the dots and their scale apart: the row maximum of the scores is
+      // max(dot) · scale exactly (the scale is >= 0 and rounding is monotonic), and p is one fma below.
       float s[Cfg::kSRegs];
       float sc[2][kHalves];
       float mx[2][kHalves];
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-        for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
-      }
-      // Halves are contiguous (or the second is absent, kAbsentKey): the last one ends the tile.
-      if (key0[kHalves - 1] + static_cast<int>(kQuantBlockRows) <= col_end_min) {
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
-        }
-#pragma unroll
-        for (int e = 0; e < Cfg::kSRegs; ++e) {
-          s[e] = dot_to_float<Cfg::kAluI2f>(s_acc[e]);
-          if constexpr (!Cfg::kTreeMax) {
-            float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
-            x = fmaxf(x, s[e]);
-          }
-        }
-        if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the conversions
-          int32_t mi[2][kHalves];
-          row_half_max(s_acc, mi);
-#pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-            for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = dot_to_float<Cfg::kAluI2f>(mi[i_row][hh]);
-          }
-        }
-      } else {
-        int visible[2][kHalves];  // in column offsets from the half's first key
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) {
-            sc[i_row][hh] = 1.0f;
-            visible[i_row][hh] = col_end[i_row] - key0[hh] - 2 * t;
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < Cfg::kSTiles; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i_row = e / 2;
-            const int hh = j * kNTile / kQuantBlockRows;
-            const float scale = q_scale_row[i_row] * k_scale_half[hh];
-            const int col = j * kNTile + e % 2 - hh * static_cast<int>(kQuantBlockRows);
-            s[4 * j + e] = col < visible[i_row][hh] ? dot_to_float<Cfg::kAluI2f>(s_acc[4 * j + e]) * scale : kNegInf;
-            if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
-          }
-        }
-        if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
-      }
+      const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
 
       // ---- 2. the P·V filter, per warp (= 16-row group) and kept block, then per warpgroup -------
       // m_new: the running max after the tile; skip_half: the warp skips that half (a pair's halves
@@ -795,7 +756,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
         skipped += warp_active && warp_skips;
       }
-      const bool group_skips = named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
+      const bool group_skips = !Cfg::kPvBesideS && named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
 
       // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
       // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
@@ -806,14 +767,15 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       uint32_t p_frag[Cfg::kPvSteps][4];
       if (!group_skips) {
         if (!warp_skips) {
-          float m_sub[2][kHalves];
+          float bias[2][kHalves];
 #pragma unroll
           for (int i_row = 0; i_row < 2; ++i_row) {
             alpha[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
             m[i_row] = m_new[i_row];
 #pragma unroll
             for (int hh = 0; hh < kHalves; ++hh) {
-              m_sub[i_row][hh] = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
+              const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
+              bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
             }
           }
           float row_sum[2] = {0.0f, 0.0f};
@@ -821,7 +783,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           for (int e = 0; e < Cfg::kSRegs; ++e) {
             const int i_row = (e % 4) / 2;
             const int hh = (e / 4) * kNTile / kQuantBlockRows;
-            s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -m_sub[i_row][hh]), e);  // p · 448
+            s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
             row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
           }
 #pragma unroll
@@ -896,20 +858,34 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       };
       // P·V, then S of the next block: no wgmma stays in flight across a divergent branch (ptxas
       // would serialize them); the other warpgroup's turn starts once S is issued.
-      if (!group_skips) {
+      if constexpr (Cfg::kPvBesideS) {
+        issue_pv(0);
+        if constexpr (has_next) issue_qk(i + 1);
+        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        wgmma_wait<has_next ? 1 : 0>();  // P·V (S of the next tile may still be in flight)
 #pragma unroll
-        for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
-          issue_pv(chunk);
-          wgmma_wait<0>();
-          add_pv(chunk);
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) wgmma_fence_operand(p_frag[ks][e]);
         }
+        add_pv(0);
+      } else {
+        if (!group_skips) {
+#pragma unroll
+          for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
+            issue_pv(chunk);
+            wgmma_wait<0>();
+            add_pv(chunk);
+          }
+        }
+        if constexpr (has_next) issue_qk(i + 1);
+        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
       }
-      if constexpr (has_next) issue_qk(i + 1);
-      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
       __syncwarp();
       if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
     };
 
+    if (n_kept > 0) load_tile(0, key0_next, k_scale_next);
     mbarrier_wait(q_full, 0);
     if (n_kept > 0) {
       wait_k(0);
