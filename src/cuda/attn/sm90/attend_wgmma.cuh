@@ -13,9 +13,10 @@
 // and 4), so one's softmax overlaps the other's products. With kOverlap (one kept block per tile,
 // all but D_PAD = BLOCK_K = 128) a turn issues S of block i + 1 and P·V of block i, and the softmax of block i + 1 runs
 // while P·V of block i is in flight; otherwise a turn runs P·V of block i to completion, then
-// issues S of block i + 1 (with kPvBesideS it issues both and waits for P·V only). ptxas serializes every wgmma of the kernel when one stays in flight
-// across a divergent branch, or when a wgmma.fence is not in the wgmma's basic block: keep it so
-// (check the C75xx infos of -Xptxas=-v).
+// issues S of block i + 1 (with kPvBesideS it issues both and waits for P·V only). ptxas
+// serializes every wgmma of the kernel when one stays in flight across a divergent branch, or when
+// a wgmma.fence is not in the wgmma's basic block: keep it so (check the C75xx infos of
+// -Xptxas=-v).
 //
 // P·V skip: a warp decides for its group like the reference; a skipping warp feeds P = 0 and
 // α = 1, which leaves its m, l and acc unchanged. On the ping-pong schedule the wgmma is skipped
@@ -288,7 +289,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int warpgroup = thread / kWarpgroupThreads;
   // Causal rows see more keys the later they come: the longest query tiles of a head start first, so
   // the grid's last CTAs are short ones.
-  const int q_tile = p.causal != Causal::kNone ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int q_tile = static_cast<int>(p.causal != Causal::kNone ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
   const int row0 = q_tile * kWgmmaAttendRows;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
@@ -506,8 +507,18 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     return 0.0f;
   };
 
+  // Keeps P fragments read by an in-flight wgmma in their registers until its wait.
+  auto fence_p = [](uint32_t (&pf)[Cfg::kPvSteps][4]) {
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) wgmma_fence_operand(pf[ks][e]);
+    }
+  };
+
   int key0_next[kHalves];  // of the tile whose softmax comes next
   float k_scale_next[kHalves];
+  if (n_kept > 0) load_tile(0, key0_next, k_scale_next);
 
   if constexpr (Cfg::kOverlap) {
     // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
@@ -609,14 +620,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // (no register copies that ptxas could place inside a wgmma pipeline).
     uint32_t p_a[Cfg::kPvSteps][4], p_b[Cfg::kPvSteps][4];
     float alpha_a[2], alpha_b[2];
-    // Keeps P fragments read by an in-flight wgmma in their registers until its wait.
-    auto fence_p = [](uint32_t (&pf)[Cfg::kPvSteps][4]) {
-#pragma unroll
-      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) wgmma_fence_operand(pf[ks][e]);
-      }
-    };
     auto step = [&](int i, auto has_next_c, uint32_t (&p_cur)[Cfg::kPvSteps][4], float (&alpha_cur)[2],
                     uint32_t (&p_nxt)[Cfg::kPvSteps][4], float (&alpha_nxt)[2]) {
       constexpr bool has_next = decltype(has_next_c)::value;
@@ -655,7 +658,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
     };
 
-    if (n_kept > 0) load_tile(0, key0_next, k_scale_next);
     mbarrier_wait(q_full, 0);
     if (n_kept > 0) {
       wait_k(0);
@@ -863,11 +865,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         if constexpr (has_next) issue_qk(i + 1);
         named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
         wgmma_wait<has_next ? 1 : 0>();  // P·V (S of the next tile may still be in flight)
-#pragma unroll
-        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) wgmma_fence_operand(p_frag[ks][e]);
-        }
+        fence_p(p_frag);
         add_pv(0);
       } else {
         if (!group_skips) {
@@ -885,7 +883,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
     };
 
-    if (n_kept > 0) load_tile(0, key0_next, k_scale_next);
     mbarrier_wait(q_full, 0);
     if (n_kept > 0) {
       wait_k(0);
