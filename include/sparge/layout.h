@@ -46,6 +46,27 @@ SPARGE_HD constexpr bool pv_is_fp8(PvPrecision pv) { return pv != PvPrecision::k
 // Bytes of one element of quantized V.
 SPARGE_HD constexpr int64_t v_elem_bytes(PvPrecision pv) { return pv_is_fp8(pv) ? 1 : 2; }
 
+// Keys of one aligned group whose order e4m3 V^T rows permute (v_key_slot).
+inline constexpr int64_t kVKeyGroup = 16;
+
+// Position of key `key` in its V^T row. fp16 V: the key itself. e4m3 V (both fp8 modes): inside
+// every aligned group of 16 keys, key 8a + 2t + b (a, b in {0, 1}, t in 0..3) sits at 4t + 2a + b.
+// That is the order of the 8-bit P·V A fragment: lane t of a quad holds S columns 2t, 2t + 1 of
+// every n8 tile, and a k32 step of m16n8k32 / wgmma takes its A bytes 4t .. 4t + 3 (and 16 + 4t ..)
+// from lane t, so P goes from the Q·K^T accumulators into the P·V product without lane shuffles.
+SPARGE_HD constexpr int64_t v_key_slot(int64_t key, PvPrecision pv) {
+  if (!pv_is_fp8(pv)) return key;
+  const int64_t r = key % kVKeyGroup;
+  return key - r + ((r >> 1) & 3) * 4 + (r >> 3) * 2 + (r & 1);
+}
+
+// The key at position `slot` of a V^T row: the inverse of v_key_slot.
+SPARGE_HD constexpr int64_t v_slot_key(int64_t slot, PvPrecision pv) {
+  if (!pv_is_fp8(pv)) return slot;
+  const int64_t r = slot % kVKeyGroup;
+  return slot - r + ((r >> 1) & 1) * 8 + (r >> 2) * 2 + (r & 1);
+}
+
 // V is scaled into [-v_quant_max(pv), v_quant_max(pv)] before conversion: v_scale = amax / v_quant_max.
 SPARGE_HD constexpr float v_quant_max(PvPrecision pv) {
   return pv == PvPrecision::kFp8Fp16Accum ? kVQuantMaxFp16Accum : kVQuantMax;

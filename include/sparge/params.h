@@ -117,7 +117,8 @@ struct QuantizedQKV {
   int8_t* k = nullptr;         // [B, Hkv, Lk, D]         rne((k - k_mean) · 127 / amax) per scale group
   float* k_scale = nullptr;    // [B, Hkv, k_groups]
   float* k_mean = nullptr;     // [B, Hkv, D]             token mean of K (zero when smooth_k is off)
-  void* v = nullptr;           // [B, Hkv, D, Lk_pad]     V / v_scale as e4m3 (kFp8, kFp8Fp16Accum) or fp16, transposed
+  void* v = nullptr;           // [B, Hkv, D, Lk_pad]     V / v_scale as e4m3 (kFp8, kFp8Fp16Accum) or fp16, transposed;
+                               //                         key t at position v_key_slot(t, pv) (layout.h)
   float* v_scale = nullptr;    // [B, Hkv, D]             per-channel amax / v_quant_max(pv): 448 or 2.25
   float* lse_shift = nullptr;  // [B, Hq, Lq]             sm_scale · (q · k_mean): the LSE lost to smoothing
   float* q_pool = nullptr;     // [B, Hq, nbq, D]         mean of the Q rows of each block

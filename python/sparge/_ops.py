@@ -54,6 +54,24 @@ QUANTIZED_FIELDS = (
 # ---- shapes (mirror of include/sparge/layout.h) --------------------------------------------------
 
 
+def v_key_slots(length: int, fp8: bool, device=None) -> Tensor:
+    """Position of keys ``0 .. length - 1`` in a row of quantized V^T (``v_key_slot`` of
+    include/sparge/layout.h): fp16 V keeps key order; e4m3 V stores every aligned group of 16 keys
+    as 8a + 2t + b -> 4t + 2a + b, the order in which the 8-bit P·V A fragment takes P from the
+    Q·K^T accumulators."""
+    key = torch.arange(length, device=device)
+    if not fp8:
+        return key
+    r = key % 16
+    return key - r + ((r >> 1) & 3) * 4 + (r >> 3) * 2 + (r & 1)
+
+
+def v_in_key_order(v: Tensor) -> Tensor:
+    """Quantized V ``[..., D, Lk_pad]`` with its last dimension in key order (a gather; fp16 V as is)."""
+    fp8 = v.dtype == torch.float8_e4m3fn
+    return v[..., v_key_slots(v.size(-1), fp8, v.device)] if fp8 else v
+
+
 def ceil_div(a, b):
     return (a + b - 1) // b
 

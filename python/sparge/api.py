@@ -86,7 +86,9 @@ class QuantizedQKV(NamedTuple):
     k: Tensor  #: int8 [B, Hkv, Lk, D]: round((k - k_mean) / k_scale)
     k_scale: Tensor  #: fp32 [B, Hkv, k_groups]
     k_mean: Tensor  #: fp32 [B, Hkv, D]: token mean of k (zeros when smooth_k is off)
-    v: Tensor  #: float8_e4m3fn ("fp8", "fp8_fp16acc") or float16 [B, Hkv, D, Lk_pad], transposed, zero padded
+    #: float8_e4m3fn ("fp8", "fp8_fp16acc") or float16 [B, Hkv, D, Lk_pad], transposed, zero padded; e4m3
+    #: keys in P·V fragment order within each 16-key group (:meth:`v_by_key` undoes it)
+    v: Tensor
     v_scale: Tensor  #: fp32 [B, Hkv, D]: per-channel amax / 448 (amax / 2.25 for "fp8_fp16acc")
     lse_shift: Tensor  #: fp32 [B, Hq, Lq]: scale · (q · k_mean), the LSE removed by smoothing
     q_pool: Tensor  #: fp32 [B, Hq, nbq, D]: mean of the q rows of each block
@@ -104,6 +106,11 @@ class QuantizedQKV(NamedTuple):
     def buffers(self) -> tuple[Tensor, ...]:
         """The 13 tensors in the order of the C++ struct."""
         return tuple(self[: len(_ops.QUANTIZED_FIELDS)])
+
+    def v_by_key(self) -> Tensor:
+        """``v`` with its last dimension in key order: column ``t`` is key ``t`` (a copy for e4m3,
+        whose rows the kernels read in P·V fragment order; ``v`` itself for fp16)."""
+        return _ops.v_in_key_order(self.v)
 
 
 class Prediction(NamedTuple):

@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _C, patch as _patch
+from . import _C, _ops, patch as _patch
 from .api import attend, block_sparsity, predict, quantize
 
 __all__ = [
@@ -666,7 +666,7 @@ def _partials(qz, q: Tensor, k: Tensor, v: Tensor, b: int, h: int, rows: Tensor,
     p = torch.exp2(s2 - top.view(-1, 1, 1))
     l = p.sum(dim=2)
     p = (p * _P_SCALE).to(torch.float16 if qz.pv_precision == "fp16" else torch.float8_e4m3fn).float()
-    vq = qz.v[b, hk, :, :len_k].float() * (qz.v_scale[b, hk].unsqueeze(1) / _P_SCALE)  # [D, Lk]
+    vq = _ops.v_in_key_order(qz.v[b, hk])[:, :len_k].float() * (qz.v_scale[b, hk].unsqueeze(1) / _P_SCALE)  # [D, Lk]
     vq = F.pad(vq, (0, nbk * bk - len_k)).view(dim, nbk, bk).permute(1, 2, 0)  # [nbk, bk, D]
     O = torch.bmm(p.transpose(0, 1), vq).transpose(0, 1).contiguous()  # [n, nbk, D]
     # exact attention of the same rows in fp32

@@ -464,7 +464,8 @@ def _global_k_mean(kh: Tensor, len_k: int, group, rank: int, world: int) -> Tens
 
 def _quantize_v(vh: Tensor, amax: Tensor, pv_precision: str) -> tuple[Tensor, Tensor]:
     """V of this shard in the P·V format with the global per-channel amax (docs/method.md §0):
-    ``[B, Hkv, D, ceil(L_r / 64)·64]`` transposed and zero padded, and ``v_scale = amax / v_max``."""
+    ``[B, Hkv, D, ceil(L_r / 64)·64]`` transposed (e4m3 keys in ``v_key_slots`` order) and zero padded,
+    and ``v_scale = amax / v_max``."""
     batch, heads, length, dim = vh.shape
     full = torch.full_like(amax, _V_MAX[pv_precision])
     inv = torch.where(amax == 0, 0.0, full / torch.where(amax == 0, 1.0, amax))
@@ -472,7 +473,8 @@ def _quantize_v(vh: Tensor, amax: Tensor, pv_precision: str) -> tuple[Tensor, Te
     dtype = torch.float16 if pv_precision == "fp16" else torch.float8_e4m3fn
     padded = _ops.ceil_div(length, _QUANT_ROWS) * _QUANT_ROWS
     out = torch.zeros(batch, heads, dim, padded, dtype=dtype, device=vh.device)
-    out[..., :length] = (vh.to(torch.float32) * inv.unsqueeze(2)).to(dtype).transpose(-1, -2)
+    slots = _ops.v_key_slots(length, dtype == torch.float8_e4m3fn, vh.device)
+    out[..., slots] = (vh.to(torch.float32) * inv.unsqueeze(2)).to(dtype).transpose(-1, -2)
     return out, v_scale
 
 

@@ -66,17 +66,16 @@ int32_t dot_int8(const int8_t* a, const int8_t* b, int64_t n) {
 
 float round_pv(float x, PvPrecision pv) { return pv_is_fp8(pv) ? num::round_e4m3(x) : num::round_fp16(x); }
 
-// Keys [c0, c0 + cols) of V [D, Lk_pad] (e4m3 or fp16) as fp32, token-major: out [cols, D].
+// Keys [c0, c0 + cols) of V^T [D, Lk_pad] (e4m3 or fp16, keys at v_key_slot) as fp32, token-major:
+// out [cols, D].
 void decode_v_block(const void* v, PvPrecision pv, int64_t dim, int64_t len_pad, int64_t c0, int64_t cols, float* out) {
   const std::array<float, 256>& e4m3 = num::e4m3_table();
   for (int64_t d = 0; d < dim; ++d) {
-    const int64_t channel = d * len_pad + c0;
-    if (pv_is_fp8(pv)) {
-      const uint8_t* x = static_cast<const uint8_t*>(v) + channel;
-      for (int64_t c = 0; c < cols; ++c) out[c * dim + d] = e4m3[x[c]];
-    } else {
-      const uint16_t* x = static_cast<const uint16_t*>(v) + channel;
-      for (int64_t c = 0; c < cols; ++c) out[c * dim + d] = num::fp16_to_float(x[c]);
+    const int64_t channel = d * len_pad;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t at = channel + v_key_slot(c0 + c, pv);
+      out[c * dim + d] = pv_is_fp8(pv) ? e4m3[static_cast<const uint8_t*>(v)[at]]
+                                       : num::fp16_to_float(static_cast<const uint16_t*>(v)[at]);
     }
   }
 }

@@ -169,10 +169,10 @@ void quantize_kv_head(const QuantizeParams& p, int64_t b, int64_t hk) {
     const float inv = amax == 0.0f ? 0.0f : v_max / amax;
     v_scale[d] = amax / v_max;
     const int64_t row = (bh * dim + d) * len_pad;  // channel d of [B, Hkv, D, Lk_pad]
-    if (pv_is_fp8(p.quant.pv)) {
+    if (pv_is_fp8(p.quant.pv)) {  // keys in v_key_slot order
       uint8_t* vq = static_cast<uint8_t*>(out.v) + row;
-      for (int64_t t = 0; t < len; ++t) vq[t] = num::float_to_e4m3(v[t * dim + d] * inv);
-      std::fill(vq + len, vq + len_pad, uint8_t{0});
+      std::fill(vq, vq + len_pad, uint8_t{0});
+      for (int64_t t = 0; t < len; ++t) vq[v_key_slot(t, p.quant.pv)] = num::float_to_e4m3(v[t * dim + d] * inv);
     } else {
       uint16_t* vq = static_cast<uint16_t*>(out.v) + row;
       for (int64_t t = 0; t < len; ++t) vq[t] = num::float_to_fp16(v[t * dim + d] * inv);

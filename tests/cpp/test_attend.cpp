@@ -436,7 +436,7 @@ std::vector<float> fp16_accumulator_attention(const Stages& st, bool fp16_steps)
             for (int64_t d = 0; d < dim; ++d) {
               float sum = 0.0f;
               for (int64_t col = step; col < std::min({step + 32, chunk + 64, cols}); ++col)
-                sum += p8[col] * num::e4m3_to_float(v8[(hk * dim + d) * len_pad + c0 + col]);
+                sum += p8[col] * num::e4m3_to_float(v8[(hk * dim + d) * len_pad + v_key_slot(c0 + col, c.quant.pv)]);
               acc16[d] = fp16_steps ? num::round_fp16(acc16[d] + sum) : acc16[d] + sum;
             }
           }

@@ -16,6 +16,14 @@ namespace {
 std::vector<int8_t> int8s(const int8_t* p, int64_t n) { return {p, p + n}; }
 std::vector<float> floats(const float* p, int64_t n) { return {p, p + n}; }
 
+// Keys 0 .. n-1 of one V^T row in key order (the row stores key t at v_key_slot(t, pv)).
+template <typename T>
+std::vector<T> v_row_keys(const T* row, int64_t n, PvPrecision pv) {
+  std::vector<T> out(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) out[static_cast<size_t>(t)] = row[v_key_slot(t, pv)];
+  return out;
+}
+
 // One head, D = 2, three tokens:
 //   q = [[1, -2], [0.5, 4], [0, 0]]   k = [[1, 2], [3, 4], [5, 9]]   v = [[1, 3], [-2, 1], [0.5, 0]]
 struct SmallProblem {
@@ -42,9 +50,10 @@ TEST(Quantize, SmallProblemByHand) {
   EXPECT_EQ(floats(out.lse_shift, 3), (std::vector<float>{-3.5f, 10.75f, 0.0f}));
   // V, channel 0: amax 2, values · 224 = [224, −448, 112]; channel 1: amax 3, [448, 149.33 → 144, 0].
   EXPECT_EQ(floats(out.v_scale, 2), (std::vector<float>{2.0f / 448.0f, 3.0f / 448.0f}));
-  const auto* v = static_cast<const uint8_t*>(out.v);  // [D, Lk_pad = 64]
-  EXPECT_EQ(std::vector<uint8_t>(v, v + 3), (std::vector<uint8_t>{0x76, 0xfe, 0x6e}));
-  EXPECT_EQ(std::vector<uint8_t>(v + 64, v + 67), (std::vector<uint8_t>{0x7e, 0x71, 0x00}));
+  const auto* v = static_cast<const uint8_t*>(out.v);  // [D, Lk_pad = 64], keys at v_key_slot
+  EXPECT_EQ(v_row_keys(v, 3, PvPrecision::kFp8), (std::vector<uint8_t>{0x76, 0xfe, 0x6e}));
+  EXPECT_EQ(v_row_keys(v + 64, 3, PvPrecision::kFp8), (std::vector<uint8_t>{0x7e, 0x71, 0x00}));
+  EXPECT_EQ(v[4], 0x6e) << "key 2 sits at slot 4 of its 16-key group";
   // Block statistics (one Q block, one K block). q rows 0 and 1 have cosine −7.5 / √81.25, row 2 is
   // zero: sim = 2 · cos / (3 · 2). k̃ rows pairwise cosines 3/√13, −16/√260, −4/√20.
   EXPECT_FLOAT_EQ(out.q_pool[0], 0.5f);
@@ -85,6 +94,29 @@ TEST(Quantize, VInFp16) {
   for (int64_t t = 3; t < 64; ++t) ASSERT_EQ(v[t], 0) << "padding of channel 0 at token " << t;
 }
 
+TEST(Quantize, Fp8VKeySlotsAreTheAFragmentOrder) {
+  // Lane t of a quad holds S columns 2t + b of n-tiles a = 0, 1 (keys 8a + 2t + b of a 16-key
+  // group); the 8-bit A fragment of a k32 step takes bytes 4t .. 4t + 3 from lane t (PTX ISA,
+  // m16n8k32 / wgmma .e4m3 register fragments).
+  for (PvPrecision pv : {PvPrecision::kFp8, PvPrecision::kFp8Fp16Accum}) {
+    for (int64_t group = 0; group < 4; ++group) {
+      for (int64_t t = 0; t < 4; ++t) {
+        for (int64_t a = 0; a < 2; ++a) {
+          for (int64_t b = 0; b < 2; ++b) {
+            const int64_t key = 16 * group + 8 * a + 2 * t + b;
+            EXPECT_EQ(v_key_slot(key, pv), 16 * group + 4 * t + 2 * a + b) << "key " << key;
+            EXPECT_EQ(v_slot_key(v_key_slot(key, pv), pv), key) << "key " << key;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t key = 0; key < 64; ++key) {
+    EXPECT_EQ(v_key_slot(key, PvPrecision::kFp16), key);
+    EXPECT_EQ(v_slot_key(key, PvPrecision::kFp16), key);
+  }
+}
+
 TEST(Quantize, VInFp8ForTheFp16Accumulator) {
   // kFp8Fp16Accum: v_scale = amax / 2.25; channel 0 (amax 2): v · 1.125 = [1.125, −2.25, 0.5625];
   // channel 1 (amax 3): v · 0.75 = [2.25, 0.75, 0], all exact in e4m3.
@@ -94,11 +126,12 @@ TEST(Quantize, VInFp8ForTheFp16Accumulator) {
   const QuantizedQKV& out = ws.buffers.quantized;
   ASSERT_TRUE(run_quantize(pb.shape, {}, quant, pb.x, out).ok());
   EXPECT_EQ(floats(out.v_scale, 2), (std::vector<float>{2.0f / 2.25f, 3.0f / 2.25f}));
-  const auto* v = static_cast<const uint8_t*>(out.v);  // [D, Lk_pad = 64] e4m3
-  EXPECT_EQ(std::vector<uint8_t>(v, v + 3), (std::vector<uint8_t>{0x39, 0xc1, 0x31}));
-  EXPECT_EQ(std::vector<uint8_t>(v + 64, v + 67), (std::vector<uint8_t>{0x41, 0x34, 0x00}));
-  EXPECT_EQ(num::e4m3_to_float(v[1]), -2.25f);
-  for (int64_t t = 3; t < 64; ++t) ASSERT_EQ(v[t], 0) << "padding of channel 0 at token " << t;
+  const auto* v = static_cast<const uint8_t*>(out.v);  // [D, Lk_pad = 64] e4m3, keys at v_key_slot
+  const std::vector<uint8_t> channel0 = v_row_keys(v, 64, PvPrecision::kFp8Fp16Accum);
+  EXPECT_EQ(std::vector<uint8_t>(channel0.begin(), channel0.begin() + 3), (std::vector<uint8_t>{0x39, 0xc1, 0x31}));
+  EXPECT_EQ(v_row_keys(v + 64, 3, PvPrecision::kFp8Fp16Accum), (std::vector<uint8_t>{0x41, 0x34, 0x00}));
+  EXPECT_EQ(num::e4m3_to_float(channel0[1]), -2.25f);
+  for (int64_t t = 3; t < 64; ++t) ASSERT_EQ(channel0[t], 0) << "padding of channel 0 at token " << t;
 }
 
 TEST(Quantize, VPaddingIsZero) {
@@ -119,9 +152,11 @@ TEST(Quantize, VPaddingIsZero) {
       const float v_max = pv == PvPrecision::kFp8Fp16Accum ? 2.25f : 448.0f;
       const auto* v = static_cast<const unsigned char*>(ws.buffers.quantized.v);
       for (int64_t channel = 0; channel < 2 * 2 * 3; ++channel) {
-        const unsigned char* padding = v + (channel * pad + len_k) * bytes;
-        const unsigned char* end = v + (channel + 1) * pad * bytes;
-        ASSERT_TRUE(std::all_of(padding, end, [](unsigned char c) { return c == 0; })) << "channel " << channel;
+        for (int64_t t = len_k; t < pad; ++t) {
+          const unsigned char* at = v + (channel * pad + v_key_slot(t, pv)) * bytes;
+          ASSERT_TRUE(std::all_of(at, at + bytes, [](unsigned char c) { return c == 0; }))
+              << "channel " << channel << ", padding key " << t;
+        }
       }
       // Every stored value is x · v_max / amax of its channel in the format, v_max = 448, or 2.25
       // for the fp16 accumulator (|v_q| <= 2.25).
@@ -136,8 +171,9 @@ TEST(Quantize, VPaddingIsZero) {
             for (int64_t t = 0; t < len_k; ++t) {
               const float scaled = x.v.get(b, h, t, d) * (v_max / amax);
               if (fp8) {
-                ASSERT_EQ(v[channel * pad + t], num::float_to_e4m3(scaled));
-                ASSERT_LE(std::fabs(num::e4m3_to_float(v[channel * pad + t])), v_max);
+                const unsigned char stored = v[channel * pad + v_key_slot(t, pv)];
+                ASSERT_EQ(stored, num::float_to_e4m3(scaled));
+                ASSERT_LE(std::fabs(num::e4m3_to_float(stored)), v_max);
               } else {
                 uint16_t bits;
                 std::memcpy(&bits, v + 2 * (channel * pad + t), 2);

@@ -104,11 +104,15 @@ def test_quantized_buffers_follow_the_method(seed, poison):
     assert torch.allclose(qz.k_mean, k.mean(dim=2), atol=1e-5)
     k_deq = qz.k.float() * qz.k_scale.repeat_interleave(64, dim=-1)[..., :lk, None]
     assert float((k_deq - (k - k.mean(dim=2, keepdim=True))).abs().max()) <= float(k.abs().max()) / 127 + 1e-4
-    # V: e4m3, transposed, padded to 64 tokens with zeros, per-channel scale amax / 448.
+    # V: e4m3, transposed, padded to 64 tokens with zeros, per-channel scale amax / 448; every 16-key
+    # group in P·V fragment order (the order v_by_key undoes, checked against the C++ layout in
+    # test_quantize.cpp).
     assert qz.v.dtype == torch.float8_e4m3fn and qz.v.shape == (b, hkv, d, 192)
-    assert torch.all(qz.v[..., lk:].float() == 0)
+    v_keys = qz.v_by_key()
+    assert torch.all(v_keys[..., lk:].float() == 0)
+    assert not torch.equal(v_keys.float(), qz.v.float()), "e4m3 V is stored in fragment order"
     assert torch.allclose(qz.v_scale, v.abs().amax(dim=2) / 448, rtol=1e-6)
-    v_deq = (qz.v[..., :lk].float() * qz.v_scale[..., None]).transpose(-1, -2)
+    v_deq = (v_keys[..., :lk].float() * qz.v_scale[..., None]).transpose(-1, -2)
     # e4m3 rounding: half an ulp, 2^-4 relative for normals, 2^-10 · v_scale absolute for subnormals.
     bound = torch.maximum(v.abs() * 2**-4, qz.v_scale[..., None, :] * 2**-10) * (1 + 1e-5)
     assert torch.all((v_deq - v).abs() <= bound)

@@ -68,22 +68,6 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
 
-// Barrier `id` over `threads` threads that returns whether `pred` holds in every one of them.
-__device__ __forceinline__ bool named_barrier_all(int id, int threads, bool pred) {
-  uint32_t result;
-  asm volatile(
-      "{\n"
-      ".reg .pred in, out;\n"
-      "setp.ne.u32 in, %1, 0;\n"
-      "bar.red.and.pred out, %2, %3, in;\n"
-      "selp.u32 %0, 1, 0, out;\n"
-      "}\n"
-      : "=r"(result)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(threads)
-      : "memory");
-  return result != 0;
-}
-
 // Named barrier `id` over `threads` threads: wait for them (sync) or only count this thread in
 // (arrive). Used for the ping-pong order of the consumer warpgroups' wgmma issue.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {

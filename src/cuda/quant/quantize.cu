@@ -7,7 +7,7 @@
 //   3. rows<K>      : smoothed K → INT8 + scales + pooled mean/self-similarity + spike keys
 //   4. rows<Q>      : Q → INT8 + scales (× sm_scale·log2e) + LSE shift + pooled mean/self-similarity
 //   5. v_amax       : per-channel amax of V (exact atomic max)     → v_scale (temporarily amax)
-//   6. v_quant      : V / scale → e4m3 or fp16, transposed to [D, Lk_pad] with zero padding
+//   6. v_quant      : V / scale → e4m3 or fp16, transposed to [D, Lk_pad] (keys at v_key_slot), zero padded
 //   7. v_finalize   : v_scale = amax / 448
 // Fast path (quantize_fast, taken for 16-byte aligned rows with D / (16 / sizeof(T)) in {8, 16, 32}
 // and 64-multiple prediction blocks, i.e. every CUDA call the dispatcher accepts at D = 64/128/256
@@ -264,7 +264,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// V / scale in the P·V format, transposed: out[bh][d][t] for a 64-token tile, zero past Lk.
+// The P·V format of quantized V of element type Out (both fp8 modes order keys alike).
+template <typename Out>
+inline constexpr PvPrecision kOutPv = std::is_same_v<Out, __nv_fp8_e4m3> ? PvPrecision::kFp8 : PvPrecision::kFp16;
+
+// V / scale in the P·V format, transposed: out[bh][d][v_key_slot(t)] for a 64-token tile, zero
+// past Lk.
 template <typename T, typename Out>
 __global__ void __launch_bounds__(kThreads)
     v_quant_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad, int64_t head_dim,
@@ -290,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       q = __float2half_rn(y);
     }
-    out[(bh * head_dim + d) * len_pad + row0 + r] = q;
+    out[(bh * head_dim + d) * len_pad + row0 + v_key_slot(r, kOutPv<Out>)] = q;
   }
 }
 
@@ -700,7 +705,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // V · inv in the P·V format of the 64-token tile at row0 of one head (x: its rows; out: its
-// [D][len_pad] slice), transposed, zero past len. Loads: a warp covers 8 rows × 4 chunks
+// [D][len_pad] slice), transposed (keys at v_key_slot), zero past len. Loads: a warp covers 8 rows × 4 chunks
 // (bank-conflict-free scalar smem stores with pitch D + 1); stores: 4 tokens per thread.
 // inv ([D], shared) is read only after the barrier inside, so the caller may write it just
 // before; tile ([kTileRows][D + 1] floats, shared) may be reused after the caller's next barrier.
@@ -732,7 +737,7 @@ __device__ __forceinline__ void v_quant_fast_tile(const T* x, int64_t token_stri
     uint32_t bits[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float y = __fmul_rn(tile[(4 * q + j) * P + d], inv[d]);
+      const float y = __fmul_rn(tile[v_slot_key(4 * q + j, kOutPv<Out>) * P + d], inv[d]);
       if constexpr (std::is_same_v<Out, __nv_fp8_e4m3>) {
         bits[j] = static_cast<uint32_t>(__nv_fp8_e4m3(y).__x);  // rne, saturating to ±448
       } else {

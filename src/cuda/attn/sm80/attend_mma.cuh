@@ -38,59 +38,16 @@ inline constexpr int kMmaN = 8;        // n of every mma shape used here
 inline constexpr int kMmaNPairs = 2;   // n8 tiles delivered by one ldmatrix.x4 of B fragments
 inline constexpr int kQuadLanes = 4;   // lanes sharing one accumulator row (t = lane % 4)
 
-// Which key of the K block sits in column n (0..7) of S n-tile `tile`; equivalently, which key
-// the K tile stores in shared row 8·tile + n (the K loader writes key(row / 8, row % 8) there and
-// the Q·K^T B fragments are read from consecutive rows).
+// Key order: K rows are loaded in natural order, so column n of S n-tile j is key 8j + n of the
+// block, and lane t holds columns 2t, 2t + 1 of every tile.
 //
-// fp16 P·V: the identity. The C fragment of S n-tiles 2s, 2s+1 (lane: columns 2t, 2t+1 of each)
-// is the A fragment of m16n8k16 k-step s (k 2t, 2t+1 and 2t+8, 2t+9) with keys in natural order.
+// fp16 P·V: the C fragment of S n-tiles 2s, 2s+1 is the A fragment of m16n8k16 k-step s (k 2t,
+// 2t+1 and 2t+8, 2t+9), keys in natural order.
 //
-// fp8 P·V: the A fragment of m16n8k32 wants k slots 4t..4t+3 and 4t+16..4t+19 per lane, while a
-// lane's C fragments of S n-tiles 4s..4s+3 hold columns {2t, 2t+1} of each. Since the P·V mma sums
-// over keys, any fixed pairing of slots with keys works if V^T is read at the same keys. We pick
-// the pairing that makes A slot k of k-step s hold key 32s + k (natural order, so V^T rows feed
-// ldmatrix unchanged) and permute the *keys of S* instead, through the K rows:
-//   lane t's slots 4t, 4t+1   ← S tile 4s+0, columns 2t, 2t+1  → keys 32s +      4t + {0, 1}
-//   lane t's slots 4t+2, 4t+3 ← S tile 4s+1, columns 2t, 2t+1  → keys 32s +      4t + {2, 3}
-//   lane t's slots 4t+16..17  ← S tile 4s+2, columns 2t, 2t+1  → keys 32s + 16 + 4t + {0, 1}
-//   lane t's slots 4t+18..19  ← S tile 4s+3, columns 2t, 2t+1  → keys 32s + 16 + 4t + {2, 3}
-// i.e. column n of tile 4s + j holds key 32s + 16·(j / 2) + 4·(n / 2) + 2·(j % 2) + n % 2.
-template <PvPrecision kPv>
-struct KeyOrder {
-  __host__ __device__ static constexpr int key(int tile, int n) {
-    if constexpr (kPv == PvPrecision::kFp16) {
-      return tile * kMmaN + n;
-    } else {
-      constexpr int kTilesPerStep = 4;  // n8 tiles of S per 32-key P·V step
-      const int step = tile / kTilesPerStep;
-      const int j = tile % kTilesPerStep;
-      return step * 32 + (j / 2) * 16 + (n / 2) * 4 + (j % 2) * 2 + n % 2;
-    }
-  }
-};
-
-// KeyOrder<kPv>::key is a permutation of the kBlockK keys of a block; lane t's columns 2t + c
-// (c = 0, 1) of tile j hold keys key(0, 2t) + key(j, c), a lane base plus a compile-time offset,
-// and the two are consecutive keys starting at an even one (so they share one K scale group).
-template <PvPrecision kPv, int kBlockK>
-constexpr bool key_order_is_valid() {
-  using Order = KeyOrder<kPv>;
-  bool seen[kBlockK] = {};
-  for (int row = 0; row < kBlockK; ++row) {
-    const int key = Order::key(row / kMmaN, row % kMmaN);
-    if (key < 0 || key >= kBlockK || seen[key]) return false;
-    seen[key] = true;
-  }
-  for (int tile = 0; tile < kBlockK / kMmaN; ++tile) {
-    if (Order::key(tile, 0) % 2 != 0 || Order::key(tile, 1) != Order::key(tile, 0) + 1) return false;
-    for (int t = 0; t < kQuadLanes; ++t) {
-      for (int c = 0; c < 2; ++c) {
-        if (Order::key(tile, 2 * t + c) != Order::key(0, 2 * t) + Order::key(tile, c)) return false;
-      }
-    }
-  }
-  return true;
-}
+// fp8 P·V: the A fragment of m16n8k32 step s takes k bytes 4t..4t+3 and 16+4t..16+4t+3 from lane
+// t, which packs its columns of S tiles 4s, 4s+1 and 4s+2, 4s+3 (keys 32s + {2t, 2t+1, 8+2t,
+// 9+2t} and 16 more). V^T holds every 16-key group in that order (v_key_slot in layout.h), so the
+// ldmatrix reads of V^T rows line up with P without moving values between lanes.
 
 // Keys 2x and 2x + 1 have one K scale in every granularity of layout.h, so a lane reads one
 // scale for its two columns of a tile.
@@ -135,8 +92,8 @@ struct Config {
   static constexpr bool kQInRegisters = kPasses == 1;
 
   using QTile = PaddedTile<kMmaAttendRows, kHeadDimPad>;       // (64, D_PAD) int8
-  using KTile = PaddedTile<kBlockK, kHeadDimPad>;              // (BLOCK_K, D_PAD) int8, rows in KeyOrder
-  using VTile = PaddedTile<kPassCols, kBlockK * kVElemBytes>;  // (PASS_COLS, BLOCK_K) V^T, keys in order
+  using KTile = PaddedTile<kBlockK, kHeadDimPad>;              // (BLOCK_K, D_PAD) int8, keys in order
+  using VTile = PaddedTile<kPassCols, kBlockK * kVElemBytes>;  // (PASS_COLS, BLOCK_K) V^T, keys at v_key_slot
   static constexpr int kScaleBytes = kBlockK * static_cast<int>(sizeof(float));  // (BLOCK_K) K scales, keys in order
   static constexpr int kStages = 2;
   static constexpr int kQOffset = 0;
@@ -156,7 +113,6 @@ struct Config {
                 "kFp8Fp16Accum: one mma per 32-key step, whole 64-key accumulator chunks");
   static_assert(kQkK == 2 * kCpAsyncBytes && kPvStepBytes == 2 * kCpAsyncBytes,
                 "an mma k-step spans two 16-byte ldmatrix columns");
-  static_assert(key_order_is_valid<kPv, kBlockK>(), "S columns: every key once, lane pairs consecutive");
   static_assert(kSmemBytes == mma_attend_smem_bytes(kHeadDimPad, kBlockK, kPv), "host/device smem size agree");
 };
 
@@ -183,7 +139,6 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
   using VTile = typename Cfg::VTile;
-  using Order = KeyOrder<kPv>;
   constexpr int kSTiles = Cfg::kSTiles;
   constexpr int kOTiles = Cfg::kOTiles;
   constexpr int kPvChunkTiles = Cfg::kPvChunkTiles;
@@ -245,7 +200,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
     const int key0 = kept[kept_i] * kBlockK;
     const int copier = opaque(thread);  // keep the copy addresses out of the loop-carried registers
     load_tile_async<KTile, kMmaAttendThreads>(k_smem(stage), copier, [&](int row, int chunk, bool& valid) -> const void* {
-      const int key = key0 + Order::key(row / kMmaN, row % kMmaN);
+      const int key = key0 + row;
       valid = key < p.len_k && chunk * kCpAsyncBytes < p.head_dim;  // keys >= Lk and d >= D: zeros
       return valid ? k_head + static_cast<int64_t>(key) * p.head_dim + chunk * kCpAsyncBytes : p.k;
     });
@@ -315,16 +270,16 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
 
       const uint32_t k_stage = k_smem(stage) + k_lane;
       const uint32_t v_stage = v_smem(stage) + v_lane;
-      // This lane's columns 2t + c of S tile j hold key lane_key + Order::key(j, c) of the block.
-      const int lane_key = kept[kept_i] * kBlockK + Order::key(0, 2 * t);
+      // This lane's columns 2t + c of S tile j hold key lane_key + 8j + c of the block.
+      const int lane_key = kept[kept_i] * kBlockK + 2 * t;
 
-      // K scale of the two key columns this lane holds in each S tile (one group: see KeyOrder).
-      const float* lane_scales = scale_smem(stage) + Order::key(0, 2 * t);
+      // K scale of the two key columns this lane holds in each S tile (one group: key_pairs_share_scale).
+      const float* lane_scales = scale_smem(stage) + 2 * t;
       float k_scale_col[kSTiles];
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j) k_scale_col[j] = lane_scales[Order::key(j, 0)];
+      for (int j = 0; j < kSTiles; ++j) k_scale_col[j] = lane_scales[j * kMmaN];
 
-      // ---- 1. S = Q K^T: (16, BLOCK_K) int32, column n of tile j = key Order::key(j, n) --------
+      // ---- 1. S = Q K^T: (16, BLOCK_K) int32, column n of tile j = key 8j + n -----------------
       int32_t s_acc[kSTiles][4];
 #pragma unroll
       for (int j = 0; j < kSTiles; ++j) {
@@ -359,7 +314,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
         for (int e = 0; e < 4; ++e) {
           const int i = e / 2;
           const float scale = q_scale_row[i] * k_scale_col[j];
-          s[j][e] = Order::key(j, e % 2) < visible[i] ? static_cast<float>(s_acc[j][e]) * scale : kNegInf;
+          s[j][e] = j * kMmaN + e % 2 < visible[i] ? static_cast<float>(s_acc[j][e]) * scale : kNegInf;
           m_blk[i] = fmaxf(m_blk[i], s[j][e]);
         }
       }
@@ -403,7 +358,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
 #pragma unroll
       for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + row_sum[i];
 
-      // P in the P·V format as A fragments, straight from the S accumulators (see KeyOrder).
+      // P in the P·V format as A fragments, straight from the S accumulators (see "Key order").
       uint32_t p_frag[Cfg::kPvSteps][4];
 #pragma unroll
       for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {

@@ -9,8 +9,8 @@
 // Warpgroups 1 and 2 consume 64 rows each; warp w of a consumer warpgroup owns rows
 // [16w, 16w + 16) of them, exactly one P·V group of the method.
 //
-// Schedule: the consumer warpgroups take turns issuing their wgmma (ping-pong, named barriers 3
-// and 4), so one's softmax overlaps the other's products. With kOverlap (one kept block per tile,
+// Schedule: the consumer warpgroups take turns issuing their wgmma (ping-pong, named barriers 1
+// and 2), so one's softmax overlaps the other's products. With kOverlap (one kept block per tile,
 // all but D_PAD = BLOCK_K = 128) a turn issues S of block i + 1 and P·V of block i, and the softmax of block i + 1 runs
 // while P·V of block i is in flight; otherwise a turn runs P·V of block i to completion, then
 // issues S of block i + 1 (with kPvBesideS it issues both and waits for P·V only). ptxas
@@ -19,10 +19,11 @@
 // -Xptxas=-v).
 //
 // P·V skip: a warp decides for its group like the reference; a skipping warp feeds P = 0 and
-// α = 1, which leaves its m, l and acc unchanged. On the ping-pong schedule the wgmma is skipped
-// when all 4 warps skip (a named-barrier vote); with kOverlap or kPvBesideS it is always issued (a
-// branch around it would serialize the pipeline), so a skip saves the softmax work but not the
-// tensor work.
+// α = 1, which leaves its m, l and acc unchanged. The P·V wgmma is always issued, so a skip saves
+// the softmax work but not the tensor work: on the overlap schedules a branch around it would
+// serialize the pipeline, and on the ping-pong one a named-barrier vote that skipped it when all
+// 4 warps skipped cost more than it saved (removing it: D128 pairs +5.9 % dense, +6.7 % topk 0.5,
+// kernel alone, same run, session 6, with 9 % of the groups skipping in the dense case).
 //
 // Softmax: p · 448 = exp2(s − (m − log2 448)), l sums p · 448; on a fully visible block the row
 // maximum is max(dot) · scale (bit-identical to max(float(dot) · scale)), each dot becomes a float
@@ -31,9 +32,9 @@
 // schedule keeps MUFU and reduces row maxima as trees instead.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
-// columns 8j + 2t + {0, 1} of n-tile j. The 8-bit A fragment of k-step s wants keys
-// 32s + 4t + {0..3} and 32s + 16 + 4t + {0..3}; two quad shuffles per row and k-step move them
-// there (p_fragment_row), so V^T is read in natural key order.
+// columns 8j + 2t + {0, 1} of n-tile j. V^T comes from quantize with the keys of every 16-key
+// group in v_key_slot order (layout.h), which is exactly where the 8-bit A fragment of a P·V
+// k-step wants them: lane t packs its own P values (p_fragment_row), with no lane exchange.
 #pragma once
 
 #include <cuda.h>
@@ -77,7 +78,7 @@ inline constexpr int kNTile = 8;  // columns of one accumulator n-tile
 inline constexpr int kProducerRegs = 24;
 inline constexpr int kConsumerRegs = 240;
 inline constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale)
-inline constexpr int kPingPongBarrier0 = 3;  // named barriers 3, 4 (1, 2: the skip votes)
+inline constexpr int kPingPongBarrier0 = 1;  // named barriers 1, 2 (0: __syncthreads)
 
 template <int kHeadDimPad_, int kBlockK_, bool kPairs_>
 struct Config {
@@ -111,11 +112,15 @@ struct Config {
   // (2 of 8), so the ping-pong schedule keeps MUFU.
   static constexpr int kExpFmaPer8 = !kOverlap ? 0 : kHeadDimPad == 64 ? 2 : 1;
   // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
-  // the turn (P·V always issued: a group of 4 skipping warps multiplies P = 0, so no skip vote).
+  // the turn (P·V always issued, as on every schedule).
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
   // 64-column chunks, both in flight with S) lost 0.6 % dense and 3 % at B2 L8k, so they keep
   // waiting for each chunk inside the turn.
   static constexpr bool kPvBesideS = kPairs && kPvChunks == 1;
+  // The index-list entries of tile i + 2 are loaded during tile i, so the K-scale loads of tile
+  // i + 1 do not wait on them. Same run, kernel alone (session 6): D64 pairs +3.1 % dense; D128
+  // pairs −3.2 %, so only beside kPvBesideS.
+  static constexpr bool kKeptAhead = kPvBesideS;
   // Row maxima as pairwise trees (on the int32 dots where the block is fully visible): +2% on the
   // ping-pong-only D128/bk128, −1% to −4% on the overlap path (same run), so there only.
   static constexpr bool kTreeMax = !kOverlap;
@@ -143,43 +148,12 @@ struct Config {
   static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
 };
 
-// P of one 32-key k-step as the 8-bit A fragment. p0[e] / p1[e] hold S n-tiles 4s .. 4s+3 of row
-// g / g + 8 (tile jj's columns 2t, 2t+1 at [2jj], [2jj+1]), already scaled by 448.
-// X = keys {2t, 2t+1, 8+2t, 9+2t}, Y = keys {16+2t, 17+2t, 24+2t, 25+2t} of the step; lane t needs
-// keys 4t..4t+3 (from quad lanes 2t % 4 and (2t+1) % 4, half t / 2 of X) and 16+4t..16+4t+3
-// (the same halves of Y). Sources pick the half by their own parity, so two shuffles suffice.
-struct PFragmentLane {
-  uint32_t send_first;   // prmt selector of the word pulled by the first shuffle
-  uint32_t send_second;  // ... by the second
-  uint32_t take_lo;      // prmt selector assembling keys 4t..4t+3 from the two pulled words
-  uint32_t take_hi;      // ... keys 16+4t..16+4t+3
-  int src_first;         // lanes pulled from
-  int src_second;
-};
-
-__device__ __forceinline__ PFragmentLane p_fragment_lane(int lane) {
-  constexpr uint32_t kLowHalves = 0x5410;   // (x.lo, y.lo)
-  constexpr uint32_t kHighHalves = 0x7632;  // (x.hi, y.hi)
-  const int t = lane % kQuadLanes;
-  const int quad = lane - t;
-  const bool even = t % 2 == 0;
-  const bool low = t < 2;
-  const int first = ((t & 1) << 1) | (t >> 1);  // t = 0, 1, 2, 3 → lanes 0, 2, 1, 3 of the quad
-  return {.send_first = even ? kLowHalves : kHighHalves,
-          .send_second = even ? kHighHalves : kLowHalves,
-          .take_lo = low ? 0x5410u : 0x1054u,
-          .take_hi = low ? 0x7632u : 0x3276u,
-          .src_first = quad + first,
-          .src_second = quad + (first ^ 1)};  // lanes 1, 3, 0, 2
-}
-
-// Returns {keys 4t..4t+3, keys 16+4t..16+4t+3} of the step for one row.
-__device__ __forceinline__ uint2 p_fragment_row(const PFragmentLane& pl, const float (&p)[8]) {
-  const uint32_t x = pack_e4m3x4(p[0], p[1], p[2], p[3]);
-  const uint32_t y = pack_e4m3x4(p[4], p[5], p[6], p[7]);
-  const uint32_t first = __shfl_sync(kFullWarp, __byte_perm(x, y, pl.send_first), pl.src_first);
-  const uint32_t second = __shfl_sync(kFullWarp, __byte_perm(x, y, pl.send_second), pl.src_second);
-  return make_uint2(__byte_perm(first, second, pl.take_lo), __byte_perm(first, second, pl.take_hi));
+// P of one 32-key k-step of one row as two 8-bit A-fragment registers: p[2jj + c] is column 2t + c
+// of S n-tile 4s + jj (already scaled by 448). V^T holds the keys of every 16-key group in
+// v_key_slot order, so keys {2t, 2t+1, 8+2t, 9+2t} are A bytes 4t .. 4t+3 and the next 16 keys
+// bytes 16 + 4t .. 16 + 4t + 3: no lane exchange.
+__device__ __forceinline__ uint2 p_fragment_row(const float (&p)[8]) {
+  return make_uint2(pack_e4m3x4(p[0], p[1], p[2], p[3]), pack_e4m3x4(p[4], p[5], p[6], p[7]));
 }
 
 inline constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23
@@ -258,8 +232,8 @@ __device__ __forceinline__ void row_half_max(const T (&v)[kSRegs], T (&out)[2][k
   }
 }
 
-// First key of a missing second block of a pair: beyond every length (kMaxLength < 2^30), so its
-// columns are masked and its K scales read as 0.
+// First key of a missing second block of a pair: beyond every length (kMaxLength < 2^30), so all
+// its columns are masked.
 inline constexpr int kAbsentKey = 1 << 30;
 
 template <int kHeadDimPad, int kBlockK, bool kPairs>
@@ -364,26 +338,49 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   }
   const int col_end_min = min(col_end[0], col_end[1]);
   const float pvthreshd = p.pvthreshd_per_head != nullptr ? p.pvthreshd_per_head[h] : p.pvthreshd;
-  const PFragmentLane p_lane = p_fragment_lane(lane);
 
   // First key (kAbsentKey for the missing second block of a pair) and this lane's K scale of each
-  // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead (one group per lane
-  // and half in every granularity: columns 8j + 2t, 8j + 2t + 1 share (c % 8) / 2 and c / 64).
+  // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead. A half starts on a
+  // multiple of 64, so lane t's columns 8j + 2t, 8j + 2t + 1 share one group in every granularity:
+  // k_scale_group(key0 + 2t) = (key0 / 64) · groups_per_block + lane_group, in 32-bit arithmetic
+  // (instead of the 64-bit k_scale_group of the key: dense attend −8 %, kernel alone, session 6).
+  // An absent half reads a scale of the pair's list (finite; all its columns are masked). The
+  // overlap kernels keep the 64-bit lookup: the 32-bit one made ptxas spill ~300 bytes in <128, 64>.
   const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
-  auto load_tile = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
+  const bool per_thread_k = p.granularity == QuantGranularity::kPerThread;
+  const int k_groups_per_block = per_thread_k ? static_cast<int>(k_scale_group(kQuantBlockRows, p.granularity)) : 1;
+  const int k_lane_group = per_thread_k ? static_cast<int>(k_scale_group(2 * t, p.granularity)) : 0;
+  // Index-list entries of tile i, clamped into the list (a read ahead past the end stays in bounds).
+  auto fetch_kept = [&](int i, int (&kb)[kHalves]) {
+#pragma unroll
+    for (int hh = 0; hh < kHalves; ++hh) kb[hh] = kept[min(kPairs ? 2 * i + hh : i, n_kept - 1)];
+  };
+  auto tile_keys = [&](int i, const int (&kb)[kHalves], int (&k0)[kHalves], float (&ks)[kHalves]) {
 #pragma unroll
     for (int hh = 0; hh < kHalves; ++hh) {
+      int block64;  // the half's 64-key block
       if constexpr (kPairs) {
-        k0[hh] = 2 * i + hh < n_kept ? kept[2 * i + hh] * Cfg::kBlockKeys : kAbsentKey;
+        k0[hh] = 2 * i + hh < n_kept ? kb[hh] * Cfg::kBlockKeys : kAbsentKey;
+        block64 = kb[hh];
       } else {
-        k0[hh] = kept[i] * kBlockK + hh * static_cast<int>(kQuantBlockRows);
+        block64 = kb[hh] * kHalves + hh;
+        k0[hh] = block64 * static_cast<int>(kQuantBlockRows);
       }
-      const int key = k0[hh] + 2 * t;
-      ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
+      if constexpr (Cfg::kOverlap) {
+        const int key = k0[hh] + 2 * t;
+        ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
+      } else {
+        ks[hh] = k_scale_head[block64 * k_groups_per_block + k_lane_group];
+      }
     }
   };
+  auto load_tile = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
+    int kb[kHalves];
+    fetch_kept(i, kb);
+    tile_keys(i, kb, k0, ks);
+  };
 
-  // Ping-pong: the two consumer warpgroups take turns issuing their wgmma (named barriers 3, 4), so
+  // Ping-pong: the two consumer warpgroups take turns issuing their wgmma (named barriers 1, 2), so
   // one's softmax runs while the other's products occupy the tensor cores.
   const int my_turn = kPingPongBarrier0 + consumer_group;
   const int other_turn = kPingPongBarrier0 + (1 - consumer_group);
@@ -507,6 +504,41 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     return 0.0f;
   };
 
+  // The P·V filter of one warp (a 16-row group) and kept block: true when every row is negligible
+  // (invalid, sees no key of the block, or its block maximum m_blk is more than pvthreshd below the
+  // running maximum m_run). Bitwise, so no branch per row (D64 pairs +2.5 %, same run, session 6).
+  auto warp_negligible = [&](const float (&m_run)[2], const float (&m_blk)[2]) {
+    int all = 1;
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      all &= static_cast<int>(!row_valid[i_row]) | static_cast<int>(m_blk[i_row] == kNegInf) |
+             static_cast<int>(m_run[i_row] - m_blk[i_row] > pvthreshd);
+    }
+    return __all_sync(kFullWarp, all != 0);
+  };
+
+  // p · 448 of the tile (s[]) as the A fragments of the P·V k-steps (rows g and g + 8).
+  auto p_fragments = [](const float (&s)[Cfg::kSRegs], uint32_t (&pf)[Cfg::kPvSteps][4]) {
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+      float row_p[2][8];  // n-tiles 4ks .. 4ks+3, columns 2t, 2t+1, per row
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c];
+          row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c];
+        }
+      }
+      const uint2 r0 = p_fragment_row(row_p[0]);
+      const uint2 r1 = p_fragment_row(row_p[1]);
+      pf[ks][0] = r0.x;
+      pf[ks][1] = r1.x;
+      pf[ks][2] = r0.y;
+      pf[ks][3] = r1.y;
+    }
+  };
+
   // Keeps P fragments read by an in-flight wgmma in their registers until its wait.
   auto fence_p = [](uint32_t (&pf)[Cfg::kPvSteps][4]) {
 #pragma unroll
@@ -518,7 +550,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
   int key0_next[kHalves];  // of the tile whose softmax comes next
   float k_scale_next[kHalves];
-  if (n_kept > 0) load_tile(0, key0_next, k_scale_next);
+  int kept_ahead[kHalves];  // with kKeptAhead: the index-list entries of the tile after next
+  if (n_kept > 0) {
+    load_tile(0, key0_next, k_scale_next);
+    if constexpr (Cfg::kKeptAhead) fetch_kept(1, kept_ahead);
+  }
 
   if constexpr (Cfg::kOverlap) {
     // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
@@ -535,12 +571,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       const float mag = tile_scores(k0, k_scale_half, s, sc, mx);
       float m_blk[2];
       tile_row_max(mx, sc, m_blk);
-      bool negligible = true;
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
-      }
-      const bool warp_skips = __all_sync(kFullWarp, negligible);
+      const bool warp_skips = warp_negligible(m, m_blk);
       skipped += warp_active && warp_skips;
       alpha_out[0] = 1.0f;
       alpha_out[1] = 1.0f;
@@ -565,24 +596,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         }
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha_out[i_row] + row_sum[i_row];
-#pragma unroll
-        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-          float row_p[2][8];
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c];
-              row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c];
-            }
-          }
-          const uint2 r0 = p_fragment_row(p_lane, row_p[0]);
-          const uint2 r1 = p_fragment_row(p_lane, row_p[1]);
-          p_out[ks][0] = r0.x;
-          p_out[ks][1] = r1.x;
-          p_out[ks][2] = r0.y;
-          p_out[ks][3] = r1.y;
-        }
+        p_fragments(s, p_out);
       } else {
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
@@ -694,7 +708,14 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         key0[hh] = key0_next[hh];
         k_scale_half[hh] = k_scale_next[hh];
       }
-      if constexpr (has_next) load_tile(i + 1, key0_next, k_scale_next);
+      if constexpr (has_next) {
+        if constexpr (Cfg::kKeptAhead) {
+          tile_keys(i + 1, kept_ahead, key0_next, k_scale_next);
+          fetch_kept(i + 2, kept_ahead);
+        } else {
+          load_tile(i + 1, key0_next, k_scale_next);
+        }
+      }
 
       // ---- 1. S of this block (issued in the previous turn) --------------------------------------
       wgmma_wait<0>();
@@ -708,38 +729,32 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       float mx[2][kHalves];
       const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
 
-      // ---- 2. the P·V filter, per warp (= 16-row group) and kept block, then per warpgroup -------
+      // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
       // m_new: the running max after the tile; skip_half: the warp skips that half (a pair's halves
       // are two blocks, decided in order like the reference; otherwise both halves share one).
       float m_new[2];
       bool skip_half[kHalves];
       bool warp_skips = true;
       if constexpr (kPairs) {
-        float m_half[2][kHalves];
+        float m_half[kHalves][2];
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
           for (int hh = 0; hh < kHalves; ++hh) {
-            m_half[i_row][hh] = mx[i_row][hh] * sc[i_row][hh];
+            m_half[hh][i_row] = mx[i_row][hh] * sc[i_row][hh];
 #pragma unroll
             for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-              m_half[i_row][hh] = fmaxf(m_half[i_row][hh], __shfl_xor_sync(kFullWarp, m_half[i_row][hh], mask));
+              m_half[hh][i_row] = fmaxf(m_half[hh][i_row], __shfl_xor_sync(kFullWarp, m_half[hh][i_row], mask));
             }
           }
           m_new[i_row] = m[i_row];
         }
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) {
-          bool negligible = true;
-#pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) {
-            negligible = negligible && (!row_valid[i_row] || m_half[i_row][hh] == kNegInf ||
-                                        m_new[i_row] - m_half[i_row][hh] > pvthreshd);
-          }
-          skip_half[hh] = __all_sync(kFullWarp, negligible);
+          skip_half[hh] = warp_negligible(m_new, m_half[hh]);
           if (!skip_half[hh]) {
 #pragma unroll
-            for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[i_row][hh]);
+            for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
           }
           warp_skips = warp_skips && skip_half[hh];
           skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
@@ -747,18 +762,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       } else {
         float m_blk[2];
         tile_row_max(mx, sc, m_blk);
-        bool negligible = true;
 #pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-          negligible = negligible && (!row_valid[i_row] || m_blk[i_row] == kNegInf || m[i_row] - m_blk[i_row] > pvthreshd);
-          m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
-        }
-        warp_skips = __all_sync(kFullWarp, negligible);
+        for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
+        warp_skips = warp_negligible(m, m_blk);
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
         skipped += warp_active && warp_skips;
       }
-      const bool group_skips = !Cfg::kPvBesideS && named_barrier_all(1 + consumer_group, kWarpgroupThreads, warp_skips);
 
       // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
       // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
@@ -767,53 +777,34 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       // it relative to the max after the first block, then scales by α of the second).
       float alpha[2] = {1.0f, 1.0f};
       uint32_t p_frag[Cfg::kPvSteps][4];
-      if (!group_skips) {
-        if (!warp_skips) {
-          float bias[2][kHalves];
+      if (!warp_skips) {
+        float bias[2][kHalves];
 #pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) {
-            alpha[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
-            m[i_row] = m_new[i_row];
+        for (int i_row = 0; i_row < 2; ++i_row) {
+          alpha[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
+          m[i_row] = m_new[i_row];
 #pragma unroll
-            for (int hh = 0; hh < kHalves; ++hh) {
-              const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
-              bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
-            }
+          for (int hh = 0; hh < kHalves; ++hh) {
+            const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
+            bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
           }
-          float row_sum[2] = {0.0f, 0.0f};
+        }
+        float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
-          for (int e = 0; e < Cfg::kSRegs; ++e) {
-            const int i_row = (e % 4) / 2;
-            const int hh = (e / 4) * kNTile / kQuantBlockRows;
-            s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
-            row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
-          }
+        for (int e = 0; e < Cfg::kSRegs; ++e) {
+          const int i_row = (e % 4) / 2;
+          const int hh = (e / 4) * kNTile / kQuantBlockRows;
+          s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
+          row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
+        }
 #pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
+        for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
+        p_fragments(s, p_frag);
+      } else {
 #pragma unroll
-          for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-            float row_p[2][8];  // n-tiles 4ks .. 4ks+3, columns 2t, 2t+1, per row
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
 #pragma unroll
-            for (int jj = 0; jj < 4; ++jj) {
-#pragma unroll
-              for (int c = 0; c < 2; ++c) {
-                row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c];
-                row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c];
-              }
-            }
-            const uint2 r0 = p_fragment_row(p_lane, row_p[0]);
-            const uint2 r1 = p_fragment_row(p_lane, row_p[1]);
-            p_frag[ks][0] = r0.x;
-            p_frag[ks][1] = r1.x;
-            p_frag[ks][2] = r0.y;
-            p_frag[ks][3] = r1.y;
-          }
-        } else {
-#pragma unroll
-          for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) p_frag[ks][e] = 0u;
-          }
+          for (int e = 0; e < 4; ++e) p_frag[ks][e] = 0u;
         }
       }
 
@@ -868,13 +859,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         fence_p(p_frag);
         add_pv(0);
       } else {
-        if (!group_skips) {
 #pragma unroll
-          for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
-            issue_pv(chunk);
-            wgmma_wait<0>();
-            add_pv(chunk);
-          }
+        for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
+          issue_pv(chunk);
+          wgmma_wait<0>();
+          add_pv(chunk);
         }
         if constexpr (has_next) issue_qk(i + 1);
         named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
