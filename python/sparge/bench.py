@@ -3,7 +3,8 @@
 Runs on the best available device (CUDA if available, else CPU) on the structured workload of
 :func:`sparge.testing.structured_qkv`. Every case is timed as the whole user-visible call
 (median of ``--repeats`` runs after ``--warmup``; CUDA events and an L2 flush between runs on a
-GPU) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
+GPU; the cases take turns, one run each per round, so a clock drift during the benchmark moves
+every case alike) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
 dense problem, ``4·B·Hq·Lq·Lk·D`` (half for causal), the convention of SpargeAttn and
 SageAttention.
 
@@ -28,7 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -122,23 +123,34 @@ class _Timer:
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
             self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=device)
 
+    def once(self, fn: Callable[[], object]) -> float:
+        """One timed run (ms)."""
+        if self.flush is None:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        self.flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
     def __call__(self, fn: Callable[[], object]) -> list[float]:
         for _ in range(self.warmup):
             fn()
-        times = []
+        return [self.once(fn) for _ in range(self.repeats)]
+
+    def interleaved(self, fns: Sequence[Callable[[], object]]) -> list[list[float]]:
+        """Times of every callable, warmed up in turn and then run once each per round."""
+        for fn in fns:
+            for _ in range(self.warmup):
+                fn()
+        times: list[list[float]] = [[] for _ in fns]
         for _ in range(self.repeats):
-            if self.flush is not None:
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+            for fn, t in zip(fns, times):
+                t.append(self.once(fn))
         return times
 
 
@@ -363,9 +375,10 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
             stage_cases.append((label, kwargs))
 
     results: list[Result] = []
+    timed: list[tuple[Result, Callable[[], object]]] = []
     total = len(cases) + (1 + 2 * len(stage_cases) if stage_cases else 0)
     for i, (case_name, fn, sparsity_fn) in enumerate(cases, 1):
-        _log(f"[{i}/{total}] {case_name} ...")
+        _log(f"[{i}/{total}] {case_name}: first run and accuracy ...")
         try:
             out = fn()
         except RuntimeError as e:
@@ -373,13 +386,16 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
             _log(f"[{i}/{total}] {case_name}: skipped ({note})")
             results.append(Result(case_name, note=f"unavailable: {note}"))
             continue
-        times = timer(fn)
-        res = Result(case_name, time_ms=statistics.median(times), times_ms=times,
-                     sparsity=sparsity_fn() if sparsity_fn else 0.0,
-                     cosine=cosine_similarity(out, ref), rel_l1=relative_l1(out, ref))  # fmt: skip
-        res.tops = flops / (res.time_ms * 1e-3) / 1e12
+        res = Result(case_name, sparsity=sparsity_fn() if sparsity_fn else 0.0, cosine=cosine_similarity(out, ref),
+                     rel_l1=relative_l1(out, ref))  # fmt: skip
         results.append(res)
-        _log(f"[{i}/{total}] {case_name}: {res.time_ms:.3f} ms")
+        timed.append((res, fn))
+        del out
+    _log(f"timing {len(timed)} cases: {warmup} warm-up runs each, then {repeats} rounds of one run per case ...")
+    for (res, _), times in zip(timed, timer.interleaved([fn for _, fn in timed])):
+        res.times_ms, res.time_ms = times, statistics.median(times)
+        res.tops = flops / (res.time_ms * 1e-3) / 1e12
+        _log(f"{res.case}: {res.time_ms:.3f} ms")
 
     if stage_cases:
         try:
