@@ -28,8 +28,8 @@
 // Softmax: p · 448 = exp2(s − (m − log2 448)), l sums p · 448; on a fully visible block the row
 // maximum is max(dot) · scale (bit-identical to max(float(dot) · scale)), each dot becomes a float
 // by one integer add (biased_dot, no I2FP) and s − m' is one fma. On the overlap schedule 1 (D128)
-// or 2 (D64) of every 8 exp2 run as a polynomial on the FMA pipe (exp2_fma, Config); the ping-pong
-// schedule keeps MUFU and reduces row maxima as trees instead.
+// or 2 (D64) of every 8 exp2 run as a polynomial on the FMA pipe (exp2_fma, Config), on the D64
+// pairs 1 of 8; the ping-pong schedule reduces row maxima as trees.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. V^T comes from quantize with the keys of every 16-key
@@ -109,8 +109,9 @@ struct Config {
   // exp2 moved off MUFU: measured on H100 (harness, same run) +7% at D128/bk64 (kExpFmaPer8 1; 2
   // gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the ping-pong-only D128/bk128 lost 3-9%, and
   // the pairs with biased dots (session 5, kernel alone) lost 1 % at D128 (1 of 8) and 3.6 % at D64
-  // (2 of 8), so the ping-pong schedule keeps MUFU.
-  static constexpr int kExpFmaPer8 = !kOverlap ? 0 : kHeadDimPad == 64 ? 2 : 1;
+  // (2 of 8). Session 6 (kernel alone, same run, after the shuffle-free P fragments): D64 pairs
+  // with 1 of 8 +3.7 %, D128 pairs −0.8 % dense; so D64 pairs take 1 of 8, D128 pairs keep MUFU.
+  static constexpr int kExpFmaPer8 = kOverlap ? (kHeadDimPad == 64 ? 2 : 1) : kPairs && kHeadDimPad == 64 ? 1 : 0;
   // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
   // the turn (P·V always issued, as on every schedule).
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
