@@ -4,7 +4,8 @@ Runs on the best available device (CUDA if available, else CPU) on the structure
 :func:`sparge.testing.structured_qkv`. Every case is timed as the whole user-visible call
 (median of ``--repeats`` runs after ``--warmup``; CUDA events and an L2 flush between runs on a
 GPU; the cases take turns, one run each per round, so a clock drift during the benchmark moves
-every case alike) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
+every case alike; ``--sequential`` times each case's runs back to back) and checked against exact
+attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
 dense problem, ``4·B·Hq·Lq·Lk·D`` (half for causal), the convention of SpargeAttn and
 SageAttention.
 
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 20 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per case (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--stages", action="store_true", help="also time quantize / predict / attend separately")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each case's runs back to back instead of the cases taking turns (the method of the "
+                        "tables before 2026-11-22 session 6; on an H100 it favours sparge against cuDNN by ~10 %%, "
+                        "see bench/RESULTS.md)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--overhead", action="store_true",
                    help="also measure the per-call overhead (µs per call, N back-to-back calls at B=1 H=8 L=256 "
@@ -391,8 +396,14 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         results.append(res)
         timed.append((res, fn))
         del out
-    _log(f"timing {len(timed)} cases: {warmup} warm-up runs each, then {repeats} rounds of one run per case ...")
-    for (res, _), times in zip(timed, timer.interleaved([fn for _, fn in timed])):
+    fns = [fn for _, fn in timed]
+    if args.sequential:
+        _log(f"timing {len(timed)} cases one after the other: {warmup} warm-up and {repeats} timed runs each ...")
+        case_times = [timer(fn) for fn in fns]
+    else:
+        _log(f"timing {len(timed)} cases: {warmup} warm-up runs each, then {repeats} rounds of one run per case ...")
+        case_times = timer.interleaved(fns)
+    for (res, _), times in zip(timed, case_times):
         res.times_ms, res.time_ms = times, statistics.median(times)
         res.tops = flops / (res.time_ms * 1e-3) / 1e12
         _log(f"{res.case}: {res.time_ms:.3f} ms")
@@ -434,6 +445,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "pv_precision": args.pv_precision,
         "repeats": repeats,
         "warmup": warmup,
+        "timing": "sequential" if args.sequential else "interleaved",
         "flops": flops,
         "reference": "fp32" if on_gpu else "fp64",
         "overhead_shape": list(OVERHEAD_SHAPE) if args.overhead else None,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sparge import bench
 
@@ -32,6 +33,22 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert dense["tops"] == pytest.approx(data["config"]["flops"] / (dense["time_ms"] * 1e-3) / 1e12)
     assert data["config"]["flops"] == 4 * 1 * 2 * 256 * 256 * 64 * 0.5
     assert out_png.stat().st_size > 0
+
+
+def test_bench_cases_take_turns_unless_sequential(tmp_path, capsys):
+    calls = []
+    timer = bench._Timer(torch.device("cpu"), warmup=1, repeats=3)
+    times = timer.interleaved([lambda: calls.append("a"), lambda: calls.append("b")])
+    assert calls == ["a", "b"] + ["a", "b"] * 3 and [len(t) for t in times] == [3, 3]
+    for flag, timing in (([], "interleaved"), (["--sequential"], "sequential")):
+        out_json = tmp_path / f"{timing}.json"
+        argv = ["-L", "128", "-H", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu", "--modes", "dense",
+                "--json", str(out_json), *flag]  # fmt: skip
+        assert bench.main(argv) == 0
+        data = json.loads(out_json.read_text())
+        assert data["config"]["timing"] == timing
+        assert all(len(r["times_ms"]) == 2 for r in data["results"]), data["results"]
+    assert "rounds of one run per case" in capsys.readouterr().err
 
 
 def test_bench_module_entry_point_help():

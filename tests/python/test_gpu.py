@@ -388,7 +388,7 @@ def _patched_block(seed):
     block = Block(causal=True).to("cuda", torch.float16).eval()
     x = torch.randn(1, 512, 128, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.float16)
     # Random weights give noise-like q / k rows, which the default simthreshd1 keeps dense.
-    settings = dict(mode="topk", topk=0.5, simthreshd1=-1.0, min_seq_len=256)
+    settings = dict(mode="topk", topk=0.5, simthreshd1=-1.0, min_seq_len=256, pv_precision=_runnable_pv())
     return block, x, settings
 
 
