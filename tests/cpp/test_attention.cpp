@@ -42,6 +42,10 @@ constexpr Bounds kDenseFp8Pv{0.999, 0.035};
 constexpr Bounds kTinyHeadDim{0.998, 0.06};
 constexpr Bounds kNoSmoothing{0.996, 0.075, 0.08};
 constexpr Bounds kSparse{0.995, 0.08};
+// cdf 0.9 with GQA and bottom-right causal drops more on some inputs: cos 0.90 and relative L1
+// 0.19 at worst over 300 seeds (6 of them below kSparse); the kept blocks themselves are checked
+// to dense accuracy by SparseMatchesFp64AttentionOverItsKeptBlocks.
+constexpr Bounds kSparseCdf90{0.85, 0.3};
 
 Bounds default_bounds(const Case& c) {
   if (c.select.mode != SelectMode::kDense) return kSparse;
@@ -132,10 +136,11 @@ std::vector<CoverageCase> coverage_cases() {
   add("topk_0.5_sink",
       {.shape = mha(512, 512, 64), .select = {.mode = SelectMode::kTopK, .topk = {0.5f}, .attention_sink = true}});
   add("cdf_0.95", {.shape = mha(512, 512, 64), .select = {.mode = SelectMode::kCdf, .cdfthreshd = {0.95f}}});
-  add("cdf_0.9_gqa_causal_bottom_right",
-      {.shape = {.batch = 1, .heads_q = 4, .heads_kv = 2, .len_q = 300, .len_k = 500, .head_dim = 64},
-       .causal = Causal::kBottomRight,
-       .select = {.mode = SelectMode::kCdf, .cdfthreshd = {0.9f}}});
+  cases.push_back({"cdf_0.9_gqa_causal_bottom_right",
+                   {.shape = {.batch = 1, .heads_q = 4, .heads_kv = 2, .len_q = 300, .len_k = 500, .head_dim = 64},
+                    .causal = Causal::kBottomRight,
+                    .select = {.mode = SelectMode::kCdf, .cdfthreshd = {0.9f}}},
+                   kSparseCdf90});
   add("topk_pv_fp16", {.shape = mha(512, 512, 64),
                        .quant = {.pv = PvPrecision::kFp16},
                        .select = {.mode = SelectMode::kTopK, .topk = {0.5f}}});
@@ -143,6 +148,24 @@ std::vector<CoverageCase> coverage_cases() {
 }
 
 class Coverage : public testing::TestWithParam<CoverageCase> {};
+
+// The blocks a call keeps ([B, Hq, nbq, nbk]): the quantize and predict stages with its options.
+std::vector<uint8_t> kept_blocks(const Case& c, const QKV& x, float sm_scale) {
+  StageWorkspace ws(c.shape, c.blocks, c.quant);
+  EXPECT_TRUE(run_quantize(c.shape, c.blocks, c.quant, x, ws.buffers.quantized).ok());
+  const auto [nbq, nbk] = block_counts(c.shape, c.blocks);
+  std::vector<uint8_t> mask(static_cast<size_t>(c.shape.batch * c.shape.heads_q * nbq * nbk), 0xEE);
+  EXPECT_TRUE(predict(PredictParams{.shape = c.shape,
+                                    .blocks = c.blocks,
+                                    .causal = c.causal,
+                                    .sm_scale = sm_scale,
+                                    .select = c.select,
+                                    .stats = ws.buffers.quantized,
+                                    .out = ws.buffers.index,
+                                    .mask_out = mask.data()})
+                  .ok());
+  return mask;
+}
 
 TEST_P(Coverage, MatchesFp64Attention) {
   const Case& c = GetParam().c;
@@ -158,13 +181,43 @@ TEST_P(Coverage, MatchesFp64Attention) {
   expect_close(run, ref, c.shape.head_dim, GetParam().bounds, c.select.mode == SelectMode::kDense);
 }
 
-INSTANTIATE_TEST_SUITE_P(Attention, Coverage, testing::ValuesIn(coverage_cases()),
-                         [](const testing::TestParamInfo<CoverageCase>& param) {
-                           std::string name = param.param.name;
-                           for (char& ch : name)
-                             if (ch == '.') ch = '_';
-                           return name;
-                         });
+// A sparse call is exact attention over the blocks it keeps, up to quantization: the dense-mode
+// bounds against the fp64 reference restricted to those blocks. (Against full attention the
+// bounds above include what the selection drops, which depends on the input: cdf 0.9 with GQA and
+// bottom-right causal fell to cos 0.90 on 6 of 300 seeds.)
+class SparseCoverage : public testing::TestWithParam<CoverageCase> {};
+
+TEST_P(SparseCoverage, MatchesFp64AttentionOverItsKeptBlocks) {
+  const Case& c = GetParam().c;
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  const QKV x = make_structured(c, seed);
+  const AttentionResult run = run_attention(c, x);
+  ASSERT_TRUE(run.status.ok()) << run.status.message();
+  const double sm_scale = c.quant.sm_scale != 0.0f ? c.quant.sm_scale : default_sm_scale(c.shape.head_dim);
+  const std::vector<uint8_t> mask = kept_blocks(c, x, static_cast<float>(sm_scale));
+  const Reference ref = reference_attention(x, c.shape, c.causal, sm_scale, {.mask = mask.data(), .blocks = c.blocks});
+  Case dense = c;
+  dense.select = {};
+  expect_close(run, ref, c.shape.head_dim, default_bounds(dense), false);
+}
+
+// gtest names: '.' is not allowed.
+std::string case_name(const testing::TestParamInfo<CoverageCase>& param) {
+  std::string name = param.param.name;
+  for (char& ch : name)
+    if (ch == '.') ch = '_';
+  return name;
+}
+
+std::vector<CoverageCase> sparse_coverage_cases() {
+  std::vector<CoverageCase> cases = coverage_cases();
+  std::erase_if(cases, [](const CoverageCase& cc) { return cc.c.select.mode == SelectMode::kDense; });
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Attention, Coverage, testing::ValuesIn(coverage_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(Attention, SparseCoverage, testing::ValuesIn(sparse_coverage_cases()), case_name);
 
 // Inputs whose INT8 quantization is exact: q and k̃ = k − mean(k) have entries in {−1, 0, 1} with
 // a ±1 in every row, k̃ rows come in ± pairs (so the fp32 mean of k is exactly the integer
