@@ -167,18 +167,31 @@ std::vector<uint8_t> kept_blocks(const Case& c, const QKV& x, float sm_scale) {
   return mask;
 }
 
+// One case on fresh structured inputs: the seed, the inputs, the call's result and its sm_scale.
+struct CoverageRun {
+  uint32_t seed;
+  QKV x;
+  AttentionResult run;
+  double sm_scale;
+};
+
+CoverageRun run_coverage(const Case& c) {
+  const uint32_t seed = fresh_seed();
+  QKV x = make_structured(c, seed);
+  AttentionResult run = run_attention(c, x);
+  const double sm_scale = c.quant.sm_scale != 0.0f ? c.quant.sm_scale : default_sm_scale(c.shape.head_dim);
+  return {seed, std::move(x), std::move(run), sm_scale};
+}
+
 TEST_P(Coverage, MatchesFp64Attention) {
   const Case& c = GetParam().c;
-  const uint32_t seed = fresh_seed();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  const QKV x = make_structured(c, seed);
-  const AttentionResult run = run_attention(c, x);
-  ASSERT_TRUE(run.status.ok()) << run.status.message();
-  const double sm_scale = c.quant.sm_scale != 0.0f ? c.quant.sm_scale : default_sm_scale(c.shape.head_dim);
-  const Reference ref = reference_attention(x, c.shape, c.causal, sm_scale);
+  const CoverageRun r = run_coverage(c);
+  SCOPED_TRACE(testing::Message() << "seed " << r.seed);
+  ASSERT_TRUE(r.run.status.ok()) << r.run.status.message();
+  const Reference ref = reference_attention(r.x, c.shape, c.causal, r.sm_scale);
 
   // The LSE is the fp64 logsumexp of the raw (un-smoothed) scores when every block is kept.
-  expect_close(run, ref, c.shape.head_dim, GetParam().bounds, c.select.mode == SelectMode::kDense);
+  expect_close(r.run, ref, c.shape.head_dim, GetParam().bounds, c.select.mode == SelectMode::kDense);
 }
 
 // A sparse call is exact attention over the blocks it keeps, up to quantization: the dense-mode
@@ -189,17 +202,15 @@ class SparseCoverage : public testing::TestWithParam<CoverageCase> {};
 
 TEST_P(SparseCoverage, MatchesFp64AttentionOverItsKeptBlocks) {
   const Case& c = GetParam().c;
-  const uint32_t seed = fresh_seed();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  const QKV x = make_structured(c, seed);
-  const AttentionResult run = run_attention(c, x);
-  ASSERT_TRUE(run.status.ok()) << run.status.message();
-  const double sm_scale = c.quant.sm_scale != 0.0f ? c.quant.sm_scale : default_sm_scale(c.shape.head_dim);
-  const std::vector<uint8_t> mask = kept_blocks(c, x, static_cast<float>(sm_scale));
-  const Reference ref = reference_attention(x, c.shape, c.causal, sm_scale, {.mask = mask.data(), .blocks = c.blocks});
+  const CoverageRun r = run_coverage(c);
+  SCOPED_TRACE(testing::Message() << "seed " << r.seed);
+  ASSERT_TRUE(r.run.status.ok()) << r.run.status.message();
+  const std::vector<uint8_t> mask = kept_blocks(c, r.x, static_cast<float>(r.sm_scale));
+  const Reference ref =
+      reference_attention(r.x, c.shape, c.causal, r.sm_scale, {.mask = mask.data(), .blocks = c.blocks});
   Case dense = c;
   dense.select = {};
-  expect_close(run, ref, c.shape.head_dim, default_bounds(dense), false);
+  expect_close(r.run, ref, c.shape.head_dim, default_bounds(dense), false);
 }
 
 // gtest names: '.' is not allowed.
