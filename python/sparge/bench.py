@@ -3,9 +3,9 @@
 Runs on the best available device (CUDA if available, else CPU) on the structured workload of
 :func:`sparge.testing.structured_qkv`. Every case is timed as the whole user-visible call
 (median of ``--repeats`` runs after ``--warmup``; CUDA events and an L2 flush between runs on a
-GPU; the cases take turns, one run each per round, so a clock drift during the benchmark moves
-every case alike; ``--sequential`` times each case's runs back to back) and checked against exact
-attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
+GPU; the cases take turns, one run each per round, so a slow clock drift moves every case alike
+— a kernel still runs slower right after a power-hungry one, see bench/RESULTS.md "Timing order";
+``--sequential`` times each case's runs back to back) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
 dense problem, ``4·B·Hq·Lq·Lk·D`` (half for causal), the convention of SpargeAttn and
 SageAttention.
 
