@@ -92,8 +92,8 @@ Status check_pointer(const char* name, const void* ptr, bool needed) {
 
 // check_pointer for the field `prefix.field` (the name is built only on failure).
 Status check_member_pointer(const char* prefix, const char* field, const void* ptr, bool needed) {
-  if (needed && ptr == nullptr) return invalid(std::string(prefix) + "." + field, "a non-null pointer", "nullptr");
-  return Status::Ok();
+  if (!needed || ptr != nullptr) return Status::Ok();
+  return check_pointer((std::string(prefix) + "." + field).c_str(), ptr, needed);
 }
 
 Status check_quant(const QuantOptions& q) {

@@ -77,10 +77,11 @@ def attend_kernel(
     k_shape = q_shape if k_shape is None else k_shape
     if len(q_shape) != 4 or len(k_shape) != 4:
         raise ValueError(f"q_shape / k_shape: expected 4 dimensions, got {tuple(q_shape)} / {tuple(k_shape)}")
-    (b, hq, lq, d), (_, hkv, lk, _) = [(s[0], s[2], s[1], s[3]) if layout == "NHD" else tuple(s) for s in (q_shape, k_shape)]
+    layout_code = _ops.LAYOUT_NHD if layout == "NHD" else _ops.LAYOUT_HND
+    (b, hq, lq, d), (_, hkv, lk, _) = (_ops._hnd_sizes(s, layout_code) for s in (q_shape, k_shape))
     pv = _choice("pv_precision", pv_precision, _PV_PRECISIONS)
-    with _ops._launch(device) as (code, _):
-        return _C.attend_kernel(device=code, shape=(b, hq, hkv, lq, lk, d), blocks=tuple(block_size), pv=pv)
+    return _ops._call_on(device, lambda code, _stream: _C.attend_kernel(
+        device=code, shape=(b, hq, hkv, lq, lk, d), blocks=tuple(block_size), pv=pv))
 
 
 __all__ = [

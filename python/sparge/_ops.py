@@ -24,7 +24,6 @@ memory safety needs. Use the functions of :mod:`sparge` rather than calling them
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -162,32 +161,33 @@ def _empty_out(batch, heads, length, head_dim, layout: int, dtype, device) -> Te
     return torch.empty((batch, heads, length, head_dim), dtype=dtype, device=device)
 
 
-@contextlib.contextmanager
-def _launch(device: torch.device):
-    """Yields (device code, stream handle) for the C++ core, under a device guard on CUDA (for the
-    calls that have a device but no tensor, such as :func:`sparge.attend_kernel`)."""
-    if device.type == "cpu":
-        yield 0, 0
-    elif device.type == "cuda":
-        with torch.cuda.device(device):
-            yield 1, torch.cuda.current_stream(device).cuda_stream
-    else:
-        raise ValueError(f"device: expected a cpu or cuda tensor, got {device}")
-
-
-def _call_core(like: Tensor, entry, *args, **kwargs):
-    """``entry(device code, stream handle, *args, **kwargs)``: a call of the C++ core on the device
-    of `like`, on its current CUDA stream (stream 0 on the CPU), under a device guard only when it
-    is not the current CUDA device (entering one costs more than the rest of a small call)."""
-    if like.is_cpu:
-        return entry(0, 0, *args, **kwargs)
-    if not like.is_cuda:
-        raise ValueError(f"device: expected a cpu or cuda tensor, got {like.device}")
-    index = like.get_device()
+def _call_cuda(index: int, entry, *args, **kwargs):
+    """``entry(1, stream handle, *args, **kwargs)`` on CUDA device `index` and its current stream,
+    under a device guard only when it is not the current device (entering one costs more than the
+    rest of a small call)."""
     if torch._C._cuda_getDevice() == index:
         return entry(1, torch._C._cuda_getCurrentRawStream(index), *args, **kwargs)
     with torch.cuda.device(index):
         return entry(1, torch._C._cuda_getCurrentRawStream(index), *args, **kwargs)
+
+
+def _call_core(like: Tensor, entry, *args, **kwargs):
+    """``entry(device code, stream handle, *args, **kwargs)``: a call of the C++ core on the device
+    of `like`, on its current CUDA stream (stream 0 on the CPU)."""
+    if like.is_cpu:
+        return entry(0, 0, *args, **kwargs)
+    if not like.is_cuda:
+        raise ValueError(f"device: expected a cpu or cuda tensor, got {like.device}")
+    return _call_cuda(like.get_device(), entry, *args, **kwargs)
+
+
+def _call_on(device: torch.device, entry, *args, **kwargs):
+    """_call_core for the calls that have a device but no tensor, such as :func:`sparge.attend_kernel`."""
+    if device.type == "cpu":
+        return entry(0, 0, *args, **kwargs)
+    if device.type != "cuda":
+        raise ValueError(f"device: expected a cpu or cuda tensor, got {device}")
+    return _call_cuda(device.index if device.index is not None else torch._C._cuda_getDevice(), entry, *args, **kwargs)
 
 
 def _check_per_head(name: str, x: Optional[Tensor], heads_q: int, device: torch.device) -> None:

@@ -5,9 +5,9 @@ Runs on the best available device (CUDA if available, else CPU) on the structure
 (median of ``--repeats`` runs after ``--warmup``; CUDA events and an L2 flush between runs on a
 GPU; the cases take turns, one run each per round, so a slow clock drift moves every case alike
 — a kernel still runs slower right after a power-hungry one, see bench/RESULTS.md "Timing order";
-``--sequential`` times each case's runs back to back) and checked against exact attention (fp32 on a GPU, fp64 on the CPU). FLOPs count the
-dense problem, ``4·B·Hq·Lq·Lk·D`` (half for causal), the convention of SpargeAttn and
-SageAttention.
+``--sequential`` times each case's runs back to back) and checked against exact attention (fp32
+on a GPU, fp64 on the CPU). FLOPs count the dense problem, ``4·B·Hq·Lq·Lk·D`` (half for
+causal), the convention of SpargeAttn and SageAttention.
 
 ``--overhead`` adds the per-call overhead rows: ``N`` back-to-back calls at the small shape
 B=1 H=8 L=256 D=64 (``OVERHEAD_SHAPE``) of torch's SDPA, :func:`sparge.attention` and SDPA routed
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", action="store_true", help="also time quantize / predict / attend separately")
     p.add_argument("--sequential", action="store_true",
                    help="time each case's runs back to back instead of the cases taking turns (the method of the "
-                        "tables before 2026-11-22 session 6; on an H100 it favours sparge against cuDNN by ~10 %%, "
+                        "tables before 2026-11-22 session 6; on an H100 it favours sparge against cuDNN by 10-20 %%, "
                         "see bench/RESULTS.md)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--overhead", action="store_true",

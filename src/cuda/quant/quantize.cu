@@ -636,6 +636,34 @@ __device__ __forceinline__ void kv_column_stats(const T* kx, int64_t k_token, co
   }
 }
 
+// kv_column_stats' per-thread partials reduced over the CTA: done(d, sum, amax) for every column
+// d, threads looping over the columns, each summing the RPP partials of its column in thread
+// order. red: 2 · kThreads · VEC floats of shared memory, free again after the caller's next
+// barrier.
+template <typename T, int CPR, typename Done>
+__device__ __forceinline__ void reduce_column_stats(const float (&s)[kVec<T>], const float (&m)[kVec<T>], float* red,
+                                                    Done done) {
+  constexpr int VEC = kVec<T>;
+  constexpr int RPP = kThreads / CPR;
+  constexpr int D = CPR * VEC;
+  float* red_sum = red;
+  float* red_max = red + kThreads * VEC;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    red_sum[threadIdx.x * VEC + j] = s[j];
+    red_max[threadIdx.x * VEC + j] = m[j];
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float ts = 0.0f, tm = 0.0f;
+    for (int j = 0; j < RPP; ++j) {
+      ts += red_sum[j * D + d];  // thread j·CPR + d / VEC, element d % VEC
+      tm = fmaxf(tm, red_max[j * D + d]);
+    }
+    done(d, ts, tm);
+  }
+}
+
 // Raw K block sums (when sums != null) and the V per-channel amax of the block (into amax_parts,
 // [B, Hkv, nbk, D]), one CTA per prediction K block.
 template <typename T, int CPR>
@@ -643,9 +671,8 @@ __global__ void __launch_bounds__(kThreads)
     kv_stats_fast_kernel(const T* k, Strides ks, const T* v, Strides vs, int64_t heads, int64_t len,
                          int64_t block_rows, float* sums, float* amax_parts) {
   constexpr int VEC = kVec<T>;
-  constexpr int RPP = kThreads / CPR;
   constexpr int D = CPR * VEC;
-  __shared__ float red[2][kThreads * VEC];
+  __shared__ float red[2 * kThreads * VEC];
   const int64_t block = blockIdx.x;
   const int64_t bh = blockIdx.y;
   const int64_t b = bh / heads, h = bh % heads;
@@ -656,21 +683,10 @@ __global__ void __launch_bounds__(kThreads)
   float s[VEC], m[VEC];
   const bool do_sums = sums != nullptr;
   kv_column_stats<T, CPR>(kx, ks.token, vx, vs.token, row_begin, row_end, do_sums, s, m);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    red[0][threadIdx.x * VEC + j] = s[j];
-    red[1][threadIdx.x * VEC + j] = m[j];
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float ts = 0.0f, tm = 0.0f;
-    for (int j = 0; j < RPP; ++j) {
-      ts += red[0][j * D + d];
-      tm = fmaxf(tm, red[1][j * D + d]);
-    }
+  reduce_column_stats<T, CPR>(s, m, red, [&](int d, float ts, float tm) {
     if (do_sums) sums[(bh * gridDim.x + block) * D + d] = ts;
     amax_parts[(bh * gridDim.x + block) * D + d] = tm;
-  }
+  });
 }
 
 // k_mean from the block sums (zeros when sums is null) and the V amax from the per-block amax:
@@ -780,7 +796,6 @@ __global__ void __launch_bounds__(kThreads)
     kv_head_fast_kernel(const T* k, Strides ks, const T* v, Strides vs, int64_t heads, int64_t len, int64_t len_pad,
                         bool smooth_k, float v_max, float* k_mean, float* v_scale, Out* out) {
   constexpr int VEC = kVec<T>;
-  constexpr int RPP = kThreads / CPR;
   constexpr int D = CPR * VEC;
   extern __shared__ float smem[];  // red [2][kThreads · VEC], then reused as the V tile [kTileRows][D + 1]
   __shared__ float inv[D];
@@ -790,24 +805,11 @@ __global__ void __launch_bounds__(kThreads)
   const T* vx = v + b * vs.batch + h * vs.head;
   float s[VEC], m[VEC];
   kv_column_stats<T, CPR>(kx, ks.token, vx, vs.token, 0, len, smooth_k, s, m);
-  float* red_sum = smem;
-  float* red_max = smem + kThreads * VEC;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    red_sum[threadIdx.x * VEC + j] = s[j];
-    red_max[threadIdx.x * VEC + j] = m[j];
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float ts = 0.0f, tm = 0.0f;
-    for (int j = 0; j < RPP; ++j) {
-      ts += red_sum[j * D + d];  // thread j·CPR + d / VEC, element d % VEC
-      tm = fmaxf(tm, red_max[j * D + d]);
-    }
+  reduce_column_stats<T, CPR>(s, m, smem, [&](int d, float ts, float tm) {
     k_mean[bh * D + d] = smooth_k ? ts / static_cast<float>(len) : 0.0f;
     v_scale[bh * D + d] = __fdiv_rn(tm, v_max);
     inv[d] = tm > 0.0f ? __fdiv_rn(v_max, tm) : 0.0f;
-  }
+  });
   __syncthreads();  // every channel's amax is final before any V element is quantized; red is free
   Out* out_head = out + bh * D * len_pad;
   for (int64_t row0 = 0; row0 < len_pad; row0 += kTileRows) {
