@@ -161,17 +161,18 @@ def _empty_out(batch, heads, length, head_dim, layout: int, dtype, device) -> Te
     return torch.empty((batch, heads, length, head_dim), dtype=dtype, device=device)
 
 
-def _call_cuda(index: int, entry, *args, **kwargs):
+def _call_cuda(index: int, entry, /, *args, **kwargs):
     """``entry(1, stream handle, *args, **kwargs)`` on CUDA device `index` and its current stream,
     under a device guard only when it is not the current device (entering one costs more than the
-    rest of a small call)."""
+    rest of a small call). Positional-only parameters: the callers' keyword arguments (``index=``
+    of _C.predict and _C.attend among them) go to `entry`."""
     if torch._C._cuda_getDevice() == index:
         return entry(1, torch._C._cuda_getCurrentRawStream(index), *args, **kwargs)
     with torch.cuda.device(index):
         return entry(1, torch._C._cuda_getCurrentRawStream(index), *args, **kwargs)
 
 
-def _call_core(like: Tensor, entry, *args, **kwargs):
+def _call_core(like: Tensor, entry, /, *args, **kwargs):
     """``entry(device code, stream handle, *args, **kwargs)``: a call of the C++ core on the device
     of `like`, on its current CUDA stream (stream 0 on the CPU)."""
     if like.is_cpu:
@@ -181,7 +182,7 @@ def _call_core(like: Tensor, entry, *args, **kwargs):
     return _call_cuda(like.get_device(), entry, *args, **kwargs)
 
 
-def _call_on(device: torch.device, entry, *args, **kwargs):
+def _call_on(device: torch.device, entry, /, *args, **kwargs):
     """_call_core for the calls that have a device but no tensor, such as :func:`sparge.attend_kernel`."""
     if device.type == "cpu":
         return entry(0, 0, *args, **kwargs)
