@@ -3,6 +3,7 @@ common arguments only, bit-identical to the registered op, and never the source 
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -99,6 +100,25 @@ def test_positional_core_call_matches_the_binding_names(monkeypatch):
         assert topk_call[name] != 0, name
     assert cdf_call["cdfthreshd_per_head"] != 0 and mask_call["block_mask"] != 0
     assert mask_call["mode"] == _ops.MODE_BLOCK_MASK
+
+def test_core_call_helpers_pass_every_keyword_to_the_entry():
+    """_C.predict / _C.attend take ``index=``: the helpers' own parameters are positional-only, so
+    no keyword of an entry can bind to them (on CUDA one did)."""
+    seen = {}
+
+    def entry(code, stream, **kwargs):
+        seen.update(kwargs, code=code, stream=stream)
+
+    names = dict(index=1, like=2, device=3, entry=4)
+    _ops._call_core(torch.empty(1), entry, **names)
+    assert seen == dict(names, code=0, stream=0)
+    seen.clear()
+    _ops._call_on(torch.device("cpu"), entry, **names)
+    assert seen == dict(names, code=0, stream=0)
+    for helper in (_ops._call_cuda, _ops._call_core, _ops._call_on):
+        params = list(inspect.signature(helper).parameters.values())[:2]
+        assert all(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in params), helper.__name__
+
 
 def test_fast_path_allocates_only_the_outputs_asked_for(monkeypatch):
     results = []
