@@ -5,7 +5,8 @@ Runs on the best available device (CUDA if available, else CPU) on the structure
 (median of ``--repeats`` runs after ``--warmup``; CUDA events and an L2 flush between runs on a
 GPU; the cases take turns, one run each per round, so a slow clock drift moves every case alike
 — a kernel still runs slower right after a power-hungry one, see bench/RESULTS.md "Timing order";
-``--sequential`` times each case's runs back to back) and checked against exact attention (fp32
+``--sequential`` times each case's runs back to back; ``--idle-ms T`` leaves the device idle for T ms
+before every timed run, so that no run inherits the clocks its predecessor left) and checked against exact attention (fp32
 on a GPU, fp64 on the CPU). FLOPs count the dense problem, ``4·B·Hq·Lq·Lk·D`` (half for
 causal), the convention of SpargeAttn and SageAttention.
 
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time each case's runs back to back instead of the cases taking turns (the method of the "
                         "tables before 2026-11-22 session 6; on an H100 it favours sparge against cuDNN by 10-20 %%, "
                         "see bench/RESULTS.md)")  # fmt: skip
+    p.add_argument("--idle-ms", type=float, default=0.0, metavar="T",
+                   help="idle the device for T ms before every timed run (default 0): each run starts from the "
+                        "same power state instead of the one its predecessor left (bench/RESULTS.md, timing order)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--overhead", action="store_true",
                    help="also measure the per-call overhead (µs per call, N back-to-back calls at B=1 H=8 L=256 "
@@ -121,15 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
 class _Timer:
     """Median wall time of a callable: CUDA events with an L2 flush on a GPU, perf_counter on the CPU."""
 
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
+    def __init__(self, device: torch.device, warmup: int, repeats: int, idle_ms: float = 0.0):
+        self.device, self.warmup, self.repeats, self.idle_ms = device, warmup, repeats, idle_ms
         self.flush = None
         if device.type == "cuda":
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
             self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=device)
 
     def once(self, fn: Callable[[], object]) -> float:
-        """One timed run (ms)."""
+        """One timed run (ms), after idle_ms of idle device."""
+        if self.idle_ms > 0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            time.sleep(self.idle_ms * 1e-3)
         if self.flush is None:
             t0 = time.perf_counter()
             fn()
@@ -352,7 +360,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
     _log("computing exact attention (fp32 on GPU, fp64 on CPU) ...")
     ref, _ = reference_attention(q, k, v, is_causal=args.causal)
     flops = 4.0 * args.batch * args.heads * args.seq_len * len_k * args.head_dim * (0.5 if args.causal else 1.0)
-    timer = _Timer(device, warmup, repeats)
+    timer = _Timer(device, warmup, repeats, args.idle_ms)
     gqa = {"enable_gqa": True} if heads_kv != args.heads else {}
 
     cases: list[tuple[str, Callable[[], torch.Tensor], Optional[Callable[[], float]]]] = []
@@ -446,6 +454,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "repeats": repeats,
         "warmup": warmup,
         "timing": "sequential" if args.sequential else "interleaved",
+        "idle_ms": args.idle_ms,
         "flops": flops,
         "reference": "fp32" if on_gpu else "fp64",
         "overhead_shape": list(OVERHEAD_SHAPE) if args.overhead else None,
@@ -512,6 +521,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("batch", "heads", "seq_len", "head_dim", "overhead_calls"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if not args.idle_ms >= 0:
+        raise SystemExit(f"--idle-ms: expected a number of milliseconds >= 0, got {args.idle_ms}")
     results, config = run(args)
     print(format_table(results))
     if args.json:

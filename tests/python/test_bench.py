@@ -51,6 +51,27 @@ def test_bench_cases_take_turns_unless_sequential(tmp_path, capsys):
     assert "rounds of one run per case" in capsys.readouterr().err
 
 
+def test_bench_idle_gap_before_every_timed_run(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: events.append(("idle", seconds)))
+    timer = bench._Timer(torch.device("cpu"), warmup=2, repeats=3, idle_ms=50.0)
+    times = timer.interleaved([lambda: events.append("a"), lambda: events.append("b")])
+    assert [len(t) for t in times] == [3, 3]
+    idle = ("idle", pytest.approx(0.05))
+    assert events == ["a", "a", "b", "b"] + [idle, "a", idle, "b"] * 3  # warm-up runs wait for nothing
+    out_json = tmp_path / "idle.json"
+    argv = ["-L", "128", "-H", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--modes", "dense",
+            "--idle-ms", "1.5", "--json", str(out_json)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert json.loads(out_json.read_text())["config"]["idle_ms"] == 1.5
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_bench_rejects_bad_idle_gap(value):
+    with pytest.raises(SystemExit, match="--idle-ms"):
+        bench.main(["--idle-ms", value, "--device", "cpu"])
+
+
 def test_bench_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "sparge", "--help"], capture_output=True, text=True, check=True)
     assert "--modes" in result.stdout and "--json" in result.stdout and "--plot" in result.stdout
