@@ -42,10 +42,13 @@ constexpr Bounds kDenseFp8Pv{0.999, 0.035};
 constexpr Bounds kTinyHeadDim{0.998, 0.06};
 constexpr Bounds kNoSmoothing{0.996, 0.075, 0.08};
 constexpr Bounds kSparse{0.995, 0.08};
-// cdf 0.9 with GQA and bottom-right causal drops more on some inputs: cos 0.90 and relative L1
-// 0.19 at worst over 300 seeds (6 of them below kSparse); the kept blocks themselves are checked
-// to dense accuracy by SparseMatchesFp64AttentionOverItsKeptBlocks.
+// CDF selection (mean block scores) drops more on some inputs, when a block's mass sits in a few
+// keys that the pooled mean averages away; the kept blocks themselves are checked to dense accuracy
+// by SparseCoverage. cdf 0.9 with GQA and bottom-right causal: cos 0.89 and relative L1 0.19 at
+// worst over 700 seeds (16 of them below kSparse). cdf 0.95: cos 0.951 and relative L1 0.123 at
+// worst over 1900 seeds (4 below kSparse, e.g. seed 520451862: cos 0.963, relative L1 0.111).
 constexpr Bounds kSparseCdf90{0.85, 0.3};
+constexpr Bounds kSparseCdf95{0.92, 0.2};
 
 Bounds default_bounds(const Case& c) {
   if (c.select.mode != SelectMode::kDense) return kSparse;
@@ -135,7 +138,8 @@ std::vector<CoverageCase> coverage_cases() {
       {.shape = mha(512, 512, 64), .causal = Causal::kTopLeft, .select = {.mode = SelectMode::kTopK, .topk = {0.3f}}});
   add("topk_0.5_sink",
       {.shape = mha(512, 512, 64), .select = {.mode = SelectMode::kTopK, .topk = {0.5f}, .attention_sink = true}});
-  add("cdf_0.95", {.shape = mha(512, 512, 64), .select = {.mode = SelectMode::kCdf, .cdfthreshd = {0.95f}}});
+  cases.push_back(
+      {"cdf_0.95", {.shape = mha(512, 512, 64), .select = {.mode = SelectMode::kCdf, .cdfthreshd = {0.95f}}}, kSparseCdf95});
   cases.push_back({"cdf_0.9_gqa_causal_bottom_right",
                    {.shape = {.batch = 1, .heads_q = 4, .heads_kv = 2, .len_q = 300, .len_k = 500, .head_dim = 64},
                     .causal = Causal::kBottomRight,
@@ -196,8 +200,8 @@ TEST_P(Coverage, MatchesFp64Attention) {
 
 // A sparse call is exact attention over the blocks it keeps, up to quantization: the dense-mode
 // bounds against the fp64 reference restricted to those blocks. (Against full attention the
-// bounds above include what the selection drops, which depends on the input: cdf 0.9 with GQA and
-// bottom-right causal fell to cos 0.90 on 6 of 300 seeds.)
+// bounds above include what the selection drops, which depends on the input: the CDF cases fell
+// below kSparse on a few seeds in a few hundred.)
 class SparseCoverage : public testing::TestWithParam<CoverageCase> {};
 
 TEST_P(SparseCoverage, MatchesFp64AttentionOverItsKeptBlocks) {
