@@ -346,6 +346,19 @@ __device__ __forceinline__ void load_vec(const T* p, float* f) {
   for (int k = 0; k < kVec<T>; ++k) f[k] = load_as_float(e + k);
 }
 
+// v to dst[0, VEC): 16-byte stores where VEC allows (dst then 16-byte aligned). Lanes write
+// VEC consecutive floats each, so with 4-byte stores lanes 32 / VEC apart would share a bank.
+template <int VEC>
+__device__ __forceinline__ void store_shared_vec(float* dst, const float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) *reinterpret_cast<float4*>(dst + k) = make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dst[k] = v[k];
+  }
+}
+
 template <int CPR>
 __device__ __forceinline__ float row_sum(float x) {
 #pragma unroll
@@ -372,7 +385,8 @@ struct RowsFastSmem {
   float row_amax[kTileRows];
   float row_norm2[kTileRows];
   float group_amax[kTileRows];
-  float red[2][kThreads * kVec<T>];
+  float row_inv[kTileRows];
+  alignas(16) float red[2][kThreads * kVec<T>];
   float spike_norm2[kSpikeKeys];
   int64_t spike_row[kSpikeKeys];
   float scratch[kWarps];
@@ -413,8 +427,20 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
   }
 
   float km[VEC];
+  const float* km_src = a.k_mean != nullptr ? a.k_mean + (b * a.heads_kv + hk) * D + col0 : nullptr;
+  if (km_src != nullptr && VEC % 4 == 0 && reinterpret_cast<uintptr_t>(km_src) % sizeof(float4) == 0) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) km[k] = a.k_mean != nullptr ? a.k_mean[(b * a.heads_kv + hk) * D + col0 + k] : 0.0f;
+    for (int k = 0; k < VEC; k += 4) {
+      const float4 m4 = *reinterpret_cast<const float4*>(km_src + k);
+      km[k] = m4.x;
+      km[k + 1] = m4.y;
+      km[k + 2] = m4.z;
+      km[k + 3] = m4.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) km[k] = km_src != nullptr ? km_src[k] : 0.0f;
+  }
   float s_acc[VEC], u_acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) s_acc[k] = u_acc[k] = 0.0f;
@@ -515,12 +541,17 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
       }
     }
     const int64_t group0 = tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax);
+    // The quantization factor of each row, once per row rather than once per row and thread.
+    if (threadIdx.x < rows) {
+      const float amax = group_amax[scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0];
+      sm.row_inv[threadIdx.x] = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
+    }
+    __syncthreads();
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int r = rsub + it * RPP;
       if (r < rows) {
-        const float amax = group_amax[scale_group<kIsQ>(row0 + r, a.gran) - group0];
-        const float inv = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
+        const float inv = sm.row_inv[r];
         float vv[VEC];
         unpack_vec<T>(raw4[it], vv);
 #pragma unroll
@@ -550,11 +581,8 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
   }
 
   // Column sums over this thread's rows → per-column totals (fixed order over the RPP partials).
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    red[0][threadIdx.x * VEC + k] = s_acc[k];
-    red[1][threadIdx.x * VEC + k] = u_acc[k];
-  }
+  store_shared_vec(&red[0][threadIdx.x * VEC], s_acc);
+  store_shared_vec(&red[1][threadIdx.x * VEC], u_acc);
   __syncthreads();
   const int64_t n = row_end - row_begin;
   float* pool = a.pool + (bh * nblocks + block) * D;
