@@ -146,16 +146,7 @@ TEST(Attend, PvThresholdInfinitySkipsNothingZeroSkipsSome) {
 // The quantize → predict → attend stages run one by one on the buffers of a StageWorkspace.
 struct Stages {
   Stages(const Case& problem, const QKV& x) : c(problem), ws(c.shape, c.blocks, c.quant) {
-    EXPECT_TRUE(run_quantize(c.shape, c.blocks, c.quant, x, ws.buffers.quantized).ok());
-    const float sm_scale = static_cast<float>(default_sm_scale(c.shape.head_dim));
-    EXPECT_TRUE(predict(PredictParams{.shape = c.shape,
-                                      .blocks = c.blocks,
-                                      .causal = c.causal,
-                                      .sm_scale = sm_scale,
-                                      .select = c.select,
-                                      .stats = ws.buffers.quantized,
-                                      .out = ws.buffers.index})
-                    .ok());
+    run_quantize_predict(c, x, static_cast<float>(default_sm_scale(c.shape.head_dim)), ws);
   }
 
   // attend with the given P·V threshold over `index` (the predicted one by default); o as fp32

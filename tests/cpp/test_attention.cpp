@@ -155,19 +155,10 @@ class Coverage : public testing::TestWithParam<CoverageCase> {};
 
 // The blocks a call keeps ([B, Hq, nbq, nbk]): the quantize and predict stages with its options.
 std::vector<uint8_t> kept_blocks(const Case& c, const QKV& x, float sm_scale) {
-  StageWorkspace ws(c.shape, c.blocks, c.quant);
-  EXPECT_TRUE(run_quantize(c.shape, c.blocks, c.quant, x, ws.buffers.quantized).ok());
+  const StageWorkspace ws(c.shape, c.blocks, c.quant);
   const auto [nbq, nbk] = block_counts(c.shape, c.blocks);
   std::vector<uint8_t> mask(static_cast<size_t>(c.shape.batch * c.shape.heads_q * nbq * nbk), 0xEE);
-  EXPECT_TRUE(predict(PredictParams{.shape = c.shape,
-                                    .blocks = c.blocks,
-                                    .causal = c.causal,
-                                    .sm_scale = sm_scale,
-                                    .select = c.select,
-                                    .stats = ws.buffers.quantized,
-                                    .out = ws.buffers.index,
-                                    .mask_out = mask.data()})
-                  .ok());
+  run_quantize_predict(c, x, sm_scale, ws, mask.data());
   return mask;
 }
 

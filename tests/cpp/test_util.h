@@ -308,4 +308,20 @@ inline AttentionResult run_attention(const Case& c, const QKV& x) { return run_a
 
 inline QKV make_structured(const Case& c, uint32_t seed) { return make_structured(c.shape, c.dtype, c.layout, seed); }
 
+// The quantize and predict stages of `c` on the CPU into ws's buffers; mask_out ([B, Hq, nbq, nbk])
+// receives the kept-block mask when not null.
+inline void run_quantize_predict(const Case& c, const QKV& x, float sm_scale, const StageWorkspace& ws,
+                                 uint8_t* mask_out = nullptr) {
+  EXPECT_TRUE(run_quantize(c.shape, c.blocks, c.quant, x, ws.buffers.quantized).ok());
+  EXPECT_TRUE(predict(PredictParams{.shape = c.shape,
+                                    .blocks = c.blocks,
+                                    .causal = c.causal,
+                                    .sm_scale = sm_scale,
+                                    .select = c.select,
+                                    .stats = ws.buffers.quantized,
+                                    .out = ws.buffers.index,
+                                    .mask_out = mask_out})
+                  .ok());
+}
+
 }  // namespace sparge::test
