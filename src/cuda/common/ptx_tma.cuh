@@ -54,6 +54,23 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
+// Whether the phase with parity `parity` of the barrier has completed (test_wait: never suspends the
+// thread, unlike try_wait): lets a consumer probe early and block with mbarrier_wait only when the
+// probe failed. A successful probe acquires like a completed wait.
+__device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // 3-D tile load global → shared through the tensor map at generic address `tmap` (a
 // __grid_constant__ kernel parameter); completes `box bytes` of transactions on `bar`.
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1, int c2) {
