@@ -71,21 +71,33 @@ __device__ __forceinline__ int64_t scale_group(int64_t r, QuantGranularity g) {
 
 // Group amax and stored scales of one 64-row tile (every scale group lies inside one tile;
 // groups without rows get amax 0 → scale 0). group_amax ([kTileRows], zeroed and visible to the
-// CTA) receives the amax of each group; returns the index of the tile's first group.
+// CTA) receives the amax of each group, row_inv ([kTileRows]) the quantization factor 127 / amax
+// of each row's group (0 for amax 0), visible to the CTA after the next barrier.
 template <bool kIsQ>
-__device__ __forceinline__ int64_t tile_group_scales(const RowsArgs& a, int64_t bh, int64_t row0, int rows,
-                                                     const float* row_amax, float* group_amax) {
+__device__ __forceinline__ void tile_group_scales(const RowsArgs& a, int64_t bh, int64_t row0, int rows,
+                                                  const float* row_amax, float* group_amax, float* row_inv) {
   const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
-  if (threadIdx.x < rows) {
-    const int64_t g = scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0;
-    atomic_max_nonneg(&group_amax[g], row_amax[threadIdx.x]);
-  }
+  const int64_t my_group = threadIdx.x < rows ? scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0 : 0;
+  if (threadIdx.x < rows) atomic_max_nonneg(&group_amax[my_group], row_amax[threadIdx.x]);
   __syncthreads();
   const int64_t group_end = row0 + kTileRows >= a.len ? a.groups : scale_group<kIsQ>(row0 + kTileRows, a.gran);
   for (int64_t g = group0 + threadIdx.x; g < group_end; g += kThreads) {
     a.scales[bh * a.groups + g] = __fdiv_rn(group_amax[g - group0], kInt8Max) * a.scale_factor;
   }
-  return group0;
+  if (threadIdx.x < rows) {
+    const float amax = group_amax[my_group];
+    row_inv[threadIdx.x] = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
+  }
+}
+
+// The INT8 value of x · inv (inv from tile_group_scales, |x| <= the group's amax, both from the same
+// fp32 values) in the low byte of the result: |x · inv| <= 127 · (1 + 2^-23) < 127.5, so no clamp is
+// needed, and adding 1.5 · 2^23 to the product rounds it to the nearest integer, ties to even, like
+// __float2int_rn, on the FMA pipe instead of the conversion pipe. The low byte of the sum's bits is
+// that integer in two's complement (the CPU reference's quantize_int8, bit for bit, for finite x).
+__device__ __forceinline__ uint32_t int8_low_byte(float x, float inv) {
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23
+  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), kRoundMagic));
 }
 
 // One CTA per (prediction block, b·H): walks the block in 64-row tiles.
@@ -102,6 +114,7 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
   float* row_inv_norm = row_amax + kTileRows;    // [kTileRows]
   float* group_amax = row_inv_norm + kTileRows;  // [kTileRows] (a tile holds at most 32 groups)
   float* row_norm2 = group_amax + kTileRows;     // [kTileRows] squared norm of each row (spike keys)
+  float* row_inv = row_norm2 + kTileRows;        // [kTileRows] quantization factor of each row
   __shared__ int nonzero_rows;
   __shared__ float spike_norm2[kSpikeKeys];      // the largest row norms so far, descending
   __shared__ int64_t spike_row[kSpikeKeys];      // their rows (-1: none yet)
@@ -174,17 +187,15 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
         }
       }
     }
-    const int64_t group0 = tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax);
+    tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax, row_inv);
+    __syncthreads();
     // INT8 values, pooled sums.
     int8_t* dst = a.out + (bh * a.len + row0) * d_count;
     const int d_int = static_cast<int>(d_count);
     for (int i = threadIdx.x; i < rows * d_int; i += kThreads) {
       const int r = i / d_int;
       const int d = i % d_int;
-      const float amax = group_amax[scale_group<kIsQ>(row0 + r, a.gran) - group0];
-      const float inv = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
-      const int q = __float2int_rn(__fmul_rn(tile[r * pitch + d], inv));
-      dst[i] = static_cast<int8_t>(max(-127, min(127, q)));
+      dst[i] = static_cast<int8_t>(static_cast<uint8_t>(int8_low_byte(tile[r * pitch + d], row_inv[r])));
     }
     for (int64_t d = threadIdx.x; d < d_count; d += kThreads) {
       float s = 0.0f, u = 0.0f;
@@ -309,7 +320,7 @@ __global__ void v_finalize_kernel(float* scale, int64_t count, float v_max) {
 }
 
 size_t rows_smem_bytes(int64_t head_dim) {
-  return sizeof(float) * (kTileRows * (head_dim + 1) + 3 * head_dim + 4 * kTileRows);
+  return sizeof(float) * (kTileRows * (head_dim + 1) + 3 * head_dim + 5 * kTileRows);
 }
 
 template <bool kIsQ, typename T>
@@ -540,12 +551,7 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
         }
       }
     }
-    const int64_t group0 = tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax);
-    // The quantization factor of each row, once per row rather than once per row and thread.
-    if (threadIdx.x < rows) {
-      const float amax = group_amax[scale_group<kIsQ>(row0 + threadIdx.x, a.gran) - group0];
-      sm.row_inv[threadIdx.x] = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
-    }
+    tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax, sm.row_inv);
     __syncthreads();
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
@@ -559,13 +565,11 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
         uint32_t packed[VEC / 4];
 #pragma unroll
         for (int w = 0; w < VEC / 4; ++w) {
-          uint32_t word = 0;
+          uint32_t q[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int q = __float2int_rn(__fmul_rn(vv[w * 4 + k], inv));
-            word |= (static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(max(-127, min(127, q)))))) << (8 * k);
-          }
-          packed[w] = word;
+          for (int k = 0; k < 4; ++k) q[k] = int8_low_byte(vv[w * 4 + k], inv);
+          // The low bytes of q[0..3], in order, as one word (three byte permutes).
+          packed[w] = __byte_perm(__byte_perm(q[0], q[1], 0x0040), __byte_perm(q[2], q[3], 0x0040), 0x5410);
         }
         int8_t* dst = a.out + (bh * a.len + row0 + r) * D + col0;
         if constexpr (VEC == 8) {
