@@ -72,7 +72,7 @@ __device__ __forceinline__ int64_t scale_group(int64_t r, QuantGranularity g) {
 // Group amax and stored scales of one 64-row tile (every scale group lies inside one tile;
 // groups without rows get amax 0 → scale 0). group_amax ([kTileRows], zeroed and visible to the
 // CTA) receives the amax of each group, row_inv ([kTileRows]) the quantization factor 127 / amax
-// of each row's group (0 for amax 0), visible to the CTA after the next barrier.
+// of each row's group (0 for amax 0), both visible to the CTA on return.
 template <bool kIsQ>
 __device__ __forceinline__ void tile_group_scales(const RowsArgs& a, int64_t bh, int64_t row0, int rows,
                                                   const float* row_amax, float* group_amax, float* row_inv) {
@@ -88,6 +88,7 @@ __device__ __forceinline__ void tile_group_scales(const RowsArgs& a, int64_t bh,
     const float amax = group_amax[my_group];
     row_inv[threadIdx.x] = amax > 0.0f ? __fdiv_rn(kInt8Max, amax) : 0.0f;
   }
+  __syncthreads();
 }
 
 // The INT8 value of x · inv (inv from tile_group_scales, |x| <= the group's amax, both from the same
@@ -188,7 +189,6 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(RowsArgs a) {
       }
     }
     tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax, row_inv);
-    __syncthreads();
     // INT8 values, pooled sums.
     int8_t* dst = a.out + (bh * a.len + row0) * d_count;
     const int d_int = static_cast<int>(d_count);
@@ -552,7 +552,6 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
       }
     }
     tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax, sm.row_inv);
-    __syncthreads();
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int r = rsub + it * RPP;
@@ -670,8 +669,8 @@ __device__ __forceinline__ void kv_column_stats(const T* kx, int64_t k_token, co
 
 // kv_column_stats' per-thread partials reduced over the CTA: done(d, sum, amax) for every column
 // d, threads looping over the columns, each summing the RPP partials of its column in thread
-// order. red: 2 · kThreads · VEC floats of shared memory, free again after the caller's next
-// barrier.
+// order. red: 2 · kThreads · VEC floats of 16-byte aligned shared memory, free again after the
+// caller's next barrier.
 template <typename T, int CPR, typename Done>
 __device__ __forceinline__ void reduce_column_stats(const float (&s)[kVec<T>], const float (&m)[kVec<T>], float* red,
                                                     Done done) {
@@ -680,11 +679,8 @@ __device__ __forceinline__ void reduce_column_stats(const float (&s)[kVec<T>], c
   constexpr int D = CPR * VEC;
   float* red_sum = red;
   float* red_max = red + kThreads * VEC;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    red_sum[threadIdx.x * VEC + j] = s[j];
-    red_max[threadIdx.x * VEC + j] = m[j];
-  }
+  store_shared_vec(&red_sum[threadIdx.x * VEC], s);
+  store_shared_vec(&red_max[threadIdx.x * VEC], m);
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float ts = 0.0f, tm = 0.0f;
@@ -704,7 +700,7 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t block_rows, float* sums, float* amax_parts) {
   constexpr int VEC = kVec<T>;
   constexpr int D = CPR * VEC;
-  __shared__ float red[2 * kThreads * VEC];
+  __shared__ alignas(16) float red[2 * kThreads * VEC];
   const int64_t block = blockIdx.x;
   const int64_t bh = blockIdx.y;
   const int64_t b = bh / heads, h = bh % heads;
@@ -829,7 +825,7 @@ __global__ void __launch_bounds__(kThreads)
                         bool smooth_k, float v_max, float* k_mean, float* v_scale, Out* out) {
   constexpr int VEC = kVec<T>;
   constexpr int D = CPR * VEC;
-  extern __shared__ float smem[];  // red [2][kThreads · VEC], then reused as the V tile [kTileRows][D + 1]
+  extern __shared__ __align__(16) float smem[];  // red [2][kThreads · VEC], then reused as the V tile [kTileRows][D + 1]
   __shared__ float inv[D];
   const int64_t bh = blockIdx.x;
   const int64_t b = static_cast<int>(bh) / static_cast<int>(heads), h = static_cast<int>(bh) % static_cast<int>(heads);

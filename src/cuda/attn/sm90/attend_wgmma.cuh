@@ -390,6 +390,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const uint64_t q_desc = wgmma_desc(q_smem + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
   int32_t s_acc[Cfg::kSRegs];  // S = Q K^T of the block in flight, (64, BLOCK_K) int32 per warpgroup
   auto wait_k = [&](int i) { mbarrier_wait(k_full(i % kStages), (i / kStages) & 1); };
+  auto test_k = [&](int i) { return mbarrier_test_wait(k_full(i % kStages), (i / kStages) & 1); };
   // Issues S = Q K^T of kept block i (its K tile landed: wait_k); completes with the next wait.
   auto issue_qk = [&](int i) {
     const int stage = i % kStages;
@@ -776,7 +777,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       // alone, same run, session 8: +0.5 % dense L32k, +1.3 % topk 0.5, +1.5 % causal, +0.4 % D64; the
       // two blocking waits took ~160 cycles of a ~2700-cycle tile when both tiles had long landed).
       const bool v_ready = mbarrier_test_wait(v_full(stage), parity);
-      const bool k_ready = !has_next || mbarrier_test_wait(k_full((i + 1) % kStages), ((i + 1) / kStages) & 1);
+      const bool k_ready = !has_next || test_k(i + 1);
 
       // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
       // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
