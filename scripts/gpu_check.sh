@@ -51,6 +51,10 @@ overhead|-B 1 -H 8 -L 256 -D 64 --modes dense --overhead}"
 if [[ " $SKIP " != *" bench "* ]]; then
   phase "matrix-unit ceilings"
   timeout 60 python3 "$ROOT/scripts/gemm_ceiling.py" 2>&1 | tee "$OUT/gemm_ceiling.txt"
+  if [[ "$ARCH" == "90a" ]]; then
+    nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I "$ROOT/src" "$ROOT/bench/wgmma_forms.cu" \
+      -o /tmp/sparge_wgmma_forms && timeout 60 /tmp/sparge_wgmma_forms 2>&1 | tee "$OUT/wgmma_forms.md"
+  fi
 
   phase "benchmark"
   while IFS='|' read -r label bench_args bench_env; do
