@@ -29,7 +29,7 @@
 // maximum is max(dot) · scale (bit-identical to max(float(dot) · scale)), each dot becomes a float
 // by one integer add (biased_dot, no I2FP) and s − m' is one fma. On the overlap schedule 1 (D128)
 // or 2 (D64) of every 8 exp2 run as a polynomial on the FMA pipe (exp2_fma, Config), on the D64
-// pairs 1 of 8; the ping-pong schedule reduces row maxima as trees.
+// pairs 2 of 8; the ping-pong schedule reduces row maxima as trees.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. V^T comes from quantize with the keys of every 16-key
@@ -110,8 +110,10 @@ struct Config {
   // gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the ping-pong-only D128/bk128 lost 3-9%, and
   // the pairs with biased dots (session 5, kernel alone) lost 1 % at D128 (1 of 8) and 3.6 % at D64
   // (2 of 8). Session 6 (kernel alone, same run, after the shuffle-free P fragments): D64 pairs
-  // with 1 of 8 +3.7 %, D128 pairs −0.8 % dense; so D64 pairs take 1 of 8, D128 pairs keep MUFU.
-  static constexpr int kExpFmaPer8 = kOverlap ? (kHeadDimPad == 64 ? 2 : 1) : kPairs && kHeadDimPad == 64 ? 1 : 0;
+  // with 1 of 8 +3.7 %, D128 pairs −0.8 % dense. Session 9 (same method, after the barrier probes):
+  // D64 pairs 2 of 8 against 1 of 8 +2.7 % dense, +2.5 % topk 0.5 (3 of 8 −0.4 %); D128 pairs 1 / 2 /
+  // 3 of 8 against none 1.00 / 0.98 / 0.94. So D64 pairs take 2 of 8, D128 pairs keep MUFU.
+  static constexpr int kExpFmaPer8 = kHeadDimPad == 64 && (kOverlap || kPairs) ? 2 : kOverlap ? 1 : 0;
   // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
   // the turn (P·V always issued, as on every schedule).
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
