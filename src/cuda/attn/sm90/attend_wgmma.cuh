@@ -181,6 +181,30 @@ __device__ __forceinline__ float exp2_fma(float x) {
   return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
 }
 
+// One P·V chain into fresh registers pv (64 × kCols fp32): k-step ks multiplies P fragment pf[ks]
+// (registers) by the V^T tile of descriptor desc_of(ks). The caller fences and commits.
+template <int kCols, int kSteps, typename DescOf>
+__device__ __forceinline__ void pv_chain(float (&pv)[kCols / 2], const uint32_t (&pf)[kSteps][4], DescOf desc_of) {
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks) {
+    const uint64_t desc = desc_of(ks);
+    if constexpr (kCols == 128) {
+      if (ks == 0) {
+        wgmma_m64n128k32_f32_e4m3_rs_first(pv, pf[ks], desc);
+      } else {
+        wgmma_m64n128k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
+      }
+    } else {
+      static_assert(kCols == 64, "P·V chains of 64 or 128 columns");
+      if (ks == 0) {
+        wgmma_m64n64k32_f32_e4m3_rs_first(pv, pf[ks], desc);
+      } else {
+        wgmma_m64n64k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
+      }
+    }
+  }
+}
+
 // p · 448 of element e of a thread's S registers (e is a compile-time constant after unrolling):
 // kFmaPer8 of every 8 on the FMA pipe, the others on MUFU (ex2.approx).
 template <int kFmaPer8>
@@ -552,6 +576,47 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
   };
 
+  // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
+  // maxima after it (m_new): α, m, l and the P fragments. A skipping warp feeds P = 0 and α = 1 and
+  // leaves m and l unchanged; a skipped half of a pair subtracts +∞, so its p are 0.
+  // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
+  auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
+                            const float (&sc)[2][kHalves], float (&s)[Cfg::kSRegs], float (&alpha_out)[2],
+                            uint32_t (&p_out)[Cfg::kPvSteps][4]) {
+    alpha_out[0] = 1.0f;
+    alpha_out[1] = 1.0f;
+    if (!warp_skips) {
+      float bias[2][kHalves];
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        alpha_out[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
+        m[i_row] = m_new[i_row];
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) {
+          const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
+          bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
+        }
+      }
+      float row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int e = 0; e < Cfg::kSRegs; ++e) {
+        const int i_row = (e % 4) / 2;
+        const int hh = (e / 4) * kNTile / kQuantBlockRows;
+        s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
+        row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
+      }
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha_out[i_row] + row_sum[i_row];
+      p_fragments(s, p_out);
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
+      }
+    }
+  };
+
   int key0_next[kHalves];  // of the tile whose softmax comes next
   float k_scale_next[kHalves];
   int kept_ahead[kHalves];  // with kKeptAhead: the index-list entries of the tile after next
@@ -577,60 +642,18 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       tile_row_max(mx, sc, m_blk);
       const bool warp_skips = warp_negligible(m, m_blk);
       skipped += warp_active && warp_skips;
-      alpha_out[0] = 1.0f;
-      alpha_out[1] = 1.0f;
-      if (!warp_skips) {
-        float bias[2][kHalves];
+      const float m_new[2] = {fmaxf(m[0], m_blk[0]), fmaxf(m[1], m_blk[1])};
+      bool no_skipped_half[kHalves];
 #pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-          const float m_new = fmaxf(m[i_row], m_blk[i_row]);
-          alpha_out[i_row] = m_new == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new);
-          m[i_row] = m_new;
-          const float m_sub = (m_new == kNegInf ? 0.0f : m_new) - kLog2PScale;
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
-        }
-        float row_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int e = 0; e < Cfg::kSRegs; ++e) {
-          const int i_row = (e % 4) / 2;
-          const int hh = (e / 4) * kNTile / kQuantBlockRows;
-          s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
-          row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
-        }
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha_out[i_row] + row_sum[i_row];
-        p_fragments(s, p_out);
-      } else {
-#pragma unroll
-        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
-        }
-      }
+      for (int hh = 0; hh < kHalves; ++hh) no_skipped_half[hh] = false;
+      softmax_update(warp_skips, m_new, no_skipped_half, mag, sc, s, alpha_out, p_out);
     };
 
     float pv[Cfg::kORegs];  // P·V of the block in flight, (64, D_PAD) fp32
     auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
       const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-        const uint64_t desc = wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit);
-        if constexpr (kHeadDimPad == 128) {
-          if (ks == 0) {
-            wgmma_m64n128k32_f32_e4m3_rs_first(pv, pf[ks], desc);
-          } else {
-            wgmma_m64n128k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
-          }
-        } else {
-          if (ks == 0) {
-            wgmma_m64n64k32_f32_e4m3_rs_first(pv, pf[ks], desc);
-          } else {
-            wgmma_m64n64k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
-          }
-        }
-      }
+      pv_chain<kHeadDimPad>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
       wgmma_commit();
     };
 
@@ -782,42 +805,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       const bool k_ready = !has_next || test_k(i + 1);
 
       // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
-      // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
-      // A skipped half of a pair subtracts +∞: its p are 0. Both blocks of a pair use the max after
-      // the pair, so p of the first is rounded to e4m3 relative to that max (the reference rounds
-      // it relative to the max after the first block, then scales by α of the second).
-      float alpha[2] = {1.0f, 1.0f};
+      // Both blocks of a pair use the max after the pair, so p of the first is rounded to e4m3
+      // relative to that max (the reference rounds it relative to the max after the first block,
+      // then scales by α of the second).
+      float alpha[2];
       uint32_t p_frag[Cfg::kPvSteps][4];
-      if (!warp_skips) {
-        float bias[2][kHalves];
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-          alpha[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
-          m[i_row] = m_new[i_row];
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) {
-            const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
-            bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
-          }
-        }
-        float row_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int e = 0; e < Cfg::kSRegs; ++e) {
-          const int i_row = (e % 4) / 2;
-          const int hh = (e / 4) * kNTile / kQuantBlockRows;
-          s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
-          row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
-        }
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha[i_row] + row_sum[i_row];
-        p_fragments(s, p_frag);
-      } else {
-#pragma unroll
-        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) p_frag[ks][e] = 0u;
-        }
-      }
+      softmax_update(warp_skips, m_new, skip_half, mag, sc, s, alpha, p_frag);
 
       // ---- 4. this warpgroup's turn: P·V of the block (fresh registers, then acc = acc · α + pv, the
       // method's order, per chunk of output columns) and S of the next block -------------------------
@@ -832,24 +825,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         constexpr int kVTileBytes = kHeadDimPad * Cfg::kVRowBytes;
         const uint32_t v_chunk = v_smem(stage) + chunk * Cfg::kPvChunkCols * Cfg::kVRowBytes;
         wgmma_fence();  // in the wgmma's own basic block (else ptxas adds one and serializes)
-#pragma unroll
-        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-          const uint64_t desc = wgmma_desc_advance(
-              wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes), (ks % kStepsPerVTile) * kWgmmaK8Bit);
-          if constexpr (Cfg::kPvChunkCols == 128) {
-            if (ks == 0) {
-              wgmma_m64n128k32_f32_e4m3_rs_first(pv, p_frag[ks], desc);
-            } else {
-              wgmma_m64n128k32_f32_e4m3_rs(pv, p_frag[ks], desc, 1);
-            }
-          } else {
-            if (ks == 0) {
-              wgmma_m64n64k32_f32_e4m3_rs_first(pv, p_frag[ks], desc);
-            } else {
-              wgmma_m64n64k32_f32_e4m3_rs(pv, p_frag[ks], desc, 1);
-            }
-          }
-        }
+        pv_chain<Cfg::kPvChunkCols>(pv, p_frag, [&](int ks) {
+          return wgmma_desc_advance(wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes),
+                                    (ks % kStepsPerVTile) * kWgmmaK8Bit);
+        });
         wgmma_commit();
       };
       auto add_pv = [&](int chunk) {  // acc = acc · α + pv, the method's order
