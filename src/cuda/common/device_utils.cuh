@@ -17,6 +17,9 @@
 namespace sparge::cuda {
 
 inline constexpr int kWarpSize = 32;
+// 1.5 · 2^23: adding it to an fp32 of magnitude below 2^22 rounds to an integer (in the current
+// rounding mode), which then sits in the low mantissa bits of the sum.
+inline constexpr float kRoundMagic = 12582912.0f;
 
 // Reads one input element as fp32.
 template <typename T>

@@ -97,7 +97,6 @@ __device__ __forceinline__ void tile_group_scales(const RowsArgs& a, int64_t bh,
 // __float2int_rn, on the FMA pipe instead of the conversion pipe. The low byte of the sum's bits is
 // that integer in two's complement (the CPU reference's quantize_int8, bit for bit, for finite x).
 __device__ __forceinline__ uint32_t int8_low_byte(float x, float inv) {
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23
   return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), kRoundMagic));
 }
 

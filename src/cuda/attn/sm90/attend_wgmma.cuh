@@ -159,8 +159,6 @@ __device__ __forceinline__ uint2 p_fragment_row(const float (&p)[8]) {
   return make_uint2(pack_e4m3x4(p[0], p[1], p[2], p[3]), pack_e4m3x4(p[4], p[5], p[6], p[7]));
 }
 
-inline constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23
-
 // A Q·K^T dot of a fully visible tile as the float 1.5 · 2^23 + dot (|dot| <= 128 · 128 · 128 < 2^22,
 // so the bits are 0x4B400000 + dot): one integer add instead of I2FP, whose pipe also packs P to
 // e4m3. The softmax takes the 1.5 · 2^23 · scale back out in its fma's addend, rounded once to
@@ -643,9 +641,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       const bool warp_skips = warp_negligible(m, m_blk);
       skipped += warp_active && warp_skips;
       const float m_new[2] = {fmaxf(m[0], m_blk[0]), fmaxf(m[1], m_blk[1])};
-      bool no_skipped_half[kHalves];
-#pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) no_skipped_half[hh] = false;
+      const bool no_skipped_half[kHalves] = {};
       softmax_update(warp_skips, m_new, no_skipped_half, mag, sc, s, alpha_out, p_out);
     };
 
