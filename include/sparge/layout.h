@@ -21,6 +21,11 @@ inline constexpr int64_t kQuantWarpRows = 16;   // rows of one per-warp Q group
 inline constexpr int64_t kPvGroupRows = 16;     // query rows deciding the P·V skip together
 inline constexpr int64_t kVPadTokens = 64;      // the token dimension of quantized V is padded to this
 inline constexpr float kPScale = 448.0f;        // P is quantized as P · kPScale (e4m3 max)
+inline constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale)
+// The fp8 P·V modes form P · kPScale directly as an e4m3 code (docs/method.md §2, step 3):
+// code = clamp(rne(kPCodesPerOctave · (s − m_new) + kPCodeMax), 0, kPCodeMax).
+inline constexpr int kPCodeMax = 126;       // e4m3 0x7e = 448 = kPScale: the code of p = 1
+inline constexpr int kPCodesPerOctave = 8;  // e4m3 codes per power of two (3 mantissa bits)
 inline constexpr float kVQuantMax = 448.0f;     // V is scaled into [-448, 448] before conversion
 inline constexpr float kVQuantMaxFp16Accum = 2.25f;   // kFp8Fp16Accum: V is scaled into [-2.25, 2.25]
 inline constexpr int64_t kFp16AccumStepKeys = 32;     // kFp8Fp16Accum: keys of one step (one m16n8k32 mma)

@@ -663,9 +663,15 @@ def _partials(qz, q: Tensor, k: Tensor, v: Tensor, b: int, h: int, rows: Tensor,
     m = s2.amax(dim=2)
     top = m.amax(dim=1)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    p = torch.exp2(s2 - top.view(-1, 1, 1))
-    l = p.sum(dim=2)
-    p = (p * _P_SCALE).to(torch.float16 if qz.pv_precision == "fp16" else torch.float8_e4m3fn).float()
+    x = s2 - top.view(-1, 1, 1)
+    if qz.pv_precision == "fp16":
+        p = torch.exp2(x)
+        l = p.sum(dim=2)
+        p = (p * _P_SCALE).to(torch.float16).float()
+    else:  # the e4m3 code of P · 448 (docs/method.md 2.3), l sums those values
+        code = torch.clamp(torch.round(8.0 * x + 126.0), 0.0, 126.0).to(torch.uint8)
+        p = code.view(torch.float8_e4m3fn).float()
+        l = p.sum(dim=2) / _P_SCALE
     vq = _ops.v_in_key_order(qz.v[b, hk])[:, :len_k].float() * (qz.v_scale[b, hk].unsqueeze(1) / _P_SCALE)  # [D, Lk]
     vq = F.pad(vq, (0, nbk * bk - len_k)).view(dim, nbk, bk).permute(1, 2, 0)  # [nbk, bk, D]
     O = torch.bmm(p.transpose(0, 1), vq).transpose(0, 1).contiguous()  # [n, nbk, D]

@@ -46,7 +46,7 @@ struct QBlockState {
         pv_step(dim),
         pv_chunk(dim) {}
   std::vector<float> m;        // [bq]      running max (log2 units)
-  std::vector<float> l;        // [bq]      running sum
+  std::vector<float> l;        // [bq]      running sum of p · 448 (p8 in the fp8 modes)
   std::vector<float> acc;      // [bq, D]   running Σ fmt(p · 448) · v_q
   std::vector<float> s;        // [16, bk]  scores of one 16-row group for the current block
   std::vector<float> m_blk;    // [16]      their row maxima
@@ -64,7 +64,11 @@ int32_t dot_int8(const int8_t* a, const int8_t* b, int64_t n) {
   return sum;
 }
 
-float round_pv(float x, PvPrecision pv) { return pv_is_fp8(pv) ? num::round_e4m3(x) : num::round_fp16(x); }
+// P · 448 in the P·V format for x = s − m_new: the e4m3 code of the fp8 modes, fp16(exp2(x) · 448) in
+// kFp16.
+float p_scaled(float x, PvPrecision pv) {
+  return pv_is_fp8(pv) ? num::p8_from_code(x) : num::round_fp16(std::exp2(x) * kPScale);
+}
 
 // Keys [c0, c0 + cols) of V^T [D, Lk_pad] (e4m3 or fp16, keys at v_key_slot) as fp32, token-major:
 // out [cols, D].
@@ -158,13 +162,12 @@ void update_group(const AttendParams& p, const Group& g, int64_t cols, QBlockSta
     const float* sr = st.s.data() + r * p.blocks.block_k;
     const float m_new = std::max(g.m[r], st.m_blk[r]);
     const float alpha = m_new == kNegInf ? 1.0f : std::exp2(g.m[r] - m_new);
-    float p_sum = 0.0f;
+    float p_sum = 0.0f;  // l's units: p · 448 (§2, step 3)
     for (int64_t c = 0; c < cols; ++c) {
       st.p8[c] = 0.0f;
       if (sr[c] == kNegInf) continue;  // p = 0
-      const float prob = std::exp2(sr[c] - m_new);
-      p_sum += prob;
-      st.p8[c] = round_pv(prob * kPScale, p.quant.pv);
+      st.p8[c] = p_scaled(sr[c] - m_new, p.quant.pv);
+      p_sum += pv_is_fp8(p.quant.pv) ? st.p8[c] : std::exp2(sr[c] - m_new) * kPScale;
     }
     if (p.quant.pv == PvPrecision::kFp8Fp16Accum) {
       block_pv_fp16_accum(cols, dim, st);
@@ -223,16 +226,16 @@ PvCount attend_q_block(const AttendParams& p, const HeadData& hd, int64_t b, int
     }
   }
 
-  // 4. Epilogue: o = acc · v_scale / (448 · l) (0 when l = 0), lse in natural log, un-smoothed.
+  // 4. Epilogue: o = acc · v_scale / l (l in units of p · 448; 0 when l = 0), lse in natural log, un-smoothed.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = row0 + r;
     const float l = st.l[r];
     float* acc = st.acc.data() + r * dim;
-    for (int64_t d = 0; d < dim; ++d) acc[d] = l == 0.0f ? 0.0f : acc[d] * hd.v_scale[d] / (kPScale * l);
+    for (int64_t d = 0; d < dim; ++d) acc[d] = l == 0.0f ? 0.0f : acc[d] * hd.v_scale[d] / l;
     store_row(p.o, p.o_dtype, row_offset(p.o_strides, b, h, row), dim, acc);
     if (p.lse != nullptr) {
       p.lse[(b * s.heads_q + h) * s.len_q + row] =
-          l == 0.0f ? kNegInf : kLn2 * (st.m[r] + std::log2(l)) + hd.lse_shift[row];
+          l == 0.0f ? kNegInf : kLn2 * (st.m[r] + (std::log2(l) - kLog2PScale)) + hd.lse_shift[row];
     }
   }
   return n;

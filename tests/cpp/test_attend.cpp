@@ -374,7 +374,8 @@ TEST(Attend, LseIsOptional) {
 // ---- P·V with the fp16 accumulator (PvPrecision::kFp8Fp16Accum) -------------------------------
 
 // o of kFp8Fp16Accum recomputed from the quantized buffers of `st` (batch 1, every block attended:
-// no P·V skip) by the text of method.md §2: for each kept block in ascending order, p8 = e4m3(p · 448);
+// no P·V skip) by the text of method.md §2: for each kept block in ascending order, p8 = the e4m3 value
+// of code clamp(rne(8 · (s − m_new) + 126), 0, 126) and l = l · α + Σ p8;
 // per 64-key chunk of the block c = 0 and, per 32-key step of the chunk, c = fp16(c + the step's
 // fp32 sum in ascending key order); the block product sums the chunks' c in fp32; acc = acc · α +
 // block product. With `fp16_steps` false c stays fp32 (what the fp16 rounding changes).
@@ -416,9 +417,9 @@ std::vector<float> fp16_accumulator_attention(const Stages& st, bool fp16_steps)
         std::vector<float> p8(cols, 0.0f);
         for (int64_t col = 0; col < cols; ++col) {
           if (score[col] == -kInf) continue;
-          const float p = std::exp2(score[col] - m_new);
-          p_sum += p;
-          p8[col] = num::round_e4m3(p * 448.0f);
+          const float code = std::nearbyint(std::clamp(8.0f * (score[col] - m_new) + 126.0f, 0.0f, 126.0f));
+          p8[col] = num::e4m3_to_float(static_cast<uint8_t>(code));
+          p_sum += p8[col];
         }
         std::vector<float> block(dim, 0.0f);
         for (int64_t chunk = 0; chunk < cols; chunk += 64) {
@@ -438,7 +439,7 @@ std::vector<float> fp16_accumulator_attention(const Stages& st, bool fp16_steps)
         m = m_new;
       }
       for (int64_t d = 0; d < dim; ++d) {
-        o[(h * s.len_q + r) * dim + d] = l == 0.0f ? 0.0f : acc[d] * qz.v_scale[hk * dim + d] / (448.0f * l);
+        o[(h * s.len_q + r) * dim + d] = l == 0.0f ? 0.0f : acc[d] * qz.v_scale[hk * dim + d] / l;
       }
     }
   }

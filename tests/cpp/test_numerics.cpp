@@ -55,6 +55,34 @@ TEST(E4m3, NormalTiesToEven) {
   EXPECT_EQ(float_to_e4m3(149.3f), 0x71);   // 144 = 1.001b · 2^7 is nearer than 160
 }
 
+// P · 448 of the fp8 P·V modes: the e4m3 code 8 · x + 126, rounded and clamped (method.md §2).
+TEST(PCode, HandComputedCodes) {
+  EXPECT_EQ(p8_from_code(0.0f), 448.0f);      // code 126 = 0x7e
+  EXPECT_EQ(p8_from_code(-1.0f), 224.0f);     // 118 = 0x76: one power of two lower
+  EXPECT_EQ(p8_from_code(-0.5f), 320.0f);     // 122 = 0x7a = 1.010b · 2^8 (448 · 2^-0.5 = 316.8)
+  EXPECT_EQ(p8_from_code(-0.0625f), 448.0f);  // 125.5: tie 125 | 126 → 126 (even)
+  EXPECT_EQ(p8_from_code(-0.1875f), 384.0f);  // 124.5: tie 124 | 125 → 124 = 0x7c = 1.100b · 2^8
+  EXPECT_EQ(p8_from_code(-14.75f), 0.015625f);       // 8 = 0x08: 2^-6, the smallest normal
+  EXPECT_EQ(p8_from_code(-15.0f), 6 * std::ldexp(1.0f, -9));  // 6: a subnormal
+  EXPECT_EQ(p8_from_code(-15.7f), 0.0f);      // 0.4 → 0
+  EXPECT_EQ(p8_from_code(-100.0f), 0.0f);
+  EXPECT_EQ(p8_from_code(-kInf), 0.0f);
+  EXPECT_EQ(p8_from_code(0.01f), 448.0f);     // clamped at 126 (never 0x7f = NaN)
+}
+
+TEST(PCode, MonotoneAndWithinItsBoundOfExp2) {
+  float previous = 0.0f;
+  for (int i = -14750; i <= 0; ++i) {  // e4m3(2^x · 448) normal
+    const float x = static_cast<float>(i) / 1000.0f;
+    const float p8 = p8_from_code(x);
+    EXPECT_GE(p8, previous) << x;
+    previous = p8;
+    const double ratio = p8 / (448.0 * std::exp2(static_cast<double>(x)));
+    EXPECT_GE(ratio, 0.92) << x;
+    EXPECT_LE(ratio, 1.065) << x;
+  }
+}
+
 TEST(E4m3, NaN) {
   EXPECT_EQ(float_to_e4m3(kNaN) & 0x7f, 0x7f);
   EXPECT_TRUE(std::isnan(e4m3_to_float(0x7f)));

@@ -10,7 +10,11 @@ against the single-process sparge ops on the full tensors and exact fp32 attenti
   results are merged in fp32. Bounds, with the P·V filter off (pvthreshd=inf): FP8 P rel. L1
   <= 2e-3 and cos >= 0.99999 (measured <= 5e-4, against ~6e-3 for the op's own error vs exact
   attention); FP16 P rel. L1 <= 1e-4 (measured ~2e-6; the fp16 output's own rounding is
-  2^-11 relative). With the filter on, the ring skips a subset of what the single pass skips
+  2^-11 relative). LSE: relative error <= 2e-5 with FP16 P (l sums unrounded p in fp32); with
+  FP8 P, l sums the e4m3 codes, so the rounding relative to another maximum reaches the LSE too
+  (a key's p8 may move by one code, up to ~12 %; over a row's keys the moves mostly average out):
+  <= 2e-2 (measured <= 5.2e-3, block-mask-first-half with 4 ranks; 0.5e-3 to 3.6e-3 in most
+  cases; the op's own LSE error against exact attention is ~0.02 to 0.04 nats). With the filter on, the ring skips a subset of what the single pass skips
   (its running maximum is never larger), so it is checked for being at least as close to the
   unfiltered result, at a looser bound against the single pass.
 
@@ -398,7 +402,8 @@ def test_ring_output_within_rounding(run, name):
         assert lse_err <= 5e-2, f"{ctx}: LSE relative error {lse_err}"
     else:
         assert_close_to(o, ref["o"], **_BOUNDS[case["check"]], context=f"{ctx}: vs single process")
-        assert lse_err <= 2e-5, f"{ctx}: LSE relative error {lse_err}"  # fp32 sums of l in another order
+        lse_tol = 2e-5 if case["check"] == "fp16" else 2e-2  # see the module docstring
+        assert lse_err <= lse_tol, f"{ctx}: LSE relative error {lse_err}"
     bounds = _EXACT_BOUNDS.get(case["check"], dict(cos_min=0.999, rel_l1_max=0.03))
     assert_close_to(o, ref["exact"], **bounds, context=f"{ctx}: vs exact attention over the selected blocks")
 

@@ -97,14 +97,18 @@ def test_cuda_attention_matches_fp32_truth(seed, kernel, pv, head_dim, dtype, ca
 def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape, pv, causal):
     """Same quantized inputs and block lists on both backends. Scores are exact int32 dots times
     the same fp32 scale product, so row maxima and P·V skip decisions agree exactly; P differs
-    by the exp2 implementation, which can flip single e4m3 (or fp16) roundings: rel-L1 <= 2e-3.
+    by single roundings: an e4m3 code where 8 · x + 126 lies within fp32 rounding of a half (the
+    kernels form it by fmas, the CPU in another order), or an fp16 value by the exp2
+    implementation: rel-L1 <= 2e-3.
     The wgmma kernel's pairs of blocks (head dims padded to 128) round p of a pair's first block
     relative to the max after the pair, the reference relative to the max after that block: more
     single-rounding flips, within the same bound; skip decisions still agree exactly.
     fp8_fp16acc: the tensor core sums a 32-key step in its own order and precision before the
     fp16 rounding (the CPU: fp32 in key order, then fp16), so a chunk's fp16 value may differ by
     an ulp (2^-11 relative) per step: rel-L1 <= 3e-3.
-    LSE: exp2 rounding (1e-4), plus on the wgmma kernel the one fp32 rounding of 1.5 · 2^23 · scale
+    LSE: exp2 rounding (1e-4); in the fp8 modes the tensor core sums l (P · ones), keeping >= 13
+    significant bits per 32-key step, so a 128-key tile's sum is within 4 · 2^-13 < 5e-4 relative;
+    plus on the wgmma kernel the one fp32 rounding of 1.5 · 2^23 · scale
     in its scores (docs/method.md §2, "Scores on the Hopper kernel"): at most 0.75 of one int32 dot
     unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2."""
     _require_pv(pv)
@@ -125,7 +129,7 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     assert torch.equal(lse_gpu.cpu().isfinite(), finite), context
     if finite.any():
         dot_unit = float(quantized.q_scale.max()) * float(quantized.k_scale.max())
-        lse_bound = 1e-4 + math.log(2) * 0.75 * dot_unit
+        lse_bound = (1e-4 if pv == "fp16" else 6e-4) + math.log(2) * 0.75 * dot_unit
         assert float((lse_gpu.cpu() - lse_cpu)[finite].abs().max()) <= lse_bound, context
     assert torch.all(o_gpu.cpu()[~finite] == 0), context
     assert torch.equal(st_gpu.cpu(), st_cpu), f"P·V units / skips: {st_gpu.tolist()} vs {st_cpu.tolist()}, {context}"

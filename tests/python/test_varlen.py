@@ -70,7 +70,8 @@ def test_matches_each_sequence_alone(case, seed, poison):
             assert_close_to(oi, ref[0], **DENSE, context=f"{case}: sequence {i} vs exact, seed={seed}")
             finite = ref_lse[0].isfinite()
             assert torch.equal(finite, lse_i.transpose(0, 1).isfinite())
-            assert torch.allclose(lse_i.transpose(0, 1)[finite].double(), ref_lse[0][finite], atol=0.05)
+            # as test_attention's LSE_TOL: INT8 scores, and in the fp8 modes l sums P's e4m3 codes
+            assert torch.allclose(lse_i.transpose(0, 1)[finite].double(), ref_lse[0][finite], atol=0.1)
         if ki.size(1) == 0:
             assert bool((oi == 0).all()) and bool((lse_i == -math.inf).all())
 

@@ -1,8 +1,11 @@
-// PTX wrappers for the number conversions of the attention kernels: fp32 → packed e4m3 / fp16
-// with the rounding of src/common/numerics.h (rne; e4m3 saturating to ±448), and exp2.
+// PTX wrappers for the number conversions of the attention kernels: fp32 → packed fp16 with the
+// rounding of src/common/numerics.h (rne), exp2, and P · 448 as an e4m3 code (the fp8 P·V modes).
 #pragma once
 
 #include <cstdint>
+
+#include "cuda/common/device_utils.cuh"
+#include "sparge/layout.h"
 
 namespace sparge::cuda {
 
@@ -13,32 +16,32 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Four fp32 → four e4m3 bytes, x0 in the lowest byte (rn, satfinite). sm_89+.
-__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
-  __trap();  // no e4m3 conversion before sm_89; attend_supports rejects these devices
-  return 0;
-#else
-  uint32_t packed;
-  // cvt.e4m3x2 puts its first source in the upper byte of the 16-bit result.
-  asm("{\n"
-      "  .reg .b16 lo, hi;\n"
-      "  cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n"
-      "  cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n"
-      "  mov.b32 %0, {lo, hi};\n"
-      "}\n"
-      : "=r"(packed)
-      : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
-  return packed;
-#endif
-}
-
 // Two fp32 → two fp16 (rn), x0 in the low half.
 __device__ __forceinline__ uint32_t pack_f16x2(float x0, float x1) {
   uint32_t packed;
   // cvt.f16x2 puts its first source in the upper half.
   asm("cvt.rn.f16x2.f32 %0, %2, %1;\n" : "=r"(packed) : "f"(x0), "f"(x1));
   return packed;
+}
+
+// P · 448 of the fp8 P·V modes as its e4m3 code (docs/method.md §2, step 3). With k = scale ·
+// kPCodeSlope and c = 1 − kPCodeSlope · m_new, u = sat(s · k + c) is (8 · (s · scale − m_new) + 126) /
+// 126 clamped to [0, 1] (−inf and NaN give 0); the returned float is 1.5 · 2^23 + rne(126 · u), whose
+// low byte is the code (at most 126: 0x7e = 448).
+inline constexpr float kPCodeSlope = static_cast<float>(kPCodesPerOctave) / static_cast<float>(kPCodeMax);
+__device__ __forceinline__ float p_code(float s, float k, float c) {
+  float u;
+  asm("fma.rn.sat.f32 %0, %1, %2, %3;\n" : "=f"(u) : "f"(s), "f"(k), "f"(c));
+  return fmaf(u, static_cast<float>(kPCodeMax), kRoundMagic);
+}
+
+// The low bytes of four floats' bit patterns, x0's in the lowest byte (three byte permutes).
+__device__ __forceinline__ uint32_t pack_low_bytes(float x0, float x1, float x2, float x3) {
+  constexpr uint32_t kLowBytesOfBoth = 0x0040;  // byte 0: x's byte 0, byte 1: y's byte 0
+  constexpr uint32_t kLowHalvesOfBoth = 0x5410;
+  const uint32_t lo = __byte_perm(__float_as_uint(x0), __float_as_uint(x1), kLowBytesOfBoth);
+  const uint32_t hi = __byte_perm(__float_as_uint(x2), __float_as_uint(x3), kLowBytesOfBoth);
+  return __byte_perm(lo, hi, kLowHalvesOfBoth);
 }
 
 }  // namespace sparge::cuda

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
     cp_async_commit();
 
     float m[2] = {kNegInf, kNegInf};  // running max (log2 units), per row
-    float l[2] = {0.0f, 0.0f};        // running sum of this lane's columns, per row
+    float l[2] = {0.0f, 0.0f};        // running sum per row: of p8 (fp8; the row's), of p (fp16; this lane's columns)
     float o_acc[kOTiles][4];          // (16, PASS_COLS): running Σ fmt(p · 448) · v_q
 #pragma unroll
     for (int dt = 0; dt < kOTiles; ++dt) {
@@ -345,18 +345,29 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
         alpha[i] = m_new == kNegInf ? 1.0f : fast_exp2(m[i] - m_new);
         m[i] = m_new;
       }
-      float row_sum[2] = {0.0f, 0.0f};
+      if constexpr (Cfg::kFp8) {  // p8 as e4m3 codes (p_code): s becomes 1.5 · 2^23 + code
+        float c[2];
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j) {
+        for (int i = 0; i < 2; ++i) c[i] = fmaf(-(m[i] == kNegInf ? 0.0f : m[i]), kPCodeSlope, 1.0f);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e / 2;
-          s[j][e] = s[j][e] == kNegInf ? 0.0f : fast_exp2(s[j][e] - m[i]);  // now p
-          row_sum[i] += s[j][e];
+        for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] = p_code(s[j][e], kPCodeSlope, c[e / 2]);
         }
-      }
+      } else {  // p = exp2(s − m_new); l sums this lane's columns of p (reduced over the quad at the end)
+        float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + row_sum[i];
+        for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e / 2;
+            s[j][e] = s[j][e] == kNegInf ? 0.0f : fast_exp2(s[j][e] - m[i]);  // now p
+            row_sum[i] += s[j][e];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + row_sum[i];
+      }
 
       // P in the P·V format as A fragments, straight from the S accumulators (see "Key order").
       uint32_t p_frag[Cfg::kPvSteps][4];
@@ -364,10 +375,10 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
       for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
         if constexpr (Cfg::kFp8) {
           const int j = 4 * ks;  // S tiles 4ks .. 4ks+3 → keys 32ks .. 32ks+31
-          p_frag[ks][0] = pack_e4m3x4(s[j][0] * kPScale, s[j][1] * kPScale, s[j + 1][0] * kPScale, s[j + 1][1] * kPScale);
-          p_frag[ks][1] = pack_e4m3x4(s[j][2] * kPScale, s[j][3] * kPScale, s[j + 1][2] * kPScale, s[j + 1][3] * kPScale);
-          p_frag[ks][2] = pack_e4m3x4(s[j + 2][0] * kPScale, s[j + 2][1] * kPScale, s[j + 3][0] * kPScale, s[j + 3][1] * kPScale);
-          p_frag[ks][3] = pack_e4m3x4(s[j + 2][2] * kPScale, s[j + 2][3] * kPScale, s[j + 3][2] * kPScale, s[j + 3][3] * kPScale);
+          p_frag[ks][0] = pack_low_bytes(s[j][0], s[j][1], s[j + 1][0], s[j + 1][1]);
+          p_frag[ks][1] = pack_low_bytes(s[j][2], s[j][3], s[j + 1][2], s[j + 1][3]);
+          p_frag[ks][2] = pack_low_bytes(s[j + 2][0], s[j + 2][1], s[j + 3][0], s[j + 3][1]);
+          p_frag[ks][3] = pack_low_bytes(s[j + 2][2], s[j + 2][3], s[j + 3][2], s[j + 3][3]);
         } else {
           const int j = 2 * ks;  // S tiles 2ks, 2ks+1 → keys 16ks .. 16ks+15
           p_frag[ks][0] = pack_f16x2(s[j][0] * kPScale, s[j][1] * kPScale);
@@ -375,6 +386,15 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
           p_frag[ks][2] = pack_f16x2(s[j + 1][0] * kPScale, s[j + 1][1] * kPScale);
           p_frag[ks][3] = pack_f16x2(s[j + 1][2] * kPScale, s[j + 1][3] * kPScale);
         }
+      }
+
+      if constexpr (Cfg::kFp8) {  // l = l · α + Σ p8, summed on the tensor core as P · ones (fp32)
+        constexpr uint32_t kE4m3OnesX4 = 0x38383838u;
+        float lsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // every column: the sum of row g (0, 1) / g + 8 (2, 3)
+#pragma unroll
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) mma_m16n8k32_e4m3(lsum, p_frag[ks], kE4m3OnesX4, kE4m3OnesX4);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + lsum[2 * i];
       }
 
       // ---- P·V: per chunk of O tiles, the block's product in fresh registers, then
@@ -448,15 +468,18 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
     }
     cp_async_wait<0>();  // nothing of this pass may still be in flight
 
-    // ---- 4. epilogue of the pass: o = acc · v_scale / (448 · l), 0 when l = 0; rows >= Lq never
+    // ---- 4. epilogue of the pass: o = acc · v_scale / l (l in units of p · 448), 0 when l = 0; rows >= Lq never
     // stored. The division is one correctly rounded reciprocal per row times the product (≤ 1 ulp
     // from the reference's quotient).
     float inv_denom[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
+      if constexpr (!Cfg::kFp8) {
 #pragma unroll
-      for (int mask = 1; mask < kQuadLanes; mask *= 2) l[i] += __shfl_xor_sync(kFullWarp, l[i], mask);
-      inv_denom[i] = l[i] == 0.0f ? 0.0f : 1.0f / (kPScale * l[i]);
+        for (int mask = 1; mask < kQuadLanes; mask *= 2) l[i] += __shfl_xor_sync(kFullWarp, l[i], mask);
+        l[i] *= kPScale;  // now in units of p · 448, as the fp8 modes' sum of p8
+      }
+      inv_denom[i] = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
     }
 #pragma unroll
     for (int dt = 0; dt < kOTiles; ++dt) {  // o_acc becomes o
@@ -491,7 +514,8 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
       for (int i = 0; i < 2; ++i) {
         if (!row_valid[i]) continue;
         const int64_t at = bh * p.len_q + warp_row0 + g + i * kMmaN;
-        p.lse[at] = l[i] == 0.0f ? kNegInf : __fadd_rn(__fmul_rn(kLn2, m[i] + log2f(l[i])), p.lse_shift[at]);
+        p.lse[at] = l[i] == 0.0f ? kNegInf
+                                 : __fadd_rn(__fmul_rn(kLn2, m[i] + (log2f(l[i]) - kLog2PScale)), p.lse_shift[at]);
       }
     }
   }

@@ -25,16 +25,18 @@
 // 4 warps skipped cost more than it saved (removing it: D128 pairs +5.9 % dense, +6.7 % topk 0.5,
 // kernel alone, same run, session 6, with 9 % of the groups skipping in the dense case).
 //
-// Softmax: p · 448 = exp2(s − (m − log2 448)), l sums p · 448; on a fully visible block the row
-// maximum is max(dot) · scale (bit-identical to max(float(dot) · scale)), each dot becomes a float
-// by one integer add (biased_dot, no I2FP) and s − m' is one fma. On the overlap schedule 1 (D128)
-// or 2 (D64) of every 8 exp2 run as a polynomial on the FMA pipe (exp2_fma, Config), on the D64
-// pairs 2 of 8; the ping-pong schedule reduces row maxima as trees.
+// Softmax: P · 448 is formed directly as its e4m3 code (docs/method.md §2, step 3): two fmas per
+// score, u = sat(1 + (8/126) · (s − m_new)) and 126 · u + 1.5 · 2^23, whose low byte is the code, then
+// byte permutes into the A fragments; no MUFU or conversion per score. l sums the e4m3 values on
+// the tensor core, as P · ones beside P · V (a (64, 8) product with e4m3 ones in shared memory).
+// On a fully visible block the row maximum is max(dot) · scale (bit-identical to max(float(dot) ·
+// scale)) and each dot becomes a float by one integer add (biased_dot, no I2FP); the ping-pong
+// schedule reduces row maxima as trees.
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. V^T comes from quantize with the keys of every 16-key
 // group in v_key_slot order (layout.h), which is exactly where the 8-bit A fragment of a P·V
-// k-step wants them: lane t packs its own P values (p_fragment_row), with no lane exchange.
+// k-step wants them: lane t packs its own P values (p_fragments), with no lane exchange.
 #pragma once
 
 #include <cuda.h>
@@ -77,8 +79,8 @@ inline constexpr int kQuadLanes = 4;
 inline constexpr int kNTile = 8;  // columns of one accumulator n-tile
 inline constexpr int kProducerRegs = 24;
 inline constexpr int kConsumerRegs = 240;
-inline constexpr float kLog2PScale = 8.807354922057604f;  // log2(kPScale)
 inline constexpr int kPingPongBarrier0 = 1;  // named barriers 1, 2 (0: __syncthreads)
+inline constexpr int kOnesRowBytes = 64;     // rows of the e4m3 ones tile: one 64-byte swizzle span
 
 template <int kHeadDimPad_, int kBlockK_, bool kPairs_>
 struct Config {
@@ -106,14 +108,6 @@ struct Config {
   // run on the ping-pong schedule only (its per-block skip logic is written there).
   static constexpr bool kOverlap = kPvChunks == 1 && !kPairs;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
-  // exp2 moved off MUFU: measured on H100 (harness, same run) +7% at D128/bk64 (kExpFmaPer8 1; 2
-  // gave +5%, 4 +3%) and +7.5% at D64 (2; 1 gave +5%); the ping-pong-only D128/bk128 lost 3-9%, and
-  // the pairs with biased dots (session 5, kernel alone) lost 1 % at D128 (1 of 8) and 3.6 % at D64
-  // (2 of 8). Session 6 (kernel alone, same run, after the shuffle-free P fragments): D64 pairs
-  // with 1 of 8 +3.7 %, D128 pairs −0.8 % dense. Session 9 (same method, after the barrier probes):
-  // D64 pairs 2 of 8 against 1 of 8 +2.7 % dense, +2.5 % topk 0.5 (3 of 8 −0.4 %); D128 pairs 1 / 2 /
-  // 3 of 8 against none 1.00 / 0.98 / 0.94. So D64 pairs take 2 of 8, D128 pairs keep MUFU.
-  static constexpr int kExpFmaPer8 = kHeadDimPad == 64 && (kOverlap || kPairs) ? 2 : kOverlap ? 1 : 0;
   // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
   // the turn (P·V always issued, as on every schedule).
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
@@ -138,7 +132,11 @@ struct Config {
   static constexpr int kBarOffset = kVOffset + kStages * kVBytes;
   // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages]
   static constexpr int kBarBytes = 8;
-  static constexpr int kSmemBytes = 1024 + kBarOffset + 1024;
+  // The B operand of the row-sum product (P · ones): e4m3 ones, (8, 32) per k-step, read by every
+  // k-step from one 1024-byte slot.
+  static constexpr int kOnesOffset = kBarOffset + 1024;
+  static constexpr int kOnesBytes = 1024;
+  static constexpr int kSmemBytes = 1024 + kOnesOffset + kOnesBytes;
 
   static_assert(kHeadDimPad == 64 || kHeadDimPad == 128, "rows of one 64- or 128-byte swizzle span");
   static_assert(kBlockK == 64 || kBlockK == 128, "V^T rows of one 64- or 128-byte swizzle span");
@@ -151,33 +149,12 @@ struct Config {
   static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
 };
 
-// P of one 32-key k-step of one row as two 8-bit A-fragment registers: p[2jj + c] is column 2t + c
-// of S n-tile 4s + jj (already scaled by 448). V^T holds the keys of every 16-key group in
-// v_key_slot order, so keys {2t, 2t+1, 8+2t, 9+2t} are A bytes 4t .. 4t+3 and the next 16 keys
-// bytes 16 + 4t .. 16 + 4t + 3: no lane exchange.
-__device__ __forceinline__ uint2 p_fragment_row(const float (&p)[8]) {
-  return make_uint2(pack_e4m3x4(p[0], p[1], p[2], p[3]), pack_e4m3x4(p[4], p[5], p[6], p[7]));
-}
-
 // A Q·K^T dot of a fully visible tile as the float 1.5 · 2^23 + dot (|dot| <= 128 · 128 · 128 < 2^22,
-// so the bits are 0x4B400000 + dot): one integer add instead of I2FP, whose pipe also packs P to
-// e4m3. The softmax takes the 1.5 · 2^23 · scale back out in its fma's addend, rounded once to
-// fp32: at most 0.75 · scale off, under one unit of the integer dot (INT8 rounding moves a dot by
-// far more).
+// so the bits are 0x4B400000 + dot): one integer add instead of an I2FP conversion (a slow pipe).
+// The softmax takes the 1.5 · 2^23 · k back out in p_code's addend, rounded once to fp32: at most
+// about 0.75 · scale off in the log2 domain, under one unit of the integer dot (INT8 rounding moves a
+// dot by far more).
 __device__ __forceinline__ float biased_dot(int32_t dot) { return __int_as_float(dot + 0x4B400000); }
-
-// 2^x on the FMA pipe: x clamped to >= −127, j = floor(x) by an add rounding down next to 1.5 · 2^23,
-// 2^(x − j) by a degree-3 polynomial with p(0) = 1 (relative error 8.6e-5, far below the e4m3 step
-// of P), j added into the exponent field. x <= −127 (−inf included) gives a denormal or 0, which
-// row_sum_add flushes and e4m3 rounds to 0, so 2^−inf still contributes exactly 0.
-__device__ __forceinline__ float exp2_fma(float x) {
-  x = fmaxf(x, -127.0f);
-  float t;
-  asm("add.rm.f32 %0, %1, %2;\n" : "=f"(t) : "f"(x), "f"(kRoundMagic));
-  const float f = x - (t - kRoundMagic);  // [0, 1), exact
-  const float q = fmaf(fmaf(fmaf(0.07706566154956818f, f, 0.22764649987220764f), f, 0.6951164603233337f), f, 1.0f);
-  return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
-}
 
 // One P·V chain into fresh registers pv (64 × kCols fp32): k-step ks multiplies P fragment pf[ks]
 // (registers) by the V^T tile of descriptor desc_of(ks). The caller fences and commits.
@@ -200,26 +177,6 @@ __device__ __forceinline__ void pv_chain(float (&pv)[kCols / 2], const uint32_t 
         wgmma_m64n64k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
       }
     }
-  }
-}
-
-// p · 448 of element e of a thread's S registers (e is a compile-time constant after unrolling):
-// kFmaPer8 of every 8 on the FMA pipe, the others on MUFU (ex2.approx).
-template <int kFmaPer8>
-__device__ __forceinline__ float softmax_exp2(float x, int e) {
-  if (e % 8 < kFmaPer8) return exp2_fma(x);
-  return fast_exp2(x);
-}
-
-// Row-sum accumulation; flushes exp2_fma's denormals (a fully masked row keeps l = 0).
-template <int kFmaPer8>
-__device__ __forceinline__ float row_sum_add(float a, float b) {
-  if constexpr (kFmaPer8 != 0) {
-    float r;
-    asm("add.ftz.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-  } else {
-    return a + b;
   }
 }
 
@@ -281,6 +238,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   auto k_full = [&](int stage) { return q_full + (1 + stage) * Cfg::kBarBytes; };
   auto v_full = [&](int stage) { return q_full + (1 + kStages + stage) * Cfg::kBarBytes; };
   auto empty = [&](int stage) { return q_full + (1 + 2 * kStages + stage) * Cfg::kBarBytes; };
+  const uint32_t ones_smem = smem + Cfg::kOnesOffset;
 
   const int thread = threadIdx.x;
   const int warp = thread / kWarpSize;
@@ -308,6 +266,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
     fence_barrier_init();
   }
+  constexpr uint32_t kE4m3OnesX4 = 0x38383838u;
+  if (thread < Cfg::kOnesBytes / 4) {
+    reinterpret_cast<uint32_t*>(smem_raw + (ones_smem - smem_address(smem_raw)))[thread] = kE4m3OnesX4;
+  }
+  fence_proxy_async_shared();  // the ones are read by wgmma (async proxy)
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -441,7 +404,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   };
 
   float m[2] = {kNegInf, kNegInf};  // running max (log2 units), rows g and g + 8
-  float l[2] = {0.0f, 0.0f};        // running sum of this lane's columns of p · 448
+  float l[2] = {0.0f, 0.0f};        // running sum of p8 (= p · 448), rows g and g + 8 (same in the quad)
   float acc[Cfg::kORegs];           // (64, D_PAD) of the warpgroup: running Σ fmt(p · 448) · v_q
 #pragma unroll
   for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
@@ -543,25 +506,22 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     return __all_sync(kFullWarp, all != 0);
   };
 
-  // p · 448 of the tile (s[]) as the A fragments of the P·V k-steps (rows g and g + 8).
+  // The codes of the tile (low bytes of s[], p_code) as the A fragments of the P·V k-steps: register
+  // 2 · half + row of k-step ks holds columns 2t, 2t + 1 of n-tiles 4ks + 2 · half and 4ks + 2 · half + 1
+  // of row g (row 0) or g + 8 (row 1). V^T holds the keys of every 16-key group in v_key_slot order,
+  // so these are exactly the A bytes lane t needs: no lane exchange.
   auto p_fragments = [](const float (&s)[Cfg::kSRegs], uint32_t (&pf)[Cfg::kPvSteps][4]) {
 #pragma unroll
     for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-      float row_p[2][8];  // n-tiles 4ks .. 4ks+3, columns 2t, 2t+1, per row
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
+      for (int half = 0; half < 2; ++half) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          row_p[0][2 * jj + c] = s[4 * (4 * ks + jj) + c];
-          row_p[1][2 * jj + c] = s[4 * (4 * ks + jj) + 2 + c];
+        for (int row = 0; row < 2; ++row) {
+          const float* x0 = s + 4 * (4 * ks + 2 * half) + 2 * row;
+          const float* x1 = s + 4 * (4 * ks + 2 * half + 1) + 2 * row;
+          pf[ks][2 * half + row] = pack_low_bytes(x0[0], x0[1], x1[0], x1[1]);
         }
       }
-      const uint2 r0 = p_fragment_row(row_p[0]);
-      const uint2 r1 = p_fragment_row(row_p[1]);
-      pf[ks][0] = r0.x;
-      pf[ks][1] = r1.x;
-      pf[ks][2] = r0.y;
-      pf[ks][3] = r1.y;
     }
   };
 
@@ -575,36 +535,37 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   };
 
   // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
-  // maxima after it (m_new): α, m, l and the P fragments. A skipping warp feeds P = 0 and α = 1 and
-  // leaves m and l unchanged; a skipped half of a pair subtracts +∞, so its p are 0.
-  // p · 448 = exp2(s − (m_new − log2 448)); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
+  // maxima after it (m_new): α, m and the P fragments (l is updated with acc, from P · ones). A
+  // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
+  // so its p are 0. The log2 score minus m_new is s · sc − (mag · sc + m_new), so p_code gets
+  // k = sc · kPCodeSlope and c = 1 − kPCodeSlope · m_new − mag · k (the mag · k of c cancels the one in
+  // s · k up to the rounding of c, see "Scores on the Hopper kernel"); masked s = −∞ gives 0 (m_new =
+  // −∞ only when every s is).
   auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
                             const float (&sc)[2][kHalves], float (&s)[Cfg::kSRegs], float (&alpha_out)[2],
                             uint32_t (&p_out)[Cfg::kPvSteps][4]) {
     alpha_out[0] = 1.0f;
     alpha_out[1] = 1.0f;
     if (!warp_skips) {
-      float bias[2][kHalves];
+      float k[2][kHalves];
+      float c[2][kHalves];
 #pragma unroll
       for (int i_row = 0; i_row < 2; ++i_row) {
         alpha_out[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
         m[i_row] = m_new[i_row];
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) {
-          const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]) - kLog2PScale;
-          bias[i_row][hh] = fmaf(mag, sc[i_row][hh], m_sub);
+          const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
+          k[i_row][hh] = sc[i_row][hh] * kPCodeSlope;
+          c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kPCodeSlope, 1.0f));
         }
       }
-      float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int e = 0; e < Cfg::kSRegs; ++e) {
         const int i_row = (e % 4) / 2;
         const int hh = (e / 4) * kNTile / kQuantBlockRows;
-        s[e] = softmax_exp2<Cfg::kExpFmaPer8>(fmaf(s[e], sc[i_row][hh], -bias[i_row][hh]), e);  // p · 448
-        row_sum[i_row] = row_sum_add<Cfg::kExpFmaPer8>(row_sum[i_row], s[e]);
+        s[e] = p_code(s[e], k[i_row][hh], c[i_row][hh]);
       }
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) l[i_row] = l[i_row] * alpha_out[i_row] + row_sum[i_row];
       p_fragments(s, p_out);
     } else {
 #pragma unroll
@@ -613,6 +574,27 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
       }
     }
+  };
+
+  // The row sums of a tile's P: P · ones over the k-steps, (64, 8) fp32, every column the row's sum
+  // (lsum[0]: row g, lsum[2]: row g + 8). Issued inside a P·V commit group.
+  auto issue_row_sums = [&](float (&lsum)[4], const uint32_t (&pf)[Cfg::kPvSteps][4]) {
+    const uint64_t ones_desc = wgmma_desc(ones_smem, kOnesRowBytes);
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+      if (ks == 0) {
+        wgmma_m64n8k32_f32_e4m3_rs_first(lsum, pf[ks], ones_desc);
+      } else {
+        wgmma_m64n8k32_f32_e4m3_rs(lsum, pf[ks], ones_desc, 1);
+      }
+    }
+  };
+  // acc = acc · α + pv for the running row sums: l = l · α + the tile's sum (after its wait).
+  auto add_row_sums = [&](float (&lsum)[4], const float (&alpha_t)[2]) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) wgmma_fence_operand(lsum[e]);
+    l[0] = l[0] * alpha_t[0] + lsum[0];
+    l[1] = l[1] * alpha_t[1] + lsum[2];
   };
 
   int key0_next[kHalves];  // of the tile whose softmax comes next
@@ -628,8 +610,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // the softmax of block i + 1 runs while P·V of block i is in flight. No divergent branch may
     // be crossed by an in-flight wgmma (ptxas would serialize), so P·V is always issued: a
     // warpgroup whose 4 warps all skip multiplies P = 0 (acc · 1 + 0 leaves acc unchanged).
-    // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m, l and
-    // the skip count.
+    // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m and the
+    // skip count.
     auto softmax = [&](const int (&k0)[kHalves], const float (&k_scale_half)[kHalves],
                        uint32_t (&p_out)[Cfg::kPvSteps][4], float (&alpha_out)[2]) {
       float s[Cfg::kSRegs];
@@ -646,11 +628,21 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     };
 
     float pv[Cfg::kORegs];  // P·V of the block in flight, (64, D_PAD) fp32
+    float lsum[4];          // its row sums (issue_row_sums)
     auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
       const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
       wgmma_fence();
       pv_chain<kHeadDimPad>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
+      issue_row_sums(lsum, pf);
       wgmma_commit();
+    };
+    auto add_pv = [&](const float (&alpha_t)[2]) {  // acc = acc · α + pv (the method's order), l likewise
+#pragma unroll
+      for (int e = 0; e < Cfg::kORegs; ++e) {
+        wgmma_fence_operand(pv[e]);
+        acc[e] = acc[e] * alpha_t[(e % 4) / 2] + pv[e];
+      }
+      add_row_sums(lsum, alpha_t);
     };
 
     // P and α of the block whose P·V is issued next, in two buffers that alternate between steps
@@ -675,22 +667,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
         softmax(key0_b, k_scale_b, p_nxt, alpha_nxt);
-        wgmma_wait<0>();  // P·V of block i
-        fence_p(p_cur);
-#pragma unroll
-        for (int e = 0; e < Cfg::kORegs; ++e) {
-          wgmma_fence_operand(pv[e]);
-          acc[e] = acc[e] * alpha_cur[(e % 4) / 2] + pv[e];
-        }
-      } else {
-        wgmma_wait<0>();
-        fence_p(p_cur);
-#pragma unroll
-        for (int e = 0; e < Cfg::kORegs; ++e) {
-          wgmma_fence_operand(pv[e]);
-          acc[e] = acc[e] * alpha_cur[(e % 4) / 2] + pv[e];
-        }
       }
+      wgmma_wait<0>();  // P·V of block i
+      fence_p(p_cur);
+      add_pv(alpha_cur);
       __syncwarp();
       if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
     };
@@ -815,6 +795,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       if (!k_ready) wait_k(i + 1);
       named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
       float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
+      float lsum[4];                // the tile's row sums (issue_row_sums)
       auto issue_pv = [&](int chunk) {
         // V^T tiles of kVRowBytes keys (two per tile for pairs); chunk rows start every kVRowBytes bytes.
         constexpr int kStepsPerVTile = Cfg::kVRowBytes / kWgmmaK8Bit;
@@ -825,6 +806,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           return wgmma_desc_advance(wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes),
                                     (ks % kStepsPerVTile) * kWgmmaK8Bit);
         });
+        if (chunk == Cfg::kPvChunks - 1) issue_row_sums(lsum, p_frag);
         wgmma_commit();
       };
       auto add_pv = [&](int chunk) {  // acc = acc · α + pv, the method's order
@@ -834,6 +816,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           float& o = acc[chunk * Cfg::kPvChunkRegs + e];
           o = o * alpha[(e % 4) / 2] + pv[e];
         }
+        if (chunk == Cfg::kPvChunks - 1) add_row_sums(lsum, alpha);
       };
       // P·V, then S of the next block: no wgmma stays in flight across a divergent branch (ptxas
       // would serialize them); the other warpgroup's turn starts once S is issued.
@@ -874,11 +857,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   // ---- 5. epilogue: o = acc · v_scale / l (l sums p · 448), 0 when l = 0; rows >= Lq never stored -
   float inv_denom[2];
 #pragma unroll
-  for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-    for (int mask = 1; mask < kQuadLanes; mask *= 2) l[i_row] += __shfl_xor_sync(kFullWarp, l[i_row], mask);
-    inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
-  }
+  for (int i_row = 0; i_row < 2; ++i_row) inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
   const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
 #pragma unroll
   for (int dt = 0; dt < Cfg::kOTiles; ++dt) {

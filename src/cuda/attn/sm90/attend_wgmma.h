@@ -33,9 +33,10 @@ constexpr bool wgmma_attend_covers(int64_t head_dim, int64_t block_q, int64_t bl
 constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
   constexpr size_t kAlignSlack = 1024;
   constexpr size_t kBarrierBytes = 1024;
+  constexpr size_t kOnesBytes = 1024;
   const size_t q_tile = static_cast<size_t>(kWgmmaAttendRows) * head_dim_pad;
   const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * 2 * block_k * head_dim_pad;
-  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes;
+  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes;
 }
 
 // Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
