@@ -14,9 +14,10 @@ against the single-process sparge ops on the full tensors and exact fp32 attenti
   FP8 P, l sums the e4m3 codes, so the rounding relative to another maximum reaches the LSE too
   (a key's p8 may move by one code, up to ~12 %; over a row's keys the moves mostly average out):
   <= 2e-2 (measured <= 5.2e-3, block-mask-first-half with 4 ranks; 0.5e-3 to 3.6e-3 in most
-  cases; the op's own LSE error against exact attention is ~0.02 to 0.04 nats). With the filter on, the ring skips a subset of what the single pass skips
-  (its running maximum is never larger), so it is checked for being at least as close to the
-  unfiltered result, at a looser bound against the single pass.
+  cases; the op's own LSE error against exact attention is ~0.02 to 0.04 nats). With the
+  filter on, the ring skips a subset of what the single pass skips (its running maximum is never
+  larger), so it is checked for being at least as close to the unfiltered result, at a looser
+  bound against the single pass.
 
 One spawn per world size runs every case (process start-up dominates the run time) and writes
 its results to a file; the references are computed in the test process.
