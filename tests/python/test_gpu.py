@@ -110,7 +110,10 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     significant bits per 32-key step, so a 128-key tile's sum is within 4 · 2^-13 < 5e-4 relative;
     plus on the wgmma kernel the one fp32 rounding of 1.5 · 2^23 · scale
     in its scores (docs/method.md §2, "Scores on the Hopper kernel"): at most 0.75 of one int32 dot
-    unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2."""
+    unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2. On the pair
+    kernel with fp8 P, l sums the first block's codes taken relative to the later maximum: each
+    such p8 lies within [0.920, 1.065] of 448 · 2^x (method.md §2.3), as does the reference's, so l
+    may differ by a factor within [0.920 / 1.065, 1.065 / 0.920]: ln(1.065 / 0.920) < 0.15."""
     _require_pv(pv)
     b, hq, hkv, lq, lk, d = shape
     q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, seed=seed)
@@ -129,7 +132,8 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     assert torch.equal(lse_gpu.cpu().isfinite(), finite), context
     if finite.any():
         dot_unit = float(quantized.q_scale.max()) * float(quantized.k_scale.max())
-        lse_bound = (1e-4 if pv == "fp16" else 6e-4) + math.log(2) * 0.75 * dot_unit
+        pair_codes = 0.15 if kernel == "auto" and pv == "fp8" else 0.0
+        lse_bound = (1e-4 if pv == "fp16" else 6e-4) + pair_codes + math.log(2) * 0.75 * dot_unit
         assert float((lse_gpu.cpu() - lse_cpu)[finite].abs().max()) <= lse_bound, context
     assert torch.all(o_gpu.cpu()[~finite] == 0), context
     assert torch.equal(st_gpu.cpu(), st_cpu), f"P·V units / skips: {st_gpu.tolist()} vs {st_cpu.tolist()}, {context}"
