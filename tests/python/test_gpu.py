@@ -107,9 +107,9 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     fp16 rounding (the CPU: fp32 in key order, then fp16), so a chunk's fp16 value may differ by
     an ulp (2^-11 relative) per step: rel-L1 <= 3e-3.
     LSE: exp2 rounding (1e-4); in the fp8 modes the tensor core sums l (P · ones) in its own
-    precision: if it aligns the 32 products of a step to the largest and keeps >= 13 bits below it
-    (the fp8 tensor core truncates; measured up to 1.9e-3 on the mma.sync kernel), a step's sum,
-    and so l, is low by at most 32 · 2^-13 < 4e-3 relative;
+    precision, coarser than fp32 (measured up to 1.9e-3 on the mma.sync kernel): if it aligns the
+    32 products of a step to the largest and keeps >= 13 bits below it, a step's sum, and so l, is
+    off by at most 32 · 2^-13 < 4e-3 relative;
     plus on the wgmma kernel the one fp32 rounding of 1.5 · 2^23 · scale
     in its scores (docs/method.md §2, "Scores on the Hopper kernel"): at most 0.75 of one int32 dot
     unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2. On the pair
