@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "common/status_macros.h"
+#include "cuda/attn/lane_rows.cuh"
 #include "cuda/attn/sm80/attend_mma.h"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_convert.cuh"
@@ -221,17 +222,11 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
   // ---- per-thread row data: rows g and g + 8 of the warp's 16 ------------------------------------
   const int warp_row0 = row0 + warp * kMmaAttendWarpRows;
   const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
-  bool row_valid[2];
-  float q_scale_row[2];
-  int col_end[2];  // keys c < col_end are visible (and < Lk)
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp_row0 + g + i * kMmaN;
-    row_valid[i] = r < p.len_q;
-    q_scale_row[i] = row_valid[i] ? p.q_scale[bh * p.q_groups + q_scale_group(r, p.granularity)] : 0.0f;
-    col_end[i] = row_valid[i] ? static_cast<int>(visible_end(r, p.causal, p.len_q, p.len_k)) : 0;
-  }
-  const float pvthreshd = p.pvthreshd_per_head != nullptr ? p.pvthreshd_per_head[h] : p.pvthreshd;
+  const LaneRows rows = lane_rows(p, bh, warp_row0 + g);
+  const bool (&row_valid)[2] = rows.valid;
+  const float (&q_scale_row)[2] = rows.q_scale;
+  const int (&col_end)[2] = rows.col_end;  // keys c < col_end are visible (and < Lk)
+  const float pvthreshd = head_pvthreshd(p, h);
   const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
   int skipped = 0;  // P·V units this warp skipped (counted in pass 0)
 

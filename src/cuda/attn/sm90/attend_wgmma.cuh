@@ -51,6 +51,7 @@
 #include <type_traits>
 
 #include "common/status_macros.h"
+#include "cuda/attn/lane_rows.cuh"
 #include "cuda/attn/sm90/attend_wgmma.h"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_convert.cuh"
@@ -314,18 +315,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int warp_row0 = row0 + consumer_group * kWgmmaM + group_warp * 16;
   const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
 
-  bool row_valid[2];
-  float q_scale_row[2];
-  int col_end[2];  // keys c < col_end are visible (and < Lk)
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp_row0 + g + i * kNTile;
-    row_valid[i] = r < p.len_q;
-    q_scale_row[i] = row_valid[i] ? p.q_scale[bh * p.q_groups + q_scale_group(r, p.granularity)] : 0.0f;
-    col_end[i] = row_valid[i] ? static_cast<int>(visible_end(r, p.causal, p.len_q, p.len_k)) : 0;
-  }
+  const LaneRows rows = lane_rows(p, bh, warp_row0 + g);
+  const bool (&row_valid)[2] = rows.valid;
+  const float (&q_scale_row)[2] = rows.q_scale;
+  const int (&col_end)[2] = rows.col_end;  // keys c < col_end are visible (and < Lk)
   const int col_end_min = min(col_end[0], col_end[1]);
-  const float pvthreshd = p.pvthreshd_per_head != nullptr ? p.pvthreshd_per_head[h] : p.pvthreshd;
+  const float pvthreshd = head_pvthreshd(p, h);
 
   // First key (kAbsentKey for the missing second block of a pair) and this lane's K scale of each
   // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead. A half starts on a
