@@ -226,7 +226,8 @@ PvCount attend_q_block(const AttendParams& p, const HeadData& hd, int64_t b, int
     }
   }
 
-  // 4. Epilogue: o = acc · v_scale / l (l in units of p · 448; 0 when l = 0), lse in natural log, un-smoothed.
+  // 4. Epilogue: o = acc · v_scale / l (l in units of p · 448; 0 when l = 0), lse in natural log,
+  // un-smoothed.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = row0 + r;
     const float l = st.l[r];

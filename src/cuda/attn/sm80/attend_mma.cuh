@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
     cp_async_commit();
 
     float m[2] = {kNegInf, kNegInf};  // running max (log2 units), per row
-    float l[2] = {0.0f, 0.0f};        // running sum per row: of p8 (fp8; the row's), of p (fp16; this lane's columns)
+    float l[2] = {0.0f, 0.0f};  // running sum per row: fp8, the row's p8; fp16, p of this lane's columns
     float o_acc[kOTiles][4];          // (16, PASS_COLS): running Σ fmt(p · 448) · v_q
 #pragma unroll
     for (int dt = 0; dt < kOTiles; ++dt) {
@@ -463,9 +463,9 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
     }
     cp_async_wait<0>();  // nothing of this pass may still be in flight
 
-    // ---- 4. epilogue of the pass: o = acc · v_scale / l (l in units of p · 448), 0 when l = 0; rows >= Lq never
-    // stored. The division is one correctly rounded reciprocal per row times the product (≤ 1 ulp
-    // from the reference's quotient).
+    // ---- 4. epilogue of the pass: o = acc · v_scale / l (l in units of p · 448), 0 when l = 0; rows
+    // >= Lq never stored. The division is one correctly rounded reciprocal per row times the product
+    // (≤ 1 ulp from the reference's quotient).
     float inv_denom[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
