@@ -3,7 +3,6 @@
 // saturating to ±448 (as cvt.rn.satfinite.e4m3x2.f32), fp16 overflowing to ±inf.
 #pragma once
 
-#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -103,9 +102,10 @@ inline float e4m3_to_float(uint8_t c) { return e4m3_table()[c]; }
 // code clamp(rne(8 · x + 126), 0, 126), read as e4m3 (docs/method.md §2, step 3). Within each
 // power of two the codes step linearly in x: 2^x · 448 to within −8.0 % / +6.5 % for x >= −14.75 (the
 // linear steps alone −3.9 % / +2.0 %; rounding 2^x · 448 to e4m3 alone: ±6.25 %).
+// A NaN x gives 0, as the GPU's saturating fma does.
 inline float p8_from_code(float x) {
   const float t = static_cast<float>(kPCodesPerOctave) * x + static_cast<float>(kPCodeMax);
-  const float code = std::nearbyint(std::clamp(t, 0.0f, static_cast<float>(kPCodeMax)));
+  const float code = std::nearbyint(std::fmin(std::fmax(t, 0.0f), static_cast<float>(kPCodeMax)));
   return e4m3_to_float(static_cast<uint8_t>(code));
 }
 

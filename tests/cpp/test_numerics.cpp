@@ -68,6 +68,7 @@ TEST(PCode, HandComputedCodes) {
   EXPECT_EQ(p8_from_code(-100.0f), 0.0f);
   EXPECT_EQ(p8_from_code(-kInf), 0.0f);
   EXPECT_EQ(p8_from_code(0.01f), 448.0f);     // clamped at 126 (never 0x7f = NaN)
+  EXPECT_EQ(p8_from_code(kNaN), 0.0f);       // as the GPU's fma.sat
 }
 
 TEST(PCode, MonotoneAndWithinItsBoundOfExp2) {
