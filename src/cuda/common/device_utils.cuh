@@ -21,6 +21,13 @@ inline constexpr int kWarpSize = 32;
 // rounding mode), which then sits in the low mantissa bits of the sum.
 inline constexpr float kRoundMagic = 12582912.0f;
 
+// The low bytes of four 32-bit words, x0's in the lowest byte (three byte permutes).
+__device__ __forceinline__ uint32_t low_bytes(uint32_t x0, uint32_t x1, uint32_t x2, uint32_t x3) {
+  constexpr uint32_t kLowBytesOfBoth = 0x0040;  // byte 0: x's byte 0, byte 1: y's byte 0
+  constexpr uint32_t kLowHalvesOfBoth = 0x5410;
+  return __byte_perm(__byte_perm(x0, x1, kLowBytesOfBoth), __byte_perm(x2, x3, kLowBytesOfBoth), kLowHalvesOfBoth);
+}
+
 // Reads one input element as fp32.
 template <typename T>
 __device__ __forceinline__ float load_as_float(const T* p) {

@@ -35,13 +35,12 @@ __device__ __forceinline__ float p_code(float s, float k, float c) {
   return fmaf(u, static_cast<float>(kPCodeMax), kRoundMagic);
 }
 
-// The low bytes of four floats' bit patterns, x0's in the lowest byte (three byte permutes).
+// The low bytes of four floats' bit patterns (p_code's codes), x0's in the lowest byte.
 __device__ __forceinline__ uint32_t pack_low_bytes(float x0, float x1, float x2, float x3) {
-  constexpr uint32_t kLowBytesOfBoth = 0x0040;  // byte 0: x's byte 0, byte 1: y's byte 0
-  constexpr uint32_t kLowHalvesOfBoth = 0x5410;
-  const uint32_t lo = __byte_perm(__float_as_uint(x0), __float_as_uint(x1), kLowBytesOfBoth);
-  const uint32_t hi = __byte_perm(__float_as_uint(x2), __float_as_uint(x3), kLowBytesOfBoth);
-  return __byte_perm(lo, hi, kLowHalvesOfBoth);
+  return low_bytes(__float_as_uint(x0), __float_as_uint(x1), __float_as_uint(x2), __float_as_uint(x3));
 }
+
+// Four e4m3 ones (0x38 = 1.0) in one word: the B operand of the row sums P · ones.
+inline constexpr uint32_t kE4m3OnesX4 = 0x38383838u;
 
 }  // namespace sparge::cuda

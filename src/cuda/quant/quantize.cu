@@ -566,8 +566,7 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
           uint32_t q[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) q[k] = int8_low_byte(vv[w * 4 + k], inv);
-          // The low bytes of q[0..3], in order, as one word (three byte permutes).
-          packed[w] = __byte_perm(__byte_perm(q[0], q[1], 0x0040), __byte_perm(q[2], q[3], 0x0040), 0x5410);
+          packed[w] = low_bytes(q[0], q[1], q[2], q[3]);
         }
         int8_t* dst = a.out + (bh * a.len + row0 + r) * D + col0;
         if constexpr (VEC == 8) {

@@ -384,7 +384,6 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
       }
 
       if constexpr (Cfg::kFp8) {  // l = l · α + Σ p8, summed on the tensor core as P · ones (fp32)
-        constexpr uint32_t kE4m3OnesX4 = 0x38383838u;
         float lsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // every column: the sum of row g (0, 1) / g + 8 (2, 3)
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) mma_m16n8k32_e4m3(lsum, p_frag[ks], kE4m3OnesX4, kE4m3OnesX4);

@@ -267,7 +267,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
     fence_barrier_init();
   }
-  constexpr uint32_t kE4m3OnesX4 = 0x38383838u;
   if (thread < Cfg::kOnesBytes / 4) {
     reinterpret_cast<uint32_t*>(smem_raw + (ones_smem - smem_address(smem_raw)))[thread] = kE4m3OnesX4;
   }
