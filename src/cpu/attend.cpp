@@ -64,10 +64,19 @@ int32_t dot_int8(const int8_t* a, const int8_t* b, int64_t n) {
   return sum;
 }
 
-// P · 448 in the P·V format for x = s − m_new: the e4m3 code of the fp8 modes, fp16(exp2(x) · 448) in
-// kFp16.
-float p_scaled(float x, PvPrecision pv) {
-  return pv_is_fp8(pv) ? num::p8_from_code(x) : num::round_fp16(std::exp2(x) * kPScale);
+// For x = s − m_new: P · 448 in the P·V format (p8) and what l adds for it (§2, step 3). The fp8 modes:
+// the e4m3 code's value, both. kFp16: fp16(exp2(x) · 448), and the unrounded exp2(x) · 448.
+struct ScaledP {
+  float p8;
+  float l_term;
+};
+ScaledP p_scaled(float x, PvPrecision pv) {
+  if (pv_is_fp8(pv)) {
+    const float p8 = num::p8_from_code(x);
+    return {p8, p8};
+  }
+  const float p = std::exp2(x) * kPScale;
+  return {num::round_fp16(p), p};
 }
 
 // Keys [c0, c0 + cols) of V^T [D, Lk_pad] (e4m3 or fp16, keys at v_key_slot) as fp32, token-major:
@@ -166,8 +175,9 @@ void update_group(const AttendParams& p, const Group& g, int64_t cols, QBlockSta
     for (int64_t c = 0; c < cols; ++c) {
       st.p8[c] = 0.0f;
       if (sr[c] == kNegInf) continue;  // p = 0
-      st.p8[c] = p_scaled(sr[c] - m_new, p.quant.pv);
-      p_sum += pv_is_fp8(p.quant.pv) ? st.p8[c] : std::exp2(sr[c] - m_new) * kPScale;
+      const ScaledP scaled = p_scaled(sr[c] - m_new, p.quant.pv);
+      st.p8[c] = scaled.p8;
+      p_sum += scaled.l_term;
     }
     if (p.quant.pv == PvPrecision::kFp8Fp16Accum) {
       block_pv_fp16_accum(cols, dim, st);
