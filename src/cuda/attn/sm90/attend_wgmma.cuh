@@ -122,6 +122,11 @@ struct Config {
   // Row maxima as pairwise trees (on the int32 dots where the block is fully visible): +2% on the
   // ping-pong-only D128/bk128, −1% to −4% on the overlap path (same run), so there only.
   static constexpr bool kTreeMax = !kOverlap;
+  // Steps of those trees on the int32 dots: 3-input (one VIMNMX3 each) on pairs, bit-identical (D128
+  // pairs, kernel alone, same run, four runs of session 11: dense L32k +1.4 %, topk 0.5 +1.8 %, causal
+  // +1.3 %, B2 L8k +0.7 % on average, against a noise of about 1 %); 2-input on the one-block
+  // kernel, where the 3-input form made ptxas spill 8 bytes in <128, 128>.
+  static constexpr int kDotMaxArity = kPairs ? 3 : 2;
   static constexpr int kOTiles = kHeadDimPad / kNTile;
 
   static constexpr int kQBytes = kWgmmaAttendRows * kHeadDimPad;  // (128, D_PAD) int8, rows of D_PAD bytes
@@ -181,37 +186,74 @@ __device__ __forceinline__ void pv_chain(float (&pv)[kCols / 2], const uint32_t 
   }
 }
 
+// The maximum of a[0, kN) as a tree of 3-input steps (one VIMNMX3 each), in place.
+template <int kN>
+__device__ __forceinline__ int32_t tree_max3(int32_t (&a)[kN]) {
+  int n = kN;  // values left; every trip count is known at compile time
+#pragma unroll
+  for (int level = 0; level < kN; ++level) {
+    if (n > 1) {
+      int kept = 0;
+#pragma unroll
+      for (int i = 0; i < kN; i += 3) {
+        if (i < n) {
+          const int32_t x = i + 2 < n ? __vimax3_s32(a[i], a[i + 1], a[i + 2]) : i + 1 < n ? max(a[i], a[i + 1]) : a[i];
+          a[kept++] = x;
+        }
+      }
+      n = kept;
+    }
+  }
+  return a[0];
+}
+
 // out[row][hh] = max of v over the thread's columns of row g (row 0) / g + 8 (row 1) in 64-key half hh,
-// as a pairwise tree (chains of log2 length instead of one chain per row and half).
-template <int kSRegs, int kHalves, typename T>
+// as a tree of kArity-input steps (chains of logarithmic length instead of one chain per row and half;
+// kArity = 3: int32 only).
+template <int kArity, int kSRegs, int kHalves, typename T>
 __device__ __forceinline__ void row_half_max(const T (&v)[kSRegs], T (&out)[2][kHalves]) {
   constexpr int kTiles = kSRegs / 4;
   constexpr int kTilesPerHalf = kTiles / kHalves;
-  auto max2 = [](T a, T b) {
-    if constexpr (std::is_same_v<T, float>) {
-      return fmaxf(a, b);
-    } else {
-      return max(a, b);
+  if constexpr (kArity == 3) {
+    static_assert(std::is_same_v<T, int32_t>, "3-input steps on int32 only");
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) {
+        int32_t a[2 * kTilesPerHalf];
+#pragma unroll
+        for (int j = 0; j < 2 * kTilesPerHalf; ++j) a[j] = v[4 * (hh * kTilesPerHalf + j / 2) + 2 * row + j % 2];
+        out[row][hh] = tree_max3(a);
+      }
     }
-  };
-  T a[2][kTiles];
+  } else {
+    static_assert(kArity == 2, "trees of 2- or 3-input steps");
+    auto max2 = [](T a, T b) {
+      if constexpr (std::is_same_v<T, float>) {
+        return fmaxf(a, b);
+      } else {
+        return max(a, b);
+      }
+    };
+    T a[2][kTiles];
 #pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
+    for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
-    for (int row = 0; row < 2; ++row) a[row][j] = max2(v[4 * j + 2 * row], v[4 * j + 2 * row + 1]);
-  }
-#pragma unroll
-  for (int w = 1; w < kTilesPerHalf; w *= 2) {
-#pragma unroll
-    for (int j = 0; j < kTiles; j += 2 * w) {
-#pragma unroll
-      for (int row = 0; row < 2; ++row) a[row][j] = max2(a[row][j], a[row][j + w]);
+      for (int row = 0; row < 2; ++row) a[row][j] = max2(v[4 * j + 2 * row], v[4 * j + 2 * row + 1]);
     }
-  }
 #pragma unroll
-  for (int row = 0; row < 2; ++row) {
+    for (int w = 1; w < kTilesPerHalf; w *= 2) {
 #pragma unroll
-    for (int hh = 0; hh < kHalves; ++hh) out[row][hh] = a[row][hh * kTilesPerHalf];
+      for (int j = 0; j < kTiles; j += 2 * w) {
+#pragma unroll
+        for (int row = 0; row < 2; ++row) a[row][j] = max2(a[row][j], a[row][j + w]);
+      }
+    }
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) out[row][hh] = a[row][hh * kTilesPerHalf];
+    }
   }
 }
 
@@ -447,7 +489,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       }
       if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the integer adds
         int32_t mi[2][kHalves];
-        row_half_max(s_acc, mi);
+        row_half_max<Cfg::kDotMaxArity>(s_acc, mi);
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
@@ -483,7 +525,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
       }
     }
-    if constexpr (Cfg::kTreeMax) row_half_max(s, mx);
+    if constexpr (Cfg::kTreeMax) row_half_max<2>(s, mx);
     return 0.0f;
   };
 
