@@ -19,15 +19,23 @@ time is its Python layer, checks and allocations), *GPU* (CUDA events around the
 GPU) and the ratio of the host time to SDPA's. On a GPU, at this shape the kernels are shorter
 than the launch path, so the host time is the per-call overhead; on the CPU the calls compute
 synchronously and the host time includes the attention itself.
+
+``--power`` (CUDA) adds the SM clock and the board power of every timed case: after the timing,
+each case runs back to back for ``--power-seconds`` while ``nvidia-smi`` samples both every 100 ms
+(medians, the first quarter-second of each case left out). On an H100 the attention kernel runs at
+the board's power cap, so a change that saves energy shows up as a higher clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +66,8 @@ class Result:
     gpu_us: Optional[float] = None  # --overhead: GPU time per call (µs, CUDA events)
     overhead_ratio: Optional[float] = None  # --overhead: host_us / host_us of torch SDPA
     core_us: Optional[float] = None  # --overhead, sparge.attention: host time per call of its C++ call alone (µs)
+    sm_mhz: Optional[float] = None  # --power: median SM clock while the case runs back to back
+    power_w: Optional[float] = None  # --power: median board power while the case runs back to back
     note: str = ""
 
 
@@ -116,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "D=64) of torch SDPA, sparge.attention and the sparge.patch route")  # fmt: skip
     p.add_argument("--overhead-calls", type=int, default=None, metavar="N",
                    help="calls per overhead measurement (default 200 on CUDA, 20 on CPU)")  # fmt: skip
+    p.add_argument("--power", action="store_true",
+                   help="also report the SM clock and the board power of every timed case (CUDA, nvidia-smi): each "
+                        "runs back to back for --power-seconds while nvidia-smi samples every 100 ms")  # fmt: skip
+    p.add_argument("--power-seconds", type=float, default=2.0, metavar="S",
+                   help="seconds each case runs for --power (default 2)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot speed-up and relative L1 vs sparsity (matplotlib)")
@@ -340,6 +355,75 @@ def _flex_case(q, k, v, label: str, kwargs: dict, causal: bool, gqa: bool):
     return (f"flex {label[len('sparge '):]}", run_flex, lambda: float(sparge.block_sparsity(pred.stats)))
 
 
+_SMI_TIME_FORMAT = "%Y/%m/%d %H:%M:%S.%f"
+
+
+def parse_power_sample(line: str) -> Optional[tuple[float, float, float]]:
+    """(time.time() seconds, SM MHz, W) of one line of ``nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw
+    --format=csv,noheader,nounits``; None for a line without numbers (e.g. "[N/A]")."""
+    parts = [x.strip() for x in line.split(",")]
+    if len(parts) != 3:
+        return None
+    try:
+        when = datetime.datetime.strptime(parts[0], _SMI_TIME_FORMAT).timestamp()
+        return when, float(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+
+
+def window_medians(samples: Sequence[tuple[float, float, float]], t0: float, t1: float):
+    """(median SM MHz, median W) of the samples taken in [t0, t1], or None if there is none."""
+    inside = [(mhz, watts) for when, mhz, watts in samples if t0 <= when <= t1]
+    if not inside:
+        return None
+    return statistics.median(m for m, _ in inside), statistics.median(w for _, w in inside)
+
+
+def _nvidia_smi_gpu(device: torch.device) -> str:
+    """The PCI address of a CUDA device, as nvidia-smi -i takes it (independent of CUDA_VISIBLE_DEVICES)."""
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+
+
+def _power(
+    timed: Sequence[tuple[Result, Callable[[], object]]], device: torch.device, seconds: float
+) -> Optional[float]:
+    """Runs every case back to back for ``seconds`` under nvidia-smi sampling and sets its sm_mhz / power_w;
+    returns the board's power limit (W) or None."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        raise SystemExit("--power needs nvidia-smi on the PATH")
+    gpu = _nvidia_smi_gpu(device)
+    limit = subprocess.run([exe, "-i", gpu, "--query-gpu=power.limit", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    query = [exe, "-i", gpu, "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
+             "-lms", "100"]  # fmt: skip
+    proc = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    windows = []
+    try:
+        for i, (res, fn) in enumerate(timed, 1):
+            _log(f"power [{i}/{len(timed)}] {res.case}: {seconds:g} s back to back ...")
+            torch.cuda.synchronize(device)
+            start = time.time()
+            while time.time() - start < seconds:
+                fn()
+                torch.cuda.synchronize(device)
+            windows.append((res, start + min(0.25, seconds / 4), time.time()))
+        time.sleep(0.3)  # the last samples
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate()
+    samples = [s for s in map(parse_power_sample, output.splitlines()) if s is not None]
+    for res, t0, t1 in windows:
+        medians = window_medians(samples, t0, t1)
+        if medians is not None:
+            res.sm_mhz, res.power_w = medians
+    try:
+        return float(limit)
+    except ValueError:
+        return None
+
+
 def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
     """Runs every case; returns the results and the configuration (for --json)."""
     if args.device == "auto":
@@ -421,6 +505,8 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         res.tops = flops / (res.time_ms * 1e-3) / 1e12
         _log(f"{res.case}: {res.time_ms:.3f} ms")
 
+    power_limit = _power(timed, device, args.power_seconds) if args.power else None
+
     if stage_cases:
         try:
             stages = _stages(q, k, v, args, stage_cases)
@@ -463,6 +549,8 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "flops": flops,
         "reference": "fp32" if on_gpu else "fp64",
         "overhead_shape": list(OVERHEAD_SHAPE) if args.overhead else None,
+        "power_seconds": args.power_seconds if args.power else None,
+        "power_limit_w": power_limit,
     }
 
 
@@ -483,6 +571,9 @@ def format_table(results: list[Result]) -> str:
         rows = [row + (fmt(r.host_us, ".1f"), fmt(r.core_us, ".1f"), fmt(r.gpu_us, ".1f"),
                        fmt(r.overhead_ratio, ".2f", "x"))
                 for row, r in zip(rows, results)]  # fmt: skip
+    if any(r.sm_mhz is not None for r in results):
+        header += ("SM MHz", "W")
+        rows = [row + (fmt(r.sm_mhz, ".0f"), fmt(r.power_w, ".0f")) for row, r in zip(rows, results)]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
 
     def line(cells):
@@ -528,6 +619,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if not args.idle_ms >= 0:
         raise SystemExit(f"--idle-ms: expected a number of milliseconds >= 0, got {args.idle_ms}")
+    if not args.power_seconds > 0:
+        raise SystemExit(f"--power-seconds: expected a number of seconds > 0, got {args.power_seconds}")
+    if args.power:
+        cuda = torch.cuda.is_available() if args.device == "auto" else torch.device(args.device).type == "cuda"
+        if not cuda:
+            raise SystemExit("--power: the SM clock and the board power are read with nvidia-smi, on a CUDA device only")
     results, config = run(args)
     print(format_table(results))
     if args.json:

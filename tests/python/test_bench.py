@@ -110,3 +110,59 @@ def test_bench_overhead_rows(tmp_path, capsys):
 def test_bench_rejects_bad_overhead_calls():
     with pytest.raises(SystemExit, match="overhead-calls"):
         bench.main(["--overhead", "--overhead-calls", "0"])
+
+
+def test_power_sample_lines_parse_to_time_clock_and_watts():
+    first = bench.parse_power_sample("2026/11/22 21:35:40.250, 1755, 696.52")
+    second = bench.parse_power_sample("2026/11/22 21:35:41.750, 1275, 697.00\n")
+    assert first[1:] == (1755.0, 696.52) and second[1:] == (1275.0, 697.0)
+    assert second[0] - first[0] == pytest.approx(1.5)
+    for line in ("2026/11/22 21:35:40.250, [N/A], 696.52", "1755, 696.52", "", "not a time, 1, 2"):
+        assert bench.parse_power_sample(line) is None, line
+
+
+def test_power_window_medians():
+    samples = [(0.0, 1980.0, 100.0), (1.0, 1700.0, 690.0), (1.1, 1750.0, 700.0), (1.2, 1800.0, 650.0), (3.0, 1.0, 1.0)]
+    assert bench.window_medians(samples, 0.5, 2.0) == (1750.0, 690.0)
+    assert bench.window_medians(samples, 1.05, 1.1) == (1750.0, 700.0)  # both ends inclusive
+    assert bench.window_medians(samples, 1.5, 2.5) is None
+
+
+def test_power_phase_reads_clock_and_watts_of_each_case(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!" + sys.executable + "\n"
+        "import datetime, sys, time\n"
+        "if any('power.limit' in a for a in sys.argv):\n"
+        "    print('700.00'); sys.exit(0)\n"
+        "while True:\n"
+        "    now = datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]\n"
+        "    print(f'{now}, 1755, 696.50', flush=True)\n"
+        "    time.sleep(0.02)\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: str(fake) if name == "nvidia-smi" else None)
+    monkeypatch.setattr(bench, "_nvidia_smi_gpu", lambda device: "00000000:00:06.0")
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: None)
+    calls = {"a": 0, "b": 0}
+    timed = [(bench.Result("a"), lambda: calls.__setitem__("a", calls["a"] + 1)),
+             (bench.Result("b"), lambda: calls.__setitem__("b", calls["b"] + 1))]  # fmt: skip
+    assert bench._power(timed, torch.device("cpu"), 0.4) == 700.0
+    assert calls["a"] > 0 and calls["b"] > 0
+    for res, _ in timed:
+        assert (res.sm_mhz, res.power_w) == (1755.0, 696.5), res
+    table = bench.format_table([res for res, _ in timed])
+    assert "SM MHz" in table and "1755" in table and "696" in table
+
+
+def test_power_phase_needs_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="nvidia-smi"):
+        bench._power([], torch.device("cpu"), 1.0)
+
+
+def test_bench_rejects_power_off_cuda_and_bad_power_seconds():
+    with pytest.raises(SystemExit, match="--power"):
+        bench.main(["--power", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--power-seconds"):
+        bench.main(["--power-seconds", "0", "--device", "cpu"])
