@@ -621,8 +621,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--idle-ms: expected a number of milliseconds >= 0, got {args.idle_ms}")
     if not args.power_seconds > 0:
         raise SystemExit(f"--power-seconds: expected a number of seconds > 0, got {args.power_seconds}")
+    try:
+        device = None if args.device == "auto" else torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device: {e}") from e
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available (torch.cuda.is_available() is False)")
     if args.power:
-        cuda = torch.cuda.is_available() if args.device == "auto" else torch.device(args.device).type == "cuda"
+        cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
         if not cuda:
             raise SystemExit("--power: the SM clock and the board power are read with nvidia-smi, on a CUDA device only")
     results, config = run(args)

@@ -166,3 +166,14 @@ def test_bench_rejects_power_off_cuda_and_bad_power_seconds():
         bench.main(["--power", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--power-seconds"):
         bench.main(["--power-seconds", "0", "--device", "cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA device")
+def test_bench_rejects_cuda_device_without_gpu():
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(["--device", "cuda", "--modes", "dense"])
+
+
+def test_bench_rejects_unknown_device():
+    with pytest.raises(SystemExit, match="--device"):
+        bench.main(["--device", "tpu9", "--modes", "dense"])
