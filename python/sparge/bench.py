@@ -424,12 +424,22 @@ def _power(
         return None
 
 
-def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
-    """Runs every case; returns the results and the configuration (for --json)."""
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+def _device(args: argparse.Namespace) -> torch.device:
+    """The device of --device (auto: CUDA if available), checked against --power."""
+    try:
+        name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available (torch.cuda.is_available() is False)")
+    if args.power and device.type != "cuda":
+        raise SystemExit("--power: the SM clock and the board power are read with nvidia-smi, on a CUDA device only")
+    return device
+
+
+def run(args: argparse.Namespace, device: torch.device) -> tuple[list[Result], dict]:
+    """Runs every case on ``device``; returns the results and the configuration (for --json)."""
     on_gpu = device.type == "cuda"
     repeats = args.repeats if args.repeats is not None else (20 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
@@ -621,17 +631,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--idle-ms: expected a number of milliseconds >= 0, got {args.idle_ms}")
     if not args.power_seconds > 0:
         raise SystemExit(f"--power-seconds: expected a number of seconds > 0, got {args.power_seconds}")
-    try:
-        device = None if args.device == "auto" else torch.device(args.device)
-    except RuntimeError as e:
-        raise SystemExit(f"--device: {e}") from e
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available (torch.cuda.is_available() is False)")
-    if args.power:
-        cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
-        if not cuda:
-            raise SystemExit("--power: the SM clock and the board power are read with nvidia-smi, on a CUDA device only")
-    results, config = run(args)
+    results, config = run(args, _device(args))
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
