@@ -3,7 +3,7 @@ exists; skipped when torch.cuda.is_available() is False).
 
 * quantize: Lk <= 1024 takes a two-launch path (K/V statistics and V per kv head, then the K and
   Q rows in one grid), longer keys the five-launch path; both match the CPU backend.
-* predict: when score_group(nbq, B·Hq) == 1 the selection kernel scores its own Q block (no
+* predict: when score_group(nbq, B·Hq, nbk) == 1 the selection kernel scores its own Q block (no
   score_kernel launch, the block counters cleared by the host); both ways match the CPU backend.
 * attention at B=1, H=8, L=256, D=64 is close to fp32 attention and equals its stages.
 """
@@ -34,9 +34,10 @@ def _to(quantized: sparge.QuantizedQKV, device) -> sparge.QuantizedQKV:
     return quantized._replace(**{name: getattr(quantized, name).to(device) for name in fields})
 
 
-def _score_group(nbq: int, bhq: int) -> int:
-    """predict.cu's score_group: Q blocks per score_kernel CTA (1: select_kernel scores itself)."""
-    return max(1, min(8, nbq, nbq * bhq // 256))
+def _score_group(nbq: int, bhq: int, nbk: int) -> int:
+    """predict.cu's score_group: Q blocks per score_kernel thread (1: select_kernel scores itself)."""
+    want = max(1, min(16, nbq, nbq * bhq * nbk // 32768))
+    return 1 << (want.bit_length() - 1)
 
 
 def _runnable_pv() -> str:
@@ -122,7 +123,12 @@ PREDICT_CASES = [
 @pytest.mark.parametrize("case", PREDICT_CASES, ids=str)
 @pytest.mark.parametrize(
     "shape,grouped",
-    [((1, 8, 8, 256, 256, 64), False), ((1, 8, 4, 256, 320, 128), False), ((2, 8, 2, 4096, 4096, 64), True)],
+    [
+        ((1, 8, 8, 256, 256, 64), False),
+        ((1, 8, 4, 256, 320, 128), False),
+        ((2, 8, 2, 8064, 8192, 64), True),  # groups of 2 Q blocks, the last one short
+        ((1, 8, 2, 16384, 32768, 128), True),  # groups of 16
+    ],
     ids=str,
 )
 def test_cuda_predict_with_and_without_score_kernel_matches_cpu_backend(seed, shape, grouped, case):
@@ -130,8 +136,8 @@ def test_cuda_predict_with_and_without_score_kernel_matches_cpu_backend(seed, sh
     bounds): mean-score topk selections exact, spikes scores and the cdf cut (expf / logf rounding)
     at most 1e-3 of the blocks differing; the block counters agree."""
     b, hq, hkv, lq, lk, d = shape
-    nbq = -(-lq // 128)
-    assert (_score_group(nbq, b * hq) > 1) == grouped, "the shape no longer selects the path it is meant to test"
+    nbq, nbk = -(-lq // 128), -(-lk // 64)
+    assert (_score_group(nbq, b * hq, nbk) > 1) == grouped, "the shape no longer selects the path it is meant to test"
     q, k, v = (x.cpu() for x in structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", seed=seed))
     quantized = sparge.quantize(q, k, v)
     cpu = sparge.predict(quantized, **case)

@@ -2,7 +2,7 @@
 // synchronisation, no allocation. score_kernel (TopK / CDF only) computes the compressed scores
 // of groups of up to kMaxGroup consecutive Q blocks of one b·Hq together, so each K block's
 // statistics (3 rows of D floats with the spike keys) are read once per group rather than once
-// per Q block; it parks them in the index output. select_kernel, one CTA per (Q block, b·Hq),
+// per Q block, in one pass over D for all of them; it parks them in the index output. select_kernel, one CTA per (Q block, b·Hq),
 // selects and writes the index list over them. When the groups would hold one Q block each
 // (score_group == 1, small problems), score_kernel is not launched: select_kernel computes its
 // row's scores itself with the same block_scores call for a group of one (the same values bit for
@@ -14,6 +14,7 @@
 // 32-step bitwise search (its float sums in a fixed order).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common/device_utils.cuh"
 #include "cuda/cuda_backend.h"
@@ -22,9 +23,13 @@
 namespace sparge::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+// select_kernel's CTA, one Q block row: a chain of barriers and dependent loads over a few hundred
+// entries, so small CTAs keep more rows in flight per SM (8 CTAs of 128 threads at 64 registers).
+constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kMaxGroup = 8;  // Q blocks per score_kernel CTA
+constexpr int kScoreThreads = 128;  // K blocks per score_kernel CTA
+constexpr int kMaxGroup = 16;  // Q blocks per score_kernel thread
+constexpr int kDotRows = 1 + static_cast<int>(kSpikeKeys);  // y rows of a K block: pooled, spike keys
 
 enum : uint8_t { kAllowed = 1, kCandidate = 2, kKept = 4 };
 
@@ -45,7 +50,7 @@ struct PredictArgs {
   unsigned long long* stats;  // [kStatCount] or null
   int64_t nbq;
   int64_t nbk;
-  int group;  // Q blocks per score_kernel CTA
+  int group;  // Q blocks per score_kernel thread (1: select_kernel scores its own row)
 };
 
 __device__ __forceinline__ float head_value(HeadParam hp, int64_t h) {
@@ -76,30 +81,71 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-// out[g] = Σ_d x[g][d] · y[d] for g < n, ascending d, rounded like the CPU reference (no
-// contraction); y (one global row) is read once for all n rows of x (shared memory).
-__device__ __forceinline__ void ordered_dots(const float* x, int64_t x_stride, int n, const float* y, int64_t dim,
-                                             float (&out)[kMaxGroup]) {
+// out[g][r] = Σ_d x[g][d] · y[r][d] for g < n, each in ascending d and rounded like the CPU
+// reference (no contraction). One pass over d for all kRows rows of y (a K block's pooled row and
+// spike keys, global memory, each element loaded once) and all n rows of x (pooled queries,
+// shared memory): 2 · kGroup · kRows independent chains per thread.
+template <int kGroup, int kRows>
+__device__ __forceinline__ void ordered_dots(const float* x, int n, const float* const (&y)[kRows], int64_t dim,
+                                             float (&out)[kGroup][kRows]) {
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) out[g] = 0.0f;
-  auto add = [&](int64_t d, float yd) {
+  for (int g = 0; g < kGroup; ++g) {
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g < n) out[g] = __fadd_rn(out[g], __fmul_rn(x[g * x_stride + d], yd));
+    for (int r = 0; r < kRows; ++r) out[g][r] = 0.0f;
+  }
+  auto add = [&](int g, float xd, const float (&yd)[kRows]) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) out[g][r] = __fadd_rn(out[g][r], __fmul_rn(xd, yd[r]));
+  };
+  bool aligned = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % sizeof(float4) == 0;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) aligned = aligned && reinterpret_cast<uintptr_t>(y[r]) % sizeof(float4) == 0;
+  // 16-byte loads; the next 4 columns of y are in flight while these are used (y comes from L2).
+  // A full group (every group but a short last one) runs without a row check per group.
+  auto aligned_dots = [&](auto full_c) {
+    constexpr bool kFull = decltype(full_c)::value;
+    float4 y4[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) y4[r] = *reinterpret_cast<const float4*>(y[r]);
+    for (int64_t d = 0; d < dim; d += 4) {
+      float yd[4][kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        yd[0][r] = y4[r].x;
+        yd[1][r] = y4[r].y;
+        yd[2][r] = y4[r].z;
+        yd[3][r] = y4[r].w;
+      }
+      if (d + 4 < dim) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) y4[r] = *reinterpret_cast<const float4*>(y[r] + d + 4);
+      }
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (kFull || g < n) {
+          const float4 x4 = *reinterpret_cast<const float4*>(x + g * dim + d);
+          add(g, x4.x, yd[0]);
+          add(g, x4.y, yd[1]);
+          add(g, x4.z, yd[2]);
+          add(g, x4.w, yd[3]);
+        }
+      }
     }
   };
-  if (dim % 4 == 0 && reinterpret_cast<uintptr_t>(y) % sizeof(float4) == 0) {
-    // 16-byte loads, unrolled so that several are in flight (the row comes from L2).
-#pragma unroll 8
-    for (int64_t d = 0; d < dim; d += 4) {
-      const float4 y4 = *reinterpret_cast<const float4*>(y + d);
-      add(d, y4.x);
-      add(d + 1, y4.y);
-      add(d + 2, y4.z);
-      add(d + 3, y4.w);
-    }
+  if (aligned && n == kGroup) {
+    aligned_dots(std::true_type{});
+  } else if (aligned) {
+    aligned_dots(std::false_type{});
   } else {
-    for (int64_t d = 0; d < dim; ++d) add(d, y[d]);
+    for (int64_t d = 0; d < dim; ++d) {
+      float yd[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) yd[r] = y[r][d];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < n) add(g, x[g * dim + d], yd);
+      }
+    }
   }
 }
 
@@ -113,15 +159,17 @@ __device__ __forceinline__ int64_t spike_keys(const PredictArgs& a, int64_t j) {
 
 // kSpikes score of K block j from its dot products with the pooled queries: dot[g] with the
 // pooled K row, spike[t][g] with spike key t (t < spike_keys).
-__device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const float (&dot)[kMaxGroup],
-                             const float (&spike)[kSpikeKeys][kMaxGroup], float (&out)[kMaxGroup]) {
+template <int kGroup>
+__device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const float (&dots)[kGroup][kDotRows],
+                             float (&out)[kGroup]) {
   const int64_t n = block_keys(a, j);
   const int64_t m = spike_keys(a, j);
   const float rest = static_cast<float>(n - m);
   const float log_rest = n > m ? logf(rest) : 0.0f;
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < kGroup; ++g) {
     if (g >= n_rows) continue;
+    const float dot = dots[g][0];  // with the pooled K row; dots[g][1 + t]: with spike key t
     // Terms in order: spike[t] for t < m, then the rest term when n > m (constant indices only, so
     // the terms stay in registers).
     float term[kSpikeKeys];
@@ -130,15 +178,15 @@ __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const 
     for (int t = 0; t < kSpikeKeys; ++t) {
       term[t] = 0.0f;
       if (t < m) {
-        spike_sum = __fadd_rn(spike_sum, spike[t][g]);
-        term[t] = __fmul_rn(spike[t][g], a.sm_scale);
+        spike_sum = __fadd_rn(spike_sum, dots[g][1 + t]);
+        term[t] = __fmul_rn(dots[g][1 + t], a.sm_scale);
       }
     }
     const bool has_rest = n > m;
     float rest_term = 0.0f;
     if (has_rest) {
       const float value = __fmul_rn(
-          __fdiv_rn(__fsub_rn(__fmul_rn(static_cast<float>(n), dot[g]), spike_sum), rest), a.sm_scale);
+          __fdiv_rn(__fsub_rn(__fmul_rn(static_cast<float>(n), dot), spike_sum), rest), a.sm_scale);
       rest_term = __fadd_rn(value, log_rest);
     }
     float max_term = m > 0 ? term[0] : rest_term;
@@ -159,26 +207,25 @@ __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const 
 
 // Compressed scores of K block j for the n pooled queries of the group (method.md §1, "Block
 // scores"), one thread per K block, in the exact fp32 order of the CPU reference: kMean s·q̄·k̄;
-// kSpikes log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys.
+// kSpikes log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys. With
+// kSpikes every spike row is multiplied (rows t >= m hold zeros and are not used).
+template <int kGroup>
 __device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_rows, int64_t bhk, int64_t j,
-                             float (&out)[kMaxGroup]) {
-  const Shape& s = a.shape;
-  const int64_t dim = s.head_dim;
-  float dot[kMaxGroup];
-  ordered_dots(q_rows, dim, n_rows, a.k_pool + (bhk * a.nbk + j) * dim, dim, dot);
+                             float (&out)[kGroup]) {
+  const int64_t dim = a.shape.head_dim;
+  const float* k_row = a.k_pool + (bhk * a.nbk + j) * dim;
   if (a.select.block_score != BlockScore::kSpikes) {
+    float dots[kGroup][1];
+    ordered_dots<kGroup, 1>(q_rows, n_rows, {k_row}, dim, dots);
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) out[g] = __fmul_rn(dot[g], a.sm_scale);
+    for (int g = 0; g < kGroup; ++g) out[g] = __fmul_rn(dots[g][0], a.sm_scale);
     return;
   }
-  float spike[kSpikeKeys][kMaxGroup];
-#pragma unroll
-  for (int t = 0; t < kSpikeKeys; ++t) {
-    if (t < spike_keys(a, j)) {
-      ordered_dots(q_rows, dim, n_rows, a.k_spikes + ((bhk * a.nbk + j) * kSpikeKeys + t) * dim, dim, spike[t]);
-    }
-  }
-  spike_scores(a, j, n_rows, dot, spike, out);
+  static_assert(kDotRows == 3, "the pooled K row and two spike keys");
+  const float* spikes = a.k_spikes + (bhk * a.nbk + j) * kSpikeKeys * dim;
+  float dots[kGroup][kDotRows];
+  ordered_dots<kGroup, kDotRows>(q_rows, n_rows, {k_row, spikes, spikes + dim}, dim, dots);
+  spike_scores(a, j, n_rows, dots, out);
 }
 
 // The b·Hkv row of the K statistics that b·Hq row bh reads.
@@ -421,35 +468,38 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
   }
 }
 
-// Compressed scores of a group of up to a.group consecutive Q blocks (TopK / CDF), written as
-// fp32 bits into their rows of the index output, which select_kernel reads back before it
-// overwrites them: one thread per K block, every K statistic read once for the whole group (the
-// pooled queries are a shared-memory broadcast). The last Q block of a group allows the most K
-// blocks; entries past a row's allowed blocks are scored but never read. Also clears the block
-// counters of the statistics, which select_kernel adds to (in place of a memset call).
-__global__ void __launch_bounds__(kThreads) score_kernel(PredictArgs a) {
-  extern __shared__ float q_rows[];  // [group][D]
-  if (a.stats != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+// Compressed scores of a group of kGroup consecutive Q blocks (TopK / CDF; fewer in the last
+// group), written as fp32 bits into their rows of the index output, which select_kernel reads
+// back before it overwrites them: one thread per K block (kScoreThreads of them per CTA along
+// grid z), every K statistic read once for the whole group (the pooled queries are a
+// shared-memory broadcast). The last Q block of a group allows the most K blocks; entries past a
+// row's allowed blocks are scored but never read. Also clears the block counters of the
+// statistics, which select_kernel adds to (in place of a memset call).
+template <int kGroup>
+__global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
+  extern __shared__ float4 q_rows4[];  // [kGroup][D] floats
+  float* q_rows = reinterpret_cast<float*>(q_rows4);
+  if (a.stats != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
     a.stats[kStatBlocksKept] = 0;
     a.stats[kStatBlocksAllowed] = 0;
   }
   const Shape& s = a.shape;
   const int64_t bh = blockIdx.y;
   const int64_t bhk = kv_row(a, bh);
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * a.group;
-  const int n_rows = static_cast<int>(min(static_cast<int64_t>(a.group), a.nbq - i0));
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kGroup;
+  const int n_rows = static_cast<int>(min(static_cast<int64_t>(kGroup), a.nbq - i0));
   const int64_t dim = s.head_dim;
-  for (int64_t e = threadIdx.x; e < n_rows * dim; e += kThreads) q_rows[e] = a.q_pool[(bh * a.nbq + i0) * dim + e];
+  for (int64_t e = threadIdx.x; e < n_rows * dim; e += kScoreThreads) q_rows[e] = a.q_pool[(bh * a.nbq + i0) * dim + e];
   __syncthreads();
   const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
+  const int64_t j = static_cast<int64_t>(blockIdx.z) * kScoreThreads + threadIdx.x;
+  if (j >= n_scored) return;
+  float out[kGroup];
+  block_scores(a, q_rows, n_rows, bhk, j, out);
   float* out_rows = reinterpret_cast<float*>(a.index) + (bh * a.nbq + i0) * a.nbk;
-  for (int64_t j = threadIdx.x; j < n_scored; j += kThreads) {
-    float out[kMaxGroup];
-    block_scores(a, q_rows, n_rows, bhk, j, out);
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g < n_rows) out_rows[g * a.nbk + j] = out[g];
-    }
+  for (int g = 0; g < kGroup; ++g) {
+    if (g < n_rows) out_rows[g * a.nbk + j] = out[g];
   }
 }
 
@@ -474,7 +524,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
     const int64_t bhk = kv_row(a, bh);
     const int64_t n_allowed = allowed_blocks(a, i);
     for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-      float out[kMaxGroup];
+      float out[1];
       block_scores(a, q_row, 1, bhk, j, out);
       score[j] = out[0];
     }
@@ -490,10 +540,23 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
 
 }  // namespace
 
-// Q blocks per score_kernel CTA: up to kMaxGroup while the grid keeps at least kMinCtas CTAs.
-int score_group(int64_t nbq, int64_t bhq) {
-  constexpr int64_t kMinCtas = 256;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kMaxGroup, nbq, nbq * bhq / kMinCtas})));
+// Q blocks per score_kernel thread: a power of two up to kMaxGroup (each K statistic is read once
+// per group) while at least kMinThreads threads share the work (nbq · B·Hq · nbk block pairs).
+int score_group(int64_t nbq, int64_t bhq, int64_t nbk) {
+  constexpr int64_t kMinThreads = 32768;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>({kMaxGroup, nbq, nbq * bhq * nbk / kMinThreads}));
+  int group = 1;
+  while (2 * group <= want) group *= 2;
+  return group;
+}
+
+template <int kGroup>
+Status launch_scores(const PredictArgs& args, int64_t bhq, cudaStream_t stream) {
+  const size_t q_bytes = static_cast<size_t>(kGroup) * static_cast<size_t>(args.shape.head_dim) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.nbq, kGroup)), static_cast<unsigned>(bhq),
+                  static_cast<unsigned>(ceil_div(args.nbk, kScoreThreads)));
+  score_kernel<kGroup><<<grid, kScoreThreads, q_bytes, stream>>>(args);
+  return launch_status("predict (scores)");
 }
 
 Status predict(const PredictParams& p) {
@@ -502,7 +565,7 @@ Status predict(const PredictParams& p) {
   const int64_t bhq = p.shape.batch * p.shape.heads_q;
   const bool launches = bhq > 0 && nbq > 0;
   const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
-  const int group = score_group(nbq, bhq);
+  const int group = score_group(nbq, bhq, nbk);
   // score_kernel runs for groups of more than one Q block; select_kernel scores groups of one.
   const bool score_launch = launches && scored && group > 1;
   static_assert(kStatBlocksAllowed == kStatBlocksKept + 1, "the two block counters are cleared with one memset");
@@ -517,10 +580,12 @@ Status predict(const PredictParams& p) {
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
                          .group = group};
   if (score_launch) {
-    const size_t q_bytes = static_cast<size_t>(args.group) * static_cast<size_t>(p.shape.head_dim) * sizeof(float);
-    const auto groups = static_cast<unsigned>(ceil_div(nbq, args.group));
-    score_kernel<<<dim3(groups, static_cast<unsigned>(bhq)), kThreads, q_bytes, p.stream>>>(args);
-    SPARGE_RETURN_IF_ERROR(launch_status("predict (scores)"));
+    switch (group) {
+      case 2: SPARGE_RETURN_IF_ERROR(launch_scores<2>(args, bhq, p.stream)); break;
+      case 4: SPARGE_RETURN_IF_ERROR(launch_scores<4>(args, bhq, p.stream)); break;
+      case 8: SPARGE_RETURN_IF_ERROR(launch_scores<8>(args, bhq, p.stream)); break;
+      default: SPARGE_RETURN_IF_ERROR(launch_scores<kMaxGroup>(args, bhq, p.stream)); break;
+    }
   }
   const size_t q_row_bytes = scored && group == 1 ? static_cast<size_t>(p.shape.head_dim) * sizeof(float) : 0;
   const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t)) + q_row_bytes;
