@@ -21,7 +21,8 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "[1/" in captured.err and "wrote" in captured.err  # progress on stderr
     table = captured.out
-    for label in ("torch sdpa", "sparge dense", "sparge topk 0.5", "sparge cdf 0.9", "sparge / quantize", "speed-up"):
+    for label in ("torch sdpa", "sparge dense", "sparge topk 0.5", "sparge cdf 0.9", "sparge / quantize", "speed-up",
+                  "quantize + predict", "% of the sparge dense op"):
         assert label in table, table
     data = json.loads(out_json.read_text())
     assert data["config"]["causal"] is True and data["config"]["heads_kv"] == 1 and data["config"]["reference"] == "fp64"
@@ -177,3 +178,12 @@ def test_bench_rejects_cuda_device_without_gpu():
 def test_bench_rejects_unknown_device():
     with pytest.raises(SystemExit, match="--device"):
         bench.main(["--device", "tpu9", "--modes", "dense"])
+
+
+def test_stage_share_of_the_dense_op():
+    rows = [bench.Result("sparge dense", time_ms=10.0), bench.Result("  sparge / quantize", time_ms=0.4),
+            bench.Result("  sparge dense / predict", time_ms=0.1), bench.Result("  sparge dense / attend", time_ms=9.4)]
+    share = bench._stage_share(rows)
+    assert share.time_ms == pytest.approx(0.5) and share.note == "5.0 % of the sparge dense op"
+    assert bench._stage_share(rows[:2]) is None  # no dense selection timed
+    assert bench._stage_share(rows[1:]) is None  # no dense op timed

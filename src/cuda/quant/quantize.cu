@@ -726,6 +726,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t d = blockIdx.y * kWarpSize + lane;
   float s = 0.0f, m = 0.0f;
   if (d < head_dim) {
+    // Unrolled so that the loads of several blocks are in flight (the sums keep their order).
+#pragma unroll 8
     for (int64_t j = warp; j < nblocks; j += kWarps) {
       const int64_t at = (bh * nblocks + j) * head_dim + d;
       if (sums != nullptr) s += sums[at];
