@@ -2,11 +2,12 @@
 // synchronisation, no allocation. score_kernel (TopK / CDF only) computes the compressed scores
 // of groups of up to kMaxGroup consecutive Q blocks of one b·Hq together, so each K block's
 // statistics (3 rows of D floats with the spike keys) are read once per group rather than once
-// per Q block, in one pass over D for all of them; it parks them in the index output. select_kernel, one CTA per (Q block, b·Hq),
-// selects and writes the index list over them. When the groups would hold one Q block each
-// (score_group == 1, small problems), score_kernel is not launched: select_kernel computes its
-// row's scores itself with the same block_scores call for a group of one (the same values bit for
-// bit), and the host clears the statistics counters that score_kernel would have cleared.
+// per Q block, in one pass over D for all of them; it parks them in the index output.
+// select_kernel, one CTA per (Q block, b·Hq), selects and writes the index list over them. When
+// the groups would hold one Q block each (score_group == 1, small problems), score_kernel is not
+// launched: select_kernel computes its row's scores itself with the same block_scores call for a
+// group of one (the same values bit for bit), and the host clears the statistics counters that
+// score_kernel would have cleared.
 //
 // TopK and CDF avoid sorting, working on order-preserving integer keys of the scores: TopK finds
 // the key of its last kept block exactly by a radix selection (four 8-bit digit histograms in
@@ -157,8 +158,8 @@ __device__ __forceinline__ int64_t spike_keys(const PredictArgs& a, int64_t j) {
   return min(static_cast<int64_t>(kSpikeKeys), block_keys(a, j));
 }
 
-// kSpikes score of K block j from its dot products with the pooled queries: dot[g] with the
-// pooled K row, spike[t][g] with spike key t (t < spike_keys).
+// kSpikes score of K block j from its dot products with the pooled queries: dots[g][0] with the
+// pooled K row, dots[g][1 + t] with spike key t (used for t < spike_keys).
 template <int kGroup>
 __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const float (&dots)[kGroup][kDotRows],
                              float (&out)[kGroup]) {
@@ -169,7 +170,7 @@ __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const 
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
     if (g >= n_rows) continue;
-    const float dot = dots[g][0];  // with the pooled K row; dots[g][1 + t]: with spike key t
+    const float dot = dots[g][0];
     // Terms in order: spike[t] for t < m, then the rest term when n > m (constant indices only, so
     // the terms stay in registers).
     float term[kSpikeKeys];
