@@ -30,6 +30,7 @@
 #include <cuda_fp8.h>
 
 #include "cuda/common/device_utils.cuh"
+#include "cuda/common/ptx_convert.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/layout.h"
 
@@ -73,7 +74,7 @@ __device__ __forceinline__ int64_t scale_group(int64_t r, QuantGranularity g) {
 // groups without rows get amax 0 → scale 0). group_amax ([kTileRows], zeroed and visible to the
 // CTA) receives the amax of each group, row_inv ([kTileRows]) the quantization factor 127 / amax
 // of each row's group (0 for amax 0), both visible to the CTA on return.
-template <bool kIsQ>
+template <bool kIsQ, int NT = kThreads>
 __device__ __forceinline__ void tile_group_scales(const RowsArgs& a, int64_t bh, int64_t row0, int rows,
                                                   const float* row_amax, float* group_amax, float* row_inv) {
   const int64_t group0 = scale_group<kIsQ>(row0, a.gran);
@@ -81,7 +82,7 @@ __device__ __forceinline__ void tile_group_scales(const RowsArgs& a, int64_t bh,
   if (threadIdx.x < rows) atomic_max_nonneg(&group_amax[my_group], row_amax[threadIdx.x]);
   __syncthreads();
   const int64_t group_end = row0 + kTileRows >= a.len ? a.groups : scale_group<kIsQ>(row0 + kTileRows, a.gran);
-  for (int64_t g = group0 + threadIdx.x; g < group_end; g += kThreads) {
+  for (int64_t g = group0 + threadIdx.x; g < group_end; g += NT) {
     a.scales[bh * a.groups + g] = __fdiv_rn(group_amax[g - group0], kInt8Max) * a.scale_factor;
   }
   if (threadIdx.x < rows) {
@@ -388,36 +389,47 @@ __device__ __forceinline__ bool spike_before(float n1, int64_t r1, float n2, int
   return n1 > n2 || (n1 == n2 && r1 < r2);
 }
 
+// Threads of a fast rows CTA for rows of CPR 16-byte chunks. With 128 instead of 256 threads at
+// CPR <= 16 a thread quantizes twice the elements of its block, so the per-CTA work (set-up,
+// group scales, column sums, spike keys) costs half as much per element (the stage 1.07-1.13×
+// faster at D 64 / 128, bench/RESULTS.md, session 14). At CPR = 32 the raw chunks of a 64-row
+// tile would need twice the registers.
+template <int CPR>
+inline constexpr int kRowsThreads = CPR >= 32 ? 256 : 128;
+
+template <int CPR>
+inline constexpr int kRowsMinBlocks = CPR >= 32 ? 2 : 4;
+
 // Shared memory of the fast rows body (declared by each kernel that runs it, so that a kernel
 // running both the Q and the K body holds one copy).
-template <typename T>
+template <typename T, int CPR>
 struct RowsFastSmem {
   float row_amax[kTileRows];
   float row_norm2[kTileRows];
   float group_amax[kTileRows];
   float row_inv[kTileRows];
-  alignas(16) float red[2][kThreads * kVec<T>];
+  alignas(16) float red[2][kRowsThreads<CPR> * kVec<T>];  // column partials s and u, [pass row][D]
   float spike_norm2[kSpikeKeys];
   int64_t spike_row[kSpikeKeys];
-  float scratch[kWarps];
+  float norm2_part[kRowsThreads<CPR> / kWarpSize];
+  int nonzero_part[kRowsThreads<CPR> / kWarpSize];
 };
 
 // One CTA's work: prediction block block_index (of nblocks per head row) of head row bh_index
 // (b·H) of Q or K.
 template <bool kIsQ, typename T, int CPR>
 __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsigned block_index, unsigned bh_index,
-                                                        unsigned nblocks, RowsFastSmem<T>& sm) {
+                                                        unsigned nblocks, RowsFastSmem<T, CPR>& sm) {
   constexpr int VEC = kVec<T>;
-  constexpr int RPP = kThreads / CPR;         // rows per pass
+  constexpr int NT = kRowsThreads<CPR>;
+  constexpr int RPP = NT / CPR;               // rows per pass
   constexpr int ITERS = kTileRows / RPP;      // passes per 64-row tile
   constexpr int D = CPR * VEC;
   float* row_amax = sm.row_amax;
   float* row_norm2 = sm.row_norm2;
   float* group_amax = sm.group_amax;
-  float (*red)[kThreads * VEC] = sm.red;
   float* spike_norm2 = sm.spike_norm2;
   int64_t* spike_row = sm.spike_row;
-  float* scratch = sm.scratch;
 
   const int64_t block = block_index;
   const int64_t bh = bh_index;
@@ -433,11 +445,12 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
   const int col0 = c * VEC;
   if (kIsQ && a.v_finalize != nullptr) {
     const int64_t cta = bh * nblocks + block;
-    v_finalize_at(a.v_finalize, a.v_count, a.v_max, cta * kThreads + threadIdx.x);
+    v_finalize_at(a.v_finalize, a.v_count, a.v_max, cta * NT + threadIdx.x);
   }
 
   float km[VEC];
-  const float* km_src = a.k_mean != nullptr ? a.k_mean + (b * a.heads_kv + hk) * D + col0 : nullptr;
+  const float* km_head = a.k_mean != nullptr ? a.k_mean + (b * a.heads_kv + hk) * D : nullptr;
+  const float* km_src = km_head != nullptr ? km_head + col0 : nullptr;
   if (km_src != nullptr && VEC % 4 == 0 && reinterpret_cast<uintptr_t>(km_src) % sizeof(float4) == 0) {
 #pragma unroll
     for (int k = 0; k < VEC; k += 4) {
@@ -550,7 +563,7 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
         }
       }
     }
-    tile_group_scales<kIsQ>(a, bh, row0, rows, row_amax, group_amax, sm.row_inv);
+    tile_group_scales<kIsQ, NT>(a, bh, row0, rows, row_amax, group_amax, sm.row_inv);
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int r = rsub + it * RPP;
@@ -581,42 +594,58 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
     __syncthreads();
   }
 
-  // Column sums over this thread's rows → per-column totals (fixed order over the RPP partials).
-  store_shared_vec(&red[0][threadIdx.x * VEC], s_acc);
-  store_shared_vec(&red[1][threadIdx.x * VEC], u_acc);
+  // Column sums over this thread's rows -> per-column totals, each in a fixed order over the RPP
+  // partials: entries i < D of the loop below total s of column i, entries D + d total u of column d.
+  store_shared_vec(&sm.red[0][threadIdx.x * VEC], s_acc);
+  store_shared_vec(&sm.red[1][threadIdx.x * VEC], u_acc);
   __syncthreads();
   const int64_t n = row_end - row_begin;
   float* pool = a.pool + (bh * nblocks + block) * D;
   float norm2 = 0.0f;
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float s = 0.0f, u = 0.0f;
-    for (int j = 0; j < RPP; ++j) {
-      s += red[0][j * D + d];  // thread j·CPR + d / VEC, element d % VEC
-      u += red[1][j * D + d];
+  for (int i = threadIdx.x; i < 2 * D; i += NT) {
+    const int which = i / D, d = i % D;
+    float t = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < RPP; ++j) t += sm.red[which][j * D + d];  // thread j·CPR + d / VEC, element d % VEC
+    if (which == 0) {
+      pool[d] = t / static_cast<float>(n);
+    } else {
+      norm2 += t * t;
     }
-    pool[d] = s / static_cast<float>(n);
-    norm2 += u * u;
   }
-  norm2 = block_sum(norm2, scratch);
-  const int nonzero_rows = static_cast<int>(block_sum(static_cast<float>(nonzero), scratch));
+  norm2 = warp_sum(norm2);
+  nonzero = warp_sum_any(nonzero);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  if (lane == 0) {
+    sm.norm2_part[warp] = norm2;
+    sm.nonzero_part[warp] = nonzero;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
+    float total = 0.0f;
+    int nonzero_rows = 0;
+#pragma unroll
+    for (int w = 0; w < NT / kWarpSize; ++w) {
+      total += sm.norm2_part[w];
+      nonzero_rows += sm.nonzero_part[w];
+    }
     const float nf = static_cast<float>(n);
-    a.sim[bh * nblocks + block] = n == 1 ? 1.0f : (norm2 - static_cast<float>(nonzero_rows)) / (nf * (nf - 1.0f));
+    a.sim[bh * nblocks + block] = n == 1 ? 1.0f : (total - static_cast<float>(nonzero_rows)) / (nf * (nf - 1.0f));
   }
   if (!kIsQ && a.spikes != nullptr) {
     float* spikes = a.spikes + (bh * nblocks + block) * kSpikeKeys * D;
-    for (int i = threadIdx.x; i < kSpikeKeys * D; i += kThreads) {
+    for (int i = threadIdx.x; i < kSpikeKeys * D; i += NT) {
       const int t = i / D, d = i % D;
       const int64_t r = spike_row[t];
-      const float mean = a.k_mean != nullptr ? a.k_mean[(b * a.heads_kv + hk) * D + d] : 0.0f;
+      const float mean = km_head != nullptr ? km_head[d] : 0.0f;
       spikes[i] = r < 0 ? 0.0f : load_as_float(x + r * a.strides.token + d) - mean;
     }
   }
 }
 
 template <bool kIsQ, typename T, int CPR>
-__global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) quantize_rows_fast_kernel(RowsArgs a) {
-  __shared__ RowsFastSmem<T> sm;
+__global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<CPR>) quantize_rows_fast_kernel(RowsArgs a) {
+  __shared__ RowsFastSmem<T, CPR> sm;
   quantize_rows_fast_body<kIsQ, T, CPR>(a, blockIdx.x, blockIdx.y, gridDim.x, sm);
 }
 
@@ -628,9 +657,9 @@ __global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2) qu
 // flat index: with quotients ptxas spilled at D = 128 on sm_89, where quantize_rows_fast_kernel
 // does not.
 template <typename T, int CPR>
-__global__ void __launch_bounds__(kThreads, CPR <= 8 ? 4 : CPR <= 16 ? 3 : 2)
+__global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<CPR>)
     quantize_rows_kq_fast_kernel(RowsArgs ka, unsigned nbk, unsigned kpz, RowsArgs qa, unsigned nbq) {
-  __shared__ RowsFastSmem<T> sm;
+  __shared__ RowsFastSmem<T, CPR> sm;
   if (blockIdx.x < kpz) {
     const unsigned block = blockIdx.z * kpz + blockIdx.x;
     if (block < nbk) quantize_rows_fast_body<false, T, CPR>(ka, block, blockIdx.y, nbk, sm);
@@ -750,7 +779,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // V · inv in the P·V format of the 64-token tile at row0 of one head (x: its rows; out: its
 // [D][len_pad] slice), transposed (keys at v_key_slot), zero past len. Loads: a warp covers 8 rows × 4 chunks
-// (bank-conflict-free scalar smem stores with pitch D + 1); stores: 4 tokens per thread.
+// (bank-conflict-free scalar smem stores with pitch D + 1); stores: 8 slots per thread.
 // inv ([D], shared) is read only after the barrier inside, so the caller may write it just
 // before; tile ([kTileRows][D + 1] floats, shared) may be reused after the caller's next barrier.
 template <typename T, typename Out, int CPR>
@@ -776,23 +805,29 @@ __device__ __forceinline__ void v_quant_fast_tile(const T* x, int64_t token_stri
     for (int j = 0; j < VEC; ++j) tile[r * P + c * VEC + j] = f[j];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < D * (kTileRows / 4); i += kThreads) {
-    const int d = i / (kTileRows / 4), q = i % (kTileRows / 4);
-    uint32_t bits[4];
+  // Item: 8 consecutive slots of channel d, converted in pairs, one 8-byte (e4m3) or 16-byte
+  // (fp16) store.
+  for (int i = threadIdx.x; i < D * (kTileRows / 8); i += kThreads) {
+    const int d = i / (kTileRows / 8), q = i % (kTileRows / 8);
+    const float inv_d = inv[d];
+    uint32_t words[2 * sizeof(Out)];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float y = __fmul_rn(tile[v_slot_key(4 * q + j, kOutPv<Out>) * P + d], inv[d]);
+    for (int j = 0; j < 8; j += 2) {
+      const float y0 = __fmul_rn(tile[v_slot_key(8 * q + j, kOutPv<Out>) * P + d], inv_d);
+      const float y1 = __fmul_rn(tile[v_slot_key(8 * q + j + 1, kOutPv<Out>) * P + d], inv_d);
       if constexpr (std::is_same_v<Out, __nv_fp8_e4m3>) {
-        bits[j] = static_cast<uint32_t>(__nv_fp8_e4m3(y).__x);  // rne, saturating to ±448
+        // rne, saturating to ±448; y0 in the low byte
+        const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(y0, y1), __NV_SATFINITE, __NV_E4M3);
+        words[j / 4] = j % 4 == 0 ? pair : words[j / 4] | (pair << 16);
       } else {
-        bits[j] = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(y)));
+        words[j / 2] = pack_f16x2(y0, y1);
       }
     }
-    Out* dst = out + d * len_pad + row0 + 4 * q;
+    Out* dst = out + d * len_pad + row0 + 8 * q;
     if constexpr (sizeof(Out) == 1) {
-      *reinterpret_cast<uint32_t*>(dst) = bits[0] | (bits[1] << 8) | (bits[2] << 16) | (bits[3] << 24);
+      *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
     } else {
-      *reinterpret_cast<uint2*>(dst) = make_uint2(bits[0] | (bits[1] << 16), bits[2] | (bits[3] << 16));
+      *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
     }
   }
 }
@@ -910,7 +945,7 @@ Status quantize_fast_small(const QuantizeParams& p) {
   const int64_t kpz = ceil_div(nbk, group);
   const dim3 grid(static_cast<unsigned>(kpz + (q_rows ? nbq : 0)), static_cast<unsigned>(bhk),
                   static_cast<unsigned>(group));
-  quantize_rows_kq_fast_kernel<T, CPR><<<grid, kThreads, 0, p.stream>>>(
+  quantize_rows_kq_fast_kernel<T, CPR><<<grid, kRowsThreads<CPR>, 0, p.stream>>>(
       ka, static_cast<unsigned>(nbk), static_cast<unsigned>(kpz), qa, static_cast<unsigned>(nbq));
   return launch_status("quantize_rows_kq_fast");
 }
@@ -919,6 +954,7 @@ Status quantize_fast_small(const QuantizeParams& p) {
 template <typename T, int CPR>
 Status quantize_fast(const QuantizeParams& p) {
   if (p.shape.len_k > 0 && p.shape.len_k <= kSmallLenK) return quantize_fast_small<T, CPR>(p);
+  constexpr int kRowThreads = kRowsThreads<CPR>;
   const Shape& s = p.shape;
   const QuantizedQKV& o = p.out;
   const cudaStream_t stream = p.stream;
@@ -948,7 +984,7 @@ Status quantize_fast(const QuantizeParams& p) {
                       .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
                       .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
                       .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
-    quantize_rows_fast_kernel<false, T, CPR><<<dim3(nbk, bhk), kThreads, 0, stream>>>(ka);
+    quantize_rows_fast_kernel<false, T, CPR><<<dim3(nbk, bhk), kRowThreads, 0, stream>>>(ka);
     SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<K>"));
     const int64_t len_pad = padded_len_k(s.len_k);
     if (pv_is_fp8(p.quant.pv)) {
@@ -960,7 +996,7 @@ Status quantize_fast(const QuantizeParams& p) {
   // v_scale still holds the V amax when Lk > 0: the Q rows launch finalizes it when it has a thread
   // per entry, else v_finalize does.
   const bool q_rows = bhq > 0 && s.len_q > 0;
-  const bool finalize_in_q_rows = q_rows && nbq * bhq * kThreads >= bhk * d;
+  const bool finalize_in_q_rows = q_rows && nbq * bhq * kRowThreads >= bhk * d;
   if (s.len_k > 0 && !finalize_in_q_rows) {
     v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d,
                                                                             v_quant_max(p.quant.pv));
@@ -976,7 +1012,7 @@ Status quantize_fast(const QuantizeParams& p) {
                       .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr,
                       .v_finalize = finalize ? o.v_scale : nullptr, .v_count = bhk * d,
                       .v_max = v_quant_max(p.quant.pv)};
-    quantize_rows_fast_kernel<true, T, CPR><<<dim3(nbq, bhq), kThreads, 0, stream>>>(qa);
+    quantize_rows_fast_kernel<true, T, CPR><<<dim3(nbq, bhq), kRowThreads, 0, stream>>>(qa);
     SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<Q>"));
   }
   return Status::Ok();
