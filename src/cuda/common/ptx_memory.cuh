@@ -46,6 +46,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// ldmatrix_x4 with each 8x8 matrix transposed: lane l receives, in r[m], the elements of column
+// l/4 in rows 2·(l%4) (low half) and 2·(l%4) + 1 (high half) of matrix m.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // A row-major shared tile of kRows rows × kRowBytes bytes whose rows are padded by one 16-byte
 // chunk, so the 8 row addresses of one ldmatrix matrix (8 consecutive rows, same column) fall
 // into 8 distinct 16-byte bank groups: the row stride is kRowBytes + 16 with kRowBytes a multiple

@@ -30,6 +30,7 @@
 #include <cuda_fp8.h>
 
 #include "cuda/common/device_utils.cuh"
+#include "cuda/common/ptx_memory.cuh"
 #include "cuda/common/ptx_convert.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/layout.h"
@@ -777,13 +778,60 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// V · inv in the P·V format of the 64-token tile at row0 of one head (x: its rows; out: its
-// [D][len_pad] slice), transposed (keys at v_key_slot), zero past len. Loads: a warp covers 8 rows × 4 chunks
-// (bank-conflict-free scalar smem stores with pitch D + 1); stores: 8 slots per thread.
-// inv ([D], shared) is read only after the barrier inside, so the caller may write it just
-// before; tile ([kTileRows][D + 1] floats, shared) may be reused after the caller's next barrier.
+// V · inv of a 64-token tile as e4m3 in the P·V key order, for 2-byte inputs (the
+// v_quant_fast_tile contract): the raw tile goes to shared memory unconverted (cp.async, rows
+// padded against ldmatrix bank conflicts) and comes back transposed by ldmatrix.trans, whose
+// fragment is already in slot order: lane l holds keys 8m + 2u, 8m + 2u + 1 (u = l % 4) of
+// channel l / 4 in r[m], and keys 8a + 2u + b of a 16-key group sit at slots 4u + 2a + b.
+template <typename T, int CPR>
+__device__ __forceinline__ void v_quant_e4m3_tile(const T* x, int64_t token_stride, int64_t len, int64_t len_pad,
+                                                  int64_t row0, const float* inv, float* smem, __nv_fp8_e4m3* out) {
+  using Tile = PaddedTile<kTileRows, CPR * kCpAsyncBytes>;
+  constexpr int VEC = kVec<T>;
+  const uint32_t base = smem_address(smem);
+  load_tile_async<Tile, kThreads>(base, threadIdx.x, [&](int row, int chunk, bool& valid) -> const void* {
+    valid = row0 + row < len;
+    return valid ? x + (row0 + row) * token_stride + chunk * VEC : x;
+  });
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  // Task: channels 8·dg .. 8·dg + 7 of keys 32·kh .. 32·kh + 31 (matrix m: keys 32·kh + 8m ..).
+  for (int task = warp; task < 2 * CPR; task += kWarps) {
+    const int dg = task / 2, kh = task % 2;
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, base + Tile::offset(32 * kh + lane, dg));
+    const int d = 8 * dg + lane / 4;
+    const float inv_d = inv[d];
+    uint32_t words[2];
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      uint32_t pairs[2];
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+        float2 f;
+        if constexpr (std::is_same_v<T, __half>) {
+          f = __half22float2(*reinterpret_cast<const __half2*>(&r[2 * g + a]));
+        } else {
+          f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r[2 * g + a]));
+        }
+        pairs[a] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f.x, inv_d), __fmul_rn(f.y, inv_d)), __NV_SATFINITE,
+                                            __NV_E4M3);
+      }
+      words[g] = pairs[0] | (pairs[1] << 16);
+    }
+    auto* dst = reinterpret_cast<uint32_t*>(out + d * len_pad + row0 + 32 * kh + 4 * (lane % 4));
+    dst[0] = words[0];
+    dst[4] = words[1];
+  }
+}
+
+// v_quant_fast_tile for the other inputs and formats: the tile goes to shared memory as fp32.
+// Loads: a warp covers 8 rows × 4 chunks (bank-conflict-free scalar smem stores with pitch D + 1);
+// stores: 8 slots per thread.
 template <typename T, typename Out, int CPR>
-__device__ __forceinline__ void v_quant_fast_tile(const T* x, int64_t token_stride, int64_t len, int64_t len_pad,
+__device__ __forceinline__ void v_quant_fp32_tile(const T* x, int64_t token_stride, int64_t len, int64_t len_pad,
                                                   int64_t row0, const float* inv, float* tile, Out* out) {
   constexpr int VEC = kVec<T>;
   constexpr int D = CPR * VEC;
@@ -832,13 +880,27 @@ __device__ __forceinline__ void v_quant_fast_tile(const T* x, int64_t token_stri
   }
 }
 
+// V · inv in the P·V format of the 64-token tile at row0 of one head (x: its rows; out: its
+// [D][len_pad] slice), transposed (keys at v_key_slot), zero past len. inv ([D], shared) is read
+// only after the barrier inside, so the caller may write it just before; tile ([kTileRows][D + 1]
+// floats of 16-byte aligned shared memory) may be reused after the caller's next barrier.
+template <typename T, typename Out, int CPR>
+__device__ __forceinline__ void v_quant_fast_tile(const T* x, int64_t token_stride, int64_t len, int64_t len_pad,
+                                                  int64_t row0, const float* inv, float* tile, Out* out) {
+  if constexpr (sizeof(T) == 2 && std::is_same_v<Out, __nv_fp8_e4m3>) {
+    v_quant_e4m3_tile<T, CPR>(x, token_stride, len, len_pad, row0, inv, tile, out);
+  } else {
+    v_quant_fp32_tile<T, Out, CPR>(x, token_stride, len, len_pad, row0, inv, tile, out);
+  }
+}
+
 // V / scale in the P·V format, transposed, 64 tokens per CTA.
 template <typename T, typename Out, int CPR>
 __global__ void __launch_bounds__(kThreads)
     v_quant_fast_kernel(const T* v, Strides strides, int64_t heads, int64_t len, int64_t len_pad,
                         const float* amax, float v_max, Out* out) {
   constexpr int D = CPR * kVec<T>;
-  extern __shared__ float tile[];  // [kTileRows][D + 1]
+  extern __shared__ __align__(16) float tile[];  // [kTileRows][D + 1]
   __shared__ float inv[D];
   const int64_t bh = blockIdx.y;
   const T* x = v + (bh / heads) * strides.batch + (bh % heads) * strides.head;
