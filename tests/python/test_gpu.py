@@ -112,8 +112,12 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     on the wgmma kernel with one block per tile, over five seeds); bound 2e-2;
     plus on the wgmma kernel the one fp32 rounding of 1.5 · 2^23 · scale
     in its scores (docs/method.md §2, "Scores on the Hopper kernel"): at most 0.75 of one int32 dot
-    unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2. On the pair
-    kernel with fp8 P, l sums the first block's codes taken relative to the later maximum: each
+    unit, q_scale · k_scale in log2 units, which l carries into the LSE times ln 2. That rounding
+    also moves 8 · x + 126 by up to 6 · q_scale · k_scale, so an e4m3 code near a half may round the
+    other way (one step: a factor 2^(1/8)); the row's maximum keeps code 126, so a flipped key holds
+    at most half of l: ln(1 + (2^(1/8) − 1) / 2) < 0.045 per flipped key (40 seeds of the singles
+    kernel in session 14: |ΔLSE| median 3e-3 to 5e-3, maximum 0.024, in one or two rows). On the
+    pair kernel with fp8 P, l sums the first block's codes taken relative to the later maximum: each
     such p8 lies within [0.920, 1.065] of 448 · 2^x (method.md §2.3), as does the reference's, so l
     may differ by a factor within [0.920 / 1.065, 1.065 / 0.920]: ln(1.065 / 0.920) < 0.15."""
     _require_pv(pv)
@@ -135,7 +139,8 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     if finite.any():
         dot_unit = float(quantized.q_scale.max()) * float(quantized.k_scale.max())
         pair_codes = 0.15 if kernel == "auto" and pv == "fp8" else 0.0
-        lse_bound = (1e-4 if pv == "fp16" else 2e-2) + pair_codes + math.log(2) * 0.75 * dot_unit
+        code_flip = math.log(1 + (2**0.125 - 1) / 2) if kernel == "singles" and pv != "fp16" else 0.0
+        lse_bound = (1e-4 if pv == "fp16" else 2e-2) + pair_codes + code_flip + math.log(2) * 0.75 * dot_unit
         assert float((lse_gpu.cpu() - lse_cpu)[finite].abs().max()) <= lse_bound, context
     assert torch.all(o_gpu.cpu()[~finite] == 0), context
     assert torch.equal(st_gpu.cpu(), st_cpu), f"P·V units / skips: {st_gpu.tolist()} vs {st_cpu.tolist()}, {context}"
