@@ -14,8 +14,8 @@
 // in fp16/bf16): 16-byte loads kept in registers, 1+5 fused into kv_stats_fast (K block sums and
 // per-block V amax in one pass, no atomics), one kv_reduce for k_mean and the V amax (so nothing
 // needs clearing first), register-resident rows kernels (the Q one also does 7), and a v_quant
-// whose smem transpose is bank-conflict-free on the load side: five launches for the stage. Same
-// arithmetic per element as the passes above.
+// that transposes through shared memory without bank conflicts (by ldmatrix.trans from 2-byte
+// inputs to e4m3): five launches for the stage. Same arithmetic per element as the passes above.
 // Small problems on the fast path (0 < Lk <= kSmallLenK = 1024, quantize_fast_small), where the
 // launches rather than the bytes cost the time: two launches.
 //   a. kv_head_fast : one CTA per b·Hkv over all its rows: k_mean (1+2), V amax with
@@ -788,6 +788,7 @@ __device__ __forceinline__ void v_quant_e4m3_tile(const T* x, int64_t token_stri
                                                   int64_t row0, const float* inv, float* smem, __nv_fp8_e4m3* out) {
   using Tile = PaddedTile<kTileRows, CPR * kCpAsyncBytes>;
   constexpr int VEC = kVec<T>;
+  static_assert(Tile::kBytes <= sizeof(float) * kTileRows * (CPR * VEC + 1), "fits the fp32 tile's shared memory");
   const uint32_t base = smem_address(smem);
   load_tile_async<Tile, kThreads>(base, threadIdx.x, [&](int row, int chunk, bool& valid) -> const void* {
     valid = row0 + row < len;
