@@ -324,6 +324,31 @@ size_t rows_smem_bytes(int64_t head_dim) {
   return sizeof(float) * (kTileRows * (head_dim + 1) + 3 * head_dim + 5 * kTileRows);
 }
 
+// The rows<K> arguments of every path.
+RowsArgs k_rows_args(const QuantizeParams& p) {
+  const Shape& s = p.shape;
+  const QuantizedQKV& o = p.out;
+  return RowsArgs{.x = p.in.k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
+                  .len = s.len_k, .head_dim = s.head_dim, .block_rows = p.blocks.block_k,
+                  .gran = p.quant.granularity, .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f,
+                  .out = o.k, .scales = o.k_scale, .groups = k_scale_groups(s.len_k, p.quant.granularity),
+                  .pool = o.k_pool, .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
+}
+
+// The rows<Q> arguments of every path; v_finalize: v_scale when this launch finalizes it (fast
+// rows<Q> only), else null.
+RowsArgs q_rows_args(const QuantizeParams& p, float* v_finalize) {
+  const Shape& s = p.shape;
+  const QuantizedQKV& o = p.out;
+  return RowsArgs{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
+                  .len = s.len_q, .head_dim = s.head_dim, .block_rows = p.blocks.block_q,
+                  .gran = p.quant.granularity, .k_mean = o.k_mean, .scale_factor = p.quant.sm_scale * kLog2e,
+                  .sm_scale = p.quant.sm_scale, .out = o.q, .scales = o.q_scale,
+                  .groups = q_scale_groups(s.len_q, p.quant.granularity), .pool = o.q_pool, .sim = o.q_sim,
+                  .lse_shift = o.lse_shift, .spikes = nullptr, .v_finalize = v_finalize,
+                  .v_count = s.batch * s.heads_kv * s.head_dim, .v_max = v_quant_max(p.quant.pv)};
+}
+
 template <bool kIsQ, typename T>
 Status launch_rows(const RowsArgs& a, int64_t nblocks, int64_t bh, cudaStream_t stream) {
   const size_t smem = rows_smem_bytes(a.head_dim);
@@ -985,24 +1010,14 @@ Status quantize_fast_small(const QuantizeParams& p) {
   const auto [nbq, nbk] = block_counts(s, p.blocks);
   const int64_t bhq = s.batch * s.heads_q;
   const int64_t bhk = s.batch * s.heads_kv;
-  const int64_t d = s.head_dim;
-  const QuantGranularity g = p.quant.granularity;
   const int64_t len_pad = padded_len_k(s.len_k);
   if (pv_is_fp8(p.quant.pv)) {
     SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
   } else {
     SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, bhk, len_pad, static_cast<__half*>(o.v))));
   }
-  const RowsArgs ka{.x = p.in.k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
-                    .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
-                    .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
-                    .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
-                    .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
-  const RowsArgs qa{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
-                    .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
-                    .k_mean = o.k_mean, .scale_factor = p.quant.sm_scale * kLog2e, .sm_scale = p.quant.sm_scale,
-                    .out = o.q, .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
-                    .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr, .v_finalize = nullptr};
+  const RowsArgs ka = k_rows_args(p);
+  const RowsArgs qa = q_rows_args(p, nullptr);
   const bool q_rows = bhq > 0 && s.len_q > 0;
   const int64_t group = q_rows ? s.heads_q / s.heads_kv : 1;
   const int64_t kpz = ceil_div(nbk, group);
@@ -1025,7 +1040,6 @@ Status quantize_fast(const QuantizeParams& p) {
   const int64_t bhq = s.batch * s.heads_q;
   const int64_t bhk = s.batch * s.heads_kv;
   const int64_t d = s.head_dim;
-  const QuantGranularity g = p.quant.granularity;
   const T* k = static_cast<const T*>(p.in.k);
   const T* v = static_cast<const T*>(p.in.v);
   if (s.len_k == 0) {
@@ -1042,11 +1056,7 @@ Status quantize_fast(const QuantizeParams& p) {
     kv_reduce_kernel<<<dim3(bhk, ceil_div(d, kWarpSize)), kThreads, 0, stream>>>(k_sums, v_amax_parts, nbk, s.len_k,
                                                                                  d, o.k_mean, o.v_scale);
     SPARGE_RETURN_IF_ERROR(launch_status("kv_reduce"));
-    const RowsArgs ka{.x = k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
-                      .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
-                      .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
-                      .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
-                      .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
+    const RowsArgs ka = k_rows_args(p);
     quantize_rows_fast_kernel<false, T, CPR><<<dim3(nbk, bhk), kRowThreads, 0, stream>>>(ka);
     SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<K>"));
     const int64_t len_pad = padded_len_k(s.len_k);
@@ -1066,15 +1076,7 @@ Status quantize_fast(const QuantizeParams& p) {
     SPARGE_RETURN_IF_ERROR(launch_status("v_finalize"));
   }
   if (q_rows) {
-    const float c = p.quant.sm_scale * kLog2e;
-    const bool finalize = s.len_k > 0 && finalize_in_q_rows;
-    const RowsArgs qa{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
-                      .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
-                      .k_mean = o.k_mean, .scale_factor = c, .sm_scale = p.quant.sm_scale, .out = o.q,
-                      .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
-                      .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr,
-                      .v_finalize = finalize ? o.v_scale : nullptr, .v_count = bhk * d,
-                      .v_max = v_quant_max(p.quant.pv)};
+    const RowsArgs qa = q_rows_args(p, s.len_k > 0 && finalize_in_q_rows ? o.v_scale : nullptr);
     quantize_rows_fast_kernel<true, T, CPR><<<dim3(nbq, bhq), kRowThreads, 0, stream>>>(qa);
     SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<Q>"));
   }
@@ -1108,7 +1110,6 @@ Status quantize(const QuantizeParams& p) {
   const int64_t bhq = s.batch * s.heads_q;
   const int64_t bhk = s.batch * s.heads_kv;
   const int64_t d = s.head_dim;
-  const QuantGranularity g = p.quant.granularity;
 
   return dispatch_dtype(p.in.dtype, "in.dtype", [&](auto type_tag) -> Status {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(type_tag)>>;
@@ -1131,11 +1132,7 @@ Status quantize(const QuantizeParams& p) {
         k_mean_kernel<<<bhk, kThreads, 0, stream>>>(o.k_pool, nbk, s.len_k, d, o.k_mean);
         SPARGE_RETURN_IF_ERROR(launch_status("k_mean"));
       }
-      const RowsArgs ka{.x = k, .strides = p.in.k_strides, .heads = s.heads_kv, .heads_kv = s.heads_kv,
-                        .len = s.len_k, .head_dim = d, .block_rows = p.blocks.block_k, .gran = g,
-                        .k_mean = o.k_mean, .scale_factor = 1.0f, .sm_scale = 0.0f, .out = o.k,
-                        .scales = o.k_scale, .groups = k_scale_groups(s.len_k, g), .pool = o.k_pool,
-                        .sim = o.k_sim, .lse_shift = nullptr, .spikes = o.k_spikes};
+      const RowsArgs ka = k_rows_args(p);
       SPARGE_RETURN_IF_ERROR(launch_rows<false, T>(ka, nbk, bhk, stream));
 
       SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");
@@ -1166,12 +1163,7 @@ Status quantize(const QuantizeParams& p) {
       SPARGE_CUDA_TRY(cudaMemsetAsync(o.v_scale, 0, sizeof(float) * bhk * d, stream), "quantize: clear v_scale");
     }
     if (bhq > 0 && s.len_q > 0) {
-      const float c = p.quant.sm_scale * kLog2e;
-      const RowsArgs qa{.x = p.in.q, .strides = p.in.q_strides, .heads = s.heads_q, .heads_kv = s.heads_kv,
-                        .len = s.len_q, .head_dim = d, .block_rows = p.blocks.block_q, .gran = g,
-                        .k_mean = o.k_mean, .scale_factor = c, .sm_scale = p.quant.sm_scale, .out = o.q,
-                        .scales = o.q_scale, .groups = q_scale_groups(s.len_q, g), .pool = o.q_pool,
-                        .sim = o.q_sim, .lse_shift = o.lse_shift, .spikes = nullptr};
+      const RowsArgs qa = q_rows_args(p, nullptr);
       SPARGE_RETURN_IF_ERROR(launch_rows<true, T>(qa, nbq, bhq, stream));
     }
     return Status::Ok();
