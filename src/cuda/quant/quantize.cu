@@ -30,8 +30,8 @@
 #include <cuda_fp8.h>
 
 #include "cuda/common/device_utils.cuh"
-#include "cuda/common/ptx_memory.cuh"
 #include "cuda/common/ptx_convert.cuh"
+#include "cuda/common/ptx_memory.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/layout.h"
 
