@@ -2,6 +2,8 @@
 // rounding of src/common/numerics.h (rne), exp2, and P · 448 as an e4m3 code (the fp8 P·V modes).
 #pragma once
 
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 #include "cuda/common/device_utils.cuh"
@@ -22,6 +24,11 @@ __device__ __forceinline__ uint32_t pack_f16x2(float x0, float x1) {
   // cvt.f16x2 puts its first source in the upper half.
   asm("cvt.rn.f16x2.f32 %0, %2, %1;\n" : "=r"(packed) : "f"(x0), "f"(x1));
   return packed;
+}
+
+// Two fp32 → two e4m3 (rne, saturating to ±448, as src/common/numerics.h), x0 in the low byte.
+__device__ __forceinline__ uint32_t pack_e4m3x2(float x0, float x1) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(x0, x1), __NV_SATFINITE, __NV_E4M3);
 }
 
 // P · 448 of the fp8 P·V modes as its e4m3 code (docs/method.md §2, step 3). With k = scale ·

@@ -845,8 +845,7 @@ __device__ __forceinline__ void v_quant_e4m3_tile(const T* x, int64_t token_stri
         } else {
           f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r[2 * g + a]));
         }
-        pairs[a] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f.x, inv_d), __fmul_rn(f.y, inv_d)), __NV_SATFINITE,
-                                            __NV_E4M3);
+        pairs[a] = pack_e4m3x2(__fmul_rn(f.x, inv_d), __fmul_rn(f.y, inv_d));
       }
       words[g] = pairs[0] | (pairs[1] << 16);
     }
@@ -893,8 +892,7 @@ __device__ __forceinline__ void v_quant_fp32_tile(const T* x, int64_t token_stri
       const float y0 = __fmul_rn(tile[v_slot_key(8 * q + j, kOutPv<Out>) * P + d], inv_d);
       const float y1 = __fmul_rn(tile[v_slot_key(8 * q + j + 1, kOutPv<Out>) * P + d], inv_d);
       if constexpr (std::is_same_v<Out, __nv_fp8_e4m3>) {
-        // rne, saturating to ±448; y0 in the low byte
-        const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(y0, y1), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t pair = pack_e4m3x2(y0, y1);
         words[j / 4] = j % 4 == 0 ? pair : words[j / 4] | (pair << 16);
       } else {
         words[j / 2] = pack_f16x2(y0, y1);
