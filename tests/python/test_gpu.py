@@ -278,6 +278,55 @@ def test_cuda_kernel_choice():
             os.environ["SPARGE_CUDA_KERNEL"] = old
 
 
+def _hopper_wgmma() -> bool:
+    """Whether the wgmma kernel can run here: an sm_90a build on a compute capability 9.0 GPU."""
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in sparge.cuda_architectures().split(";")
+    return hopper and _fp8_kernel_image()
+
+
+@pytest.mark.parametrize("tiles", ["pairs", "singles", "block_k128"])
+@pytest.mark.parametrize("shape", [(2, 6, 2, 1000, 700, 128), (1, 4, 4, 600, 1100, 64)], ids=str)
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+@pytest.mark.parametrize("mode,value", [("dense", None), ("topk", 0.3), ("cdf", 0.9)], ids=str)
+def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, tiles, shape, causal, mode, value):
+    """The wgmma kernel is persistent: each CTA loops over work tiles (128 query rows of one head),
+    its Q buffers alternating and its K / V^T stage ring, the ring's barrier parities and the
+    consumers' ping-pong turns running on from one work tile to the next. Whichever CTA takes a
+    work tile and whatever ran before it there, the tile's result is the same: grids capped at 1, 3
+    and 7 CTAs (SPARGE_WGMMA_CTAS) give the output, LSE and P·V statistics of the full grid bit for
+    bit. 96 and 20 work tiles, partial last query tiles, an odd number of query tiles per head (a
+    causal grid pairs a head's tiles, so one is single), GQA, empty index lists (bottom-right causal
+    rows before the first visible key, Lq > Lk) and index lists of every length (cdf)."""
+    if not _hopper_wgmma():
+        pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
+    monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
+    monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if tiles == "singles" else "1")
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", seed=seed)
+    causal_kw = {"is_causal": causal is not None, "causal_alignment": causal or "top_left"}
+    block_size = (128, 128) if tiles == "block_k128" else (128, 64)
+    quantized = sparge.quantize(q, k, v, block_size=block_size)
+    pred = sparge.predict(quantized, **_kwargs(mode, value), **causal_kw)
+    if causal == "bottom_right" and lq > lk:
+        assert int(pred.count.min()) == 0, "some work tile has an empty index list"
+
+    def run(ctas):
+        if ctas is None:
+            monkeypatch.delenv("SPARGE_WGMMA_CTAS", raising=False)
+        else:
+            monkeypatch.setenv("SPARGE_WGMMA_CTAS", str(ctas))
+        return sparge.attend(quantized, pred.index, pred.count, return_lse=True, return_stats=True, **causal_kw)
+
+    full = run(None)
+    for ctas in (1, 3, 7):
+        capped = run(ctas)
+        for name, x, y in zip(("o", "lse", "stats"), capped, full):
+            assert torch.equal(x, y), f"{name}: {ctas} CTAs differ from the full grid ({tiles} {shape} {causal} {mode})"
+    monkeypatch.setenv("SPARGE_WGMMA_CTAS", "0")
+    with pytest.raises(ValueError, match='SPARGE_WGMMA_CTAS: expected a positive integer, got "0"'):
+        run(0)
+
+
 def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
     """fp8 P·V (either accumulator) runs where the kernel image has e4m3 mma, as accurately as the
     CPU backend on the same call (the INT8 Q·K error alone reaches rel-L1 0.07 on some seeds of

@@ -3,7 +3,9 @@
 // (sm80/attend_mma.cuh). The environment variable SPARGE_CUDA_KERNEL (auto, mma, wgmma) forces
 // the choice, so that the mma.sync kernel of Ampere / Ada is testable on a Hopper GPU. With
 // block_k = 64 the wgmma kernel runs 128-key tiles made of two kept blocks; SPARGE_WGMMA_PAIRS=0
-// runs one block per 64-key tile instead (for comparison).
+// runs one block per 64-key tile instead (for comparison). The wgmma kernel is persistent, one CTA
+// per SM; SPARGE_WGMMA_CTAS=n caps its grid at n CTAs (tests: many work tiles per CTA on small
+// problems).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -75,17 +77,37 @@ Status wgmma_pairs(bool* pairs) {
   return Status::Ok();
 }
 
+constexpr const char* kCtasEnv = "SPARGE_WGMMA_CTAS";
+
+// The most CTAs the persistent wgmma kernel launches (SPARGE_WGMMA_CTAS: a positive integer, or unset
+// for one per SM: 0).
+Status wgmma_max_ctas(int* max_ctas) {
+  const char* value = std::getenv(kCtasEnv);
+  *max_ctas = 0;
+  if (value == nullptr || *value == '\0') return Status::Ok();
+  char* end = nullptr;
+  const long n = std::strtol(value, &end, 10);
+  if (*end != '\0' || n < 1 || n > std::numeric_limits<int>::max()) {
+    return {StatusCode::kInvalidArgument,
+            std::string(kCtasEnv) + ": expected a positive integer, got \"" + std::string(value) + "\""};
+  }
+  *max_ctas = static_cast<int>(n);
+  return Status::Ok();
+}
+
 template <int kHeadDimPad>
 Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
   const int batch = static_cast<int>(p.shape.batch);
+  int max_ctas = 0;
+  SPARGE_RETURN_IF_ERROR(wgmma_max_ctas(&max_ctas));
   switch (p.blocks.block_k) {
     case 64: {
       bool pairs = false;
       SPARGE_RETURN_IF_ERROR(wgmma_pairs(&pairs));
-      if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, batch, p.stream);
-      return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, batch, p.stream);
+      if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, batch, max_ctas, p.stream);
+      return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, batch, max_ctas, p.stream);
     }
-    case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, batch, p.stream);
+    case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, batch, max_ctas, p.stream);
   }
   return unsupported("blocks.block_k: the wgmma attention kernel supports 64 or 128, got " +
                      std::to_string(p.blocks.block_k));

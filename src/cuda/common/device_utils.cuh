@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -49,6 +50,21 @@ __device__ __forceinline__ T store_from_float(float x) {
   } else {
     return x;
   }
+}
+
+// Two output elements of a 2-byte type as one word (rn), x0 in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_output_pair(float x0, float x1) {
+  uint32_t word;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 pair = __floats2half2_rn(x0, x1);
+    memcpy(&word, &pair, sizeof(word));
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "fp16 or bf16");
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(x0, x1);
+    memcpy(&word, &pair, sizeof(word));
+  }
+  return word;
 }
 
 // Two adjacent output elements, as one vector store when the address allows it.
@@ -155,6 +171,20 @@ Status allow_dynamic_smem(size_t bytes, const char* what) {
     while (seen < bytes && !raised[device].compare_exchange_weak(seen, bytes, std::memory_order_acq_rel)) {
     }
   }
+  return Status::Ok();
+}
+
+// The number of SMs of the current device, cached per device (devices past kMaxTrackedDevices:
+// queried every time).
+inline Status sm_count(int* out) {
+  static std::atomic<int> cached[kMaxTrackedDevices] = {};
+  int device = 0;
+  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+  const bool tracked = device < kMaxTrackedDevices;
+  if (tracked && (*out = cached[device].load(std::memory_order_relaxed)) > 0) return Status::Ok();
+  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device),
+                  "cudaDeviceGetAttribute(MultiProcessorCount)");
+  if (tracked) cached[device].store(*out, std::memory_order_relaxed);
   return Status::Ok();
 }
 

@@ -1,5 +1,6 @@
-// PTX wrappers for shared-memory traffic of the mma.sync kernels (sm_80+): cp.async copies,
-// ldmatrix fragment loads, and a padded row-major shared tile free of ldmatrix bank conflicts.
+// PTX wrappers for shared-memory traffic of the attention and quantize kernels (sm_80+, stmatrix
+// sm_90): cp.async copies, ldmatrix / stmatrix fragment loads and stores, and a padded row-major
+// shared tile free of their bank conflicts.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +53,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+
+// The inverse of ldmatrix_x4 (sm_90): lanes 8m .. 8m+7 give the row addresses of matrix m; lane l
+// gives, in r[m], bytes 4·(l%4) .. 4·(l%4)+3 of row l/4 of matrix m (an mma accumulator fragment's
+// layout).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// 16 bytes from shared memory.
+__device__ __forceinline__ uint4 ld_shared_16(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
 }
 
 // A row-major shared tile of kRows rows × kRowBytes bytes whose rows are padded by one 16-byte

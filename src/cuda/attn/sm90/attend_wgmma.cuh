@@ -3,9 +3,11 @@
 // online softmax in the log2 domain with the per-16-row-group P·V skip, and P·V on wgmma
 // (m64nDk32.f32.e4m3.e4m3, P from registers). Include only from instantiations/attend_wgmma_*.cu.
 //
-// One CTA = 128 query rows of one (b, h), inside one prediction Q block (block_q % 128 == 0).
-// Warpgroup 0 produces: one thread loads Q once, then the K and V^T tiles of the kept blocks in
-// order into kWgmmaAttendStages stages (with kPairs, two kept 64-key blocks per 128-key tile).
+// Persistent: one CTA per SM loops over work tiles, a work tile = 128 query rows of one (b, h),
+// inside one prediction Q block (block_q % 128 == 0). Warpgroup 0 produces: per work tile, one
+// thread loads Q into one of two buffers, then the K and V^T tiles of the kept blocks in order into
+// kWgmmaAttendStages stages (with kPairs, two kept 64-key blocks per 128-key tile); the stage ring
+// runs on across work tiles, so the next work tile's Q, K and V^T land while this one finishes.
 // Warpgroups 1 and 2 consume 64 rows each; warp w of a consumer warpgroup owns rows
 // [16w, 16w + 16) of them, exactly one P·V group of the method.
 //
@@ -46,7 +48,9 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -69,6 +73,11 @@ struct WgmmaAttendParams {
   CUtensorMap tmap_k;  // K [B·Hkv, Lk, D] int8, box (D_PAD, BLOCK_K, 1), swizzle D_PAD bytes
   CUtensorMap tmap_v;  // V^T [B·Hkv, D, Lk_pad] e4m3, box (BLOCK_K, D_PAD, 1), swizzle BLOCK_K bytes
   MmaAttendParams a;
+  int32_t q_tiles = 0;  // ceil(Lq / 128): work tiles per (b, h)
+  int32_t tiles = 0;    // q_tiles · Hq · B
+  // o is fp16 / bf16 with every row on a 16-byte boundary: rows leave through shared memory in
+  // 16-byte stores (else pairs of elements are stored from the accumulator fragments).
+  bool o_rows_16b = false;
 };
 
 namespace wgmma_attend {
@@ -129,26 +138,30 @@ struct Config {
   static constexpr int kDotMaxArity = kPairs ? 3 : 2;
   static constexpr int kOTiles = kHeadDimPad / kNTile;
 
+  static constexpr int kQBuffers = kWgmmaAttendQBuffers;
   static constexpr int kQBytes = kWgmmaAttendRows * kHeadDimPad;  // (128, D_PAD) int8, rows of D_PAD bytes
   static constexpr int kKBytes = kBlockK * kHeadDimPad;           // (BLOCK_K, D_PAD) int8
   static constexpr int kVBytes = kHeadDimPad * kBlockK;           // (D_PAD, BLOCK_K) e4m3 = V^T
   static constexpr int kQOffset = 0;
-  static constexpr int kKOffset = kQOffset + kQBytes;
+  static constexpr int kKOffset = kQOffset + kQBuffers * kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kVBytes;
-  // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages]
+  // mbarriers: q_full[kQBuffers], q_empty[kQBuffers], k_full[kStages], v_full[kStages], empty[kStages]
   static constexpr int kBarBytes = 8;
   // The B operand of the row-sum product (P · ones): e4m3 ones, (8, 32) per k-step, read by every
   // k-step from one 1024-byte slot.
   static constexpr int kOnesOffset = kBarOffset + 1024;
   static constexpr int kOnesBytes = 1024;
-  static constexpr int kSmemBytes = 1024 + kOnesOffset + kOnesBytes;
+  // A consumer warp's 16 output rows in a 2-byte type, written by stmatrix, read in 16-byte chunks.
+  using ORows = PaddedTile<16, 2 * kHeadDimPad>;
+  static constexpr int kORowsOffset = kOnesOffset + kOnesBytes;
+  static constexpr int kSmemBytes = 1024 + kORowsOffset + kConsumerWarps * ORows::kBytes;
 
   static_assert(kHeadDimPad == 64 || kHeadDimPad == 128, "rows of one 64- or 128-byte swizzle span");
   static_assert(kBlockK == 64 || kBlockK == 128, "V^T rows of one 64- or 128-byte swizzle span");
   static_assert(kQBytes % kSwizzleAlign == 0 && kKBytes % kSwizzleAlign == 0 && kVBytes % kSwizzleAlign == 0,
                 "every tile starts on the swizzle atom grid");
-  static_assert((1 + 3 * kStages) * kBarBytes <= 1024, "barriers fit their slot");
+  static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= 1024, "barriers fit their slot");
   static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK), "host/device smem size agree");
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
   static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
@@ -261,6 +274,59 @@ __device__ __forceinline__ void row_half_max(const T (&v)[kSRegs], T (&out)[2][k
 // its columns are masked.
 inline constexpr int kAbsentKey = 1 << 30;
 
+// A work tile: query tile q_tile (128 rows) of head bh = b · Hq + h, and its prediction Q block's
+// index list.
+struct WorkTile {
+  int row0;             // first query row
+  int h;
+  int b;
+  int64_t bh;           // b · Hq + h
+  int64_t bhk;          // its kv head, b · Hkv + h / (Hq / Hkv)
+  const int32_t* kept;  // the kept K blocks, ascending [n_kept]
+  int n_kept;
+};
+
+__device__ __forceinline__ WorkTile work_tile(const MmaAttendParams& p, int bh, int q_tile) {
+  WorkTile wt;
+  wt.row0 = q_tile * kWgmmaAttendRows;
+  wt.h = bh % p.heads_q;
+  wt.b = bh / p.heads_q;
+  wt.bh = bh;
+  wt.bhk = static_cast<int64_t>(wt.b) * p.heads_kv + wt.h / p.heads_per_kv;
+  const int64_t q_block = wt.bh * p.nbq + wt.row0 / p.block_q;
+  wt.kept = p.index + q_block * p.nbk;
+  wt.n_kept = p.count[q_block];
+  return wt;
+}
+
+enum class Slot { kTile, kEmpty, kEnd };
+
+// Slot n of this CTA's sequence of work tiles (bh, q_tile); kEmpty slots are skipped, kEnd ends it.
+// Without a causal mask every work tile costs about the same: CTA c takes tiles c, c + G, c + 2G, ...
+// (G = gridDim.x, tile t = query tile t % q_tiles of head t / q_tiles). With one, a query tile costs
+// in proportion to the keys it sees, which grow along the head, so the tiles go in pairs of equal
+// total cost, the j-th longest and the j-th shortest of a head (the longer first), and CTA c takes
+// pairs c, c + G, ...; a head with an odd number of query tiles has one single (an empty slot).
+__device__ __forceinline__ Slot cta_slot(const WgmmaAttendParams& params, int n, int* bh, int* q_tile) {
+  const int c = static_cast<int>(blockIdx.x);
+  const int grid = static_cast<int>(gridDim.x);
+  const int q_tiles = params.q_tiles;
+  if (params.a.causal == Causal::kNone) {
+    const int t = c + n * grid;
+    if (t >= params.tiles) return Slot::kEnd;
+    *bh = t / q_tiles;
+    *q_tile = t % q_tiles;
+    return Slot::kTile;
+  }
+  const int pairs_per_head = (q_tiles + 1) / 2;
+  const int pair = c + (n / 2) * grid;
+  if (pair >= pairs_per_head * (params.tiles / q_tiles)) return Slot::kEnd;
+  const int j = pair % pairs_per_head;
+  *bh = pair / pairs_per_head;
+  *q_tile = n % 2 == 0 ? q_tiles - 1 - j : j;
+  return n % 2 == 1 && j == q_tiles - 1 - j ? Slot::kEmpty : Slot::kTile;
+}
+
 template <int kHeadDimPad, int kBlockK, bool kPairs>
 __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     wgmma_attend_kernel(const __grid_constant__ WgmmaAttendParams params) {
@@ -274,34 +340,30 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (smem_address(smem_raw) + kSwizzleAlign - 1) & ~static_cast<uint32_t>(kSwizzleAlign - 1);
-  const uint32_t q_smem = smem + Cfg::kQOffset;
+  constexpr int kQBuffers = Cfg::kQBuffers;
+  auto q_smem = [&](int buf) { return smem + Cfg::kQOffset + buf * Cfg::kQBytes; };
   auto k_smem = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kKBytes; };
   auto v_smem = [&](int stage) { return smem + Cfg::kVOffset + stage * Cfg::kVBytes; };
-  const uint32_t q_full = smem + Cfg::kBarOffset;
-  auto k_full = [&](int stage) { return q_full + (1 + stage) * Cfg::kBarBytes; };
-  auto v_full = [&](int stage) { return q_full + (1 + kStages + stage) * Cfg::kBarBytes; };
-  auto empty = [&](int stage) { return q_full + (1 + 2 * kStages + stage) * Cfg::kBarBytes; };
+  const uint32_t bars = smem + Cfg::kBarOffset;
+  auto q_full = [&](int buf) { return bars + buf * Cfg::kBarBytes; };
+  auto q_empty = [&](int buf) { return bars + (kQBuffers + buf) * Cfg::kBarBytes; };
+  auto k_full = [&](int stage) { return bars + (2 * kQBuffers + stage) * Cfg::kBarBytes; };
+  auto v_full = [&](int stage) { return bars + (2 * kQBuffers + kStages + stage) * Cfg::kBarBytes; };
+  auto empty = [&](int stage) { return bars + (2 * kQBuffers + 2 * kStages + stage) * Cfg::kBarBytes; };
   const uint32_t ones_smem = smem + Cfg::kOnesOffset;
+  // Tiles of the main loop (kept blocks, or pairs of them) of a work tile with n kept blocks.
+  auto steps_of = [](int n) { return kPairs ? (n + 1) / 2 : n; };
 
   const int thread = threadIdx.x;
   const int warp = thread / kWarpSize;
   const int lane = thread % kWarpSize;
   const int warpgroup = thread / kWarpgroupThreads;
-  // Causal rows see more keys the later they come: the longest query tiles of a head start first, so
-  // the grid's last CTAs are short ones.
-  const int q_tile = static_cast<int>(p.causal != Causal::kNone ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
-  const int row0 = q_tile * kWgmmaAttendRows;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
-  const int64_t bhk = static_cast<int64_t>(b) * p.heads_kv + h / p.heads_per_kv;
-  const int64_t q_block = bh * p.nbq + row0 / p.block_q;
-  const int32_t* kept = p.index + q_block * p.nbk;  // [count]
-  const int n_kept = p.count[q_block];
-  const int n_steps = kPairs ? (n_kept + 1) / 2 : n_kept;  // tiles of the main loop
 
   if (thread == 0) {
-    mbarrier_init(q_full, 1);
+    for (int buf = 0; buf < kQBuffers; ++buf) {
+      mbarrier_init(q_full(buf), 1);
+      mbarrier_init(q_empty(buf), Cfg::kConsumerWarps);
+    }
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -316,32 +378,48 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    // ---- producer: Q once, then K / V^T of tile i (kept block i, or kept blocks 2i and 2i + 1)
-    // into stage i % kStages ----------------------------------------------------------------------
+    // ---- producer: per work tile r of the CTA, Q into buffer r % kQBuffers, then K / V^T of tile i
+    // (kept block i, or kept blocks 2i and 2i + 1) into stage (step0 + i) % kStages, step0 counting
+    // the steps of the CTA's earlier work tiles -------------------------------------------------------
     setmaxnreg_dec<kProducerRegs>();
     if (thread == 0) {
       tma_prefetch_descriptor(&params.tmap_q);
       tma_prefetch_descriptor(&params.tmap_k);
       tma_prefetch_descriptor(&params.tmap_v);
-      mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
-      tma_load_3d(q_smem, &params.tmap_q, q_full, 0, row0, static_cast<int>(bh));
       constexpr int kBlocksPerTile = kBlockK / Cfg::kBlockKeys;
-      for (int i = 0; i < n_steps; ++i) {
-        const int stage = i % kStages;
-        const int round = i / kStages;
-        if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
-        mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
-        mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVBytes);
+      int step0 = 0;
+      int r = 0;  // work tiles so far
+      for (int n = 0;; ++n) {
+        int bh = 0;
+        int q_tile = 0;
+        const Slot slot = cta_slot(params, n, &bh, &q_tile);
+        if (slot == Slot::kEnd) break;
+        if (slot == Slot::kEmpty) continue;
+        const WorkTile wt = work_tile(p, bh, q_tile);
+        const int buf = r % kQBuffers;
+        if (r >= kQBuffers) mbarrier_wait(q_empty(buf), (r / kQBuffers - 1) & 1);
+        mbarrier_arrive_expect_tx(q_full(buf), Cfg::kQBytes);
+        tma_load_3d(q_smem(buf), &params.tmap_q, q_full(buf), 0, wt.row0, static_cast<int>(wt.bh));
+        const int n_steps = steps_of(wt.n_kept);
+        for (int i = 0; i < n_steps; ++i) {
+          const int stage = (step0 + i) % kStages;
+          const int round = (step0 + i) / kStages;
+          if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
+          mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
+          mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVBytes);
 #pragma unroll
-        for (int part = 0; part < kBlocksPerTile; ++part) {
-          // A lone last block of a pair also fills the second half (finite data; it is masked).
-          const int entry = min(kBlocksPerTile * i + part, n_kept - 1);
-          const int key0 = kept[entry] * Cfg::kBlockKeys;
-          tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kBlocksPerTile, &params.tmap_k, k_full(stage), 0, key0,
-                      static_cast<int>(bhk));
-          tma_load_3d(v_smem(stage) + part * Cfg::kVBytes / kBlocksPerTile, &params.tmap_v, v_full(stage), key0, 0,
-                      static_cast<int>(bhk));
+          for (int part = 0; part < kBlocksPerTile; ++part) {
+            // A lone last block of a pair also fills the second half (finite data; it is masked).
+            const int entry = min(kBlocksPerTile * i + part, wt.n_kept - 1);
+            const int key0 = wt.kept[entry] * Cfg::kBlockKeys;
+            tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kBlocksPerTile, &params.tmap_k, k_full(stage), 0, key0,
+                        static_cast<int>(wt.bhk));
+            tma_load_3d(v_smem(stage) + part * Cfg::kVBytes / kBlocksPerTile, &params.tmap_v, v_full(stage), key0, 0,
+                        static_cast<int>(wt.bhk));
+          }
         }
+        step0 += n_steps;
+        ++r;
       }
     }
     return;
@@ -353,594 +431,667 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int group_warp = warp % 4;           // rows [16w, 16w + 16) of those
   const int g = lane / kQuadLanes;
   const int t = lane % kQuadLanes;
-  const int warp_row0 = row0 + consumer_group * kWgmmaM + group_warp * 16;
-  const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
-
-  const LaneRows rows = lane_rows(p, bh, warp_row0 + g);
-  const bool (&row_valid)[2] = rows.valid;
-  const float (&q_scale_row)[2] = rows.q_scale;
-  const int (&col_end)[2] = rows.col_end;  // keys c < col_end are visible (and < Lk)
-  const int col_end_min = min(col_end[0], col_end[1]);
-  const float pvthreshd = head_pvthreshd(p, h);
-
-  // First key (kAbsentKey for the missing second block of a pair) and this lane's K scale of each
-  // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead. A half starts on a
-  // multiple of 64, so lane t's columns 8j + 2t, 8j + 2t + 1 share one group in every granularity:
-  // k_scale_group(key0 + 2t) = (key0 / 64) · groups_per_block + lane_group, in 32-bit arithmetic
-  // (instead of the 64-bit k_scale_group of the key: dense attend −8 %, kernel alone, session 6).
-  // An absent half reads a scale of the pair's list (finite; all its columns are masked). The
-  // overlap kernels keep the 64-bit lookup: the 32-bit one made ptxas spill ~300 bytes in <128, 64>.
-  const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
-  const bool per_thread_k = p.granularity == QuantGranularity::kPerThread;
-  const int k_groups_per_block = per_thread_k ? static_cast<int>(k_scale_group(kQuantBlockRows, p.granularity)) : 1;
-  const int k_lane_group = per_thread_k ? static_cast<int>(k_scale_group(2 * t, p.granularity)) : 0;
-  // Index-list entries of tile i, clamped into the list (a read ahead past the end stays in bounds).
-  auto fetch_kept = [&](int i, int (&kb)[kHalves]) {
-#pragma unroll
-    for (int hh = 0; hh < kHalves; ++hh) kb[hh] = kept[min(kPairs ? 2 * i + hh : i, n_kept - 1)];
-  };
-  auto tile_keys = [&](int i, const int (&kb)[kHalves], int (&k0)[kHalves], float (&ks)[kHalves]) {
-#pragma unroll
-    for (int hh = 0; hh < kHalves; ++hh) {
-      int block64;  // the half's 64-key block
-      if constexpr (kPairs) {
-        k0[hh] = 2 * i + hh < n_kept ? kb[hh] * Cfg::kBlockKeys : kAbsentKey;
-        block64 = kb[hh];
-      } else {
-        block64 = kb[hh] * kHalves + hh;
-        k0[hh] = block64 * static_cast<int>(kQuantBlockRows);
-      }
-      if constexpr (Cfg::kOverlap) {
-        const int key = k0[hh] + 2 * t;
-        ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
-      } else {
-        ks[hh] = k_scale_head[block64 * k_groups_per_block + k_lane_group];
-      }
-    }
-  };
-  auto load_tile = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
-    int kb[kHalves];
-    fetch_kept(i, kb);
-    tile_keys(i, kb, k0, ks);
-  };
 
   // Ping-pong: the two consumer warpgroups take turns issuing their wgmma (named barriers 1, 2), so
-  // one's softmax runs while the other's products occupy the tensor cores.
+  // one's softmax runs while the other's products occupy the tensor cores. Both take the same number
+  // of turns per work tile, so the turns alternate on across work tiles.
   const int my_turn = kPingPongBarrier0 + consumer_group;
   const int other_turn = kPingPongBarrier0 + (1 - consumer_group);
   if (consumer_group == 1) named_barrier_arrive(kPingPongBarrier0, 2 * kWarpgroupThreads);  // group 0 starts
 
-  const uint64_t q_desc = wgmma_desc(q_smem + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
-  int32_t s_acc[Cfg::kSRegs];  // S = Q K^T of the block in flight, (64, BLOCK_K) int32 per warpgroup
-  auto wait_k = [&](int i) { mbarrier_wait(k_full(i % kStages), (i / kStages) & 1); };
-  auto test_k = [&](int i) { return mbarrier_test_wait(k_full(i % kStages), (i / kStages) & 1); };
-  // Issues S = Q K^T of kept block i (its K tile landed: wait_k); completes with the next wait.
-  auto issue_qk = [&](int i) {
-    const int stage = i % kStages;
-    const uint64_t k_desc = wgmma_desc(k_smem(stage), kHeadDimPad);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < Cfg::kQkSteps; ++kk) {
-      const uint32_t step = kk * kWgmmaK8Bit;
-      if constexpr (kBlockK == 128) {
-        if (kk == 0) {
-          wgmma_m64n128k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
-        } else {
-          wgmma_m64n128k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
-        }
-      } else {
-        if (kk == 0) {
-          wgmma_m64n64k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
-        } else {
-          wgmma_m64n64k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
-        }
-      }
-    }
-    wgmma_commit();
-  };
+  unsigned long long pv_units = 0;    // P·V units of this warp's active work tiles (statistics)
+  unsigned long long pv_skipped = 0;  // of those, skipped
+  int step0 = 0;                      // steps of this CTA's earlier work tiles (the stage ring's position)
+  int r = 0;                          // work tiles so far
+  for (int n = 0;; ++n) {
+    int bh_index = 0;
+    int q_tile = 0;
+    const Slot slot = cta_slot(params, n, &bh_index, &q_tile);
+    if (slot == Slot::kEnd) break;
+    if (slot == Slot::kEmpty) continue;
+    const WorkTile wt = work_tile(p, bh_index, q_tile);
+    const int buf = r % kQBuffers;  // Q buffer of this work tile
+    const int h = wt.h;
+    const int b = wt.b;
+    const int64_t bh = wt.bh;
+    const int64_t bhk = wt.bhk;
+    const int32_t* kept = wt.kept;
+    const int n_kept = wt.n_kept;
+    const int n_steps = steps_of(n_kept);
+    auto stage_of = [&](int i) { return (step0 + i) % kStages; };
+    auto parity_of = [&](int i) { return static_cast<uint32_t>((step0 + i) / kStages) & 1; };
+    const int warp_row0 = wt.row0 + consumer_group * kWgmmaM + group_warp * 16;
+    const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
 
-  float m[2] = {kNegInf, kNegInf};  // running max (log2 units), rows g and g + 8
-  float l[2] = {0.0f, 0.0f};        // running sum of p8 (= p · 448), rows g and g + 8 (same in the quad)
-  float acc[Cfg::kORegs];           // (64, D_PAD) of the warpgroup: running Σ fmt(p · 448) · v_q
-#pragma unroll
-  for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
-  int skipped = 0;
+    const LaneRows rows = lane_rows(p, bh, warp_row0 + g);
+    const bool (&row_valid)[2] = rows.valid;
+    const float (&q_scale_row)[2] = rows.q_scale;
+    const int (&col_end)[2] = rows.col_end;  // keys c < col_end are visible (and < Lk)
+    const int col_end_min = min(col_end[0], col_end[1]);
+    const float pvthreshd = head_pvthreshd(p, h);
 
-  // Row maxima of the scores over the whole tile, from the per-half maxima mx of this lane's columns
-  // (times sc where mx holds unscaled dots), reduced over the quad.
-  auto tile_row_max = [](const float (&mx)[2][kHalves], const float (&sc)[2][kHalves], float (&m_blk)[2]) {
+    // First key (kAbsentKey for the missing second block of a pair) and this lane's K scale of each
+    // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead. A half starts on a
+    // multiple of 64, so lane t's columns 8j + 2t, 8j + 2t + 1 share one group in every granularity:
+    // k_scale_group(key0 + 2t) = (key0 / 64) · groups_per_block + lane_group, in 32-bit arithmetic
+    // (instead of the 64-bit k_scale_group of the key: dense attend −8 %, kernel alone, session 6).
+    // An absent half reads a scale of the pair's list (finite; all its columns are masked). The
+    // overlap kernels keep the 64-bit lookup: the 32-bit one made ptxas spill ~300 bytes in <128, 64>.
+    const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
+    const bool per_thread_k = p.granularity == QuantGranularity::kPerThread;
+    const int k_groups_per_block = per_thread_k ? static_cast<int>(k_scale_group(kQuantBlockRows, p.granularity)) : 1;
+    const int k_lane_group = per_thread_k ? static_cast<int>(k_scale_group(2 * t, p.granularity)) : 0;
+    // Index-list entries of tile i, clamped into the list (a read ahead past the end stays in bounds).
+    auto fetch_kept = [&](int i, int (&kb)[kHalves]) {
 #pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-      m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
-#pragma unroll
-      for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
-#pragma unroll
-      for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-        m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
-      }
-    }
-  };
-
-  // Scores of the tile in s_acc (complete) in this lane's columns: s[] and the factors sc[row][half]
-  // that turn s[] into log2-domain scores, the per-half maxima mx of s[] (unscaled), and the return
-  // value mag: 1.5 · 2^23 where s[] holds biased dots (a fully visible tile), else 0 (s[] holds scores,
-  // −inf where invisible, and sc = 1). The softmax forms fma(s, sc, −fma(mag, sc, m_sub)).
-  auto tile_scores = [&](const int (&key0)[kHalves], const float (&k_scale_half)[kHalves], float (&s)[Cfg::kSRegs],
-                         float (&sc)[2][kHalves], float (&mx)[2][kHalves]) {
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
-    }
-    // Halves are contiguous (or the second is absent, kAbsentKey): the last one ends the tile.
-    if (key0[kHalves - 1] + static_cast<int>(kQuantBlockRows) <= col_end_min) {
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-        for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
-      }
-#pragma unroll
-      for (int e = 0; e < Cfg::kSRegs; ++e) {
-        s[e] = biased_dot(s_acc[e]);
-        if constexpr (!Cfg::kTreeMax) {
-          float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
-          x = fmaxf(x, s[e]);
-        }
-      }
-      if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the integer adds
-        int32_t mi[2][kHalves];
-        row_half_max<Cfg::kDotMaxArity>(s_acc, mi);
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = static_cast<float>(mi[i_row][hh]);
-        }
-      } else {
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] -= kRoundMagic;  // exact
-        }
-      }
-      return kRoundMagic;
-    }
-    int visible[2][kHalves];  // in column offsets from the half's first key
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
+      for (int hh = 0; hh < kHalves; ++hh) kb[hh] = kept[min(kPairs ? 2 * i + hh : i, n_kept - 1)];
+    };
+    auto tile_keys = [&](int i, const int (&kb)[kHalves], int (&k0)[kHalves], float (&ks)[kHalves]) {
 #pragma unroll
       for (int hh = 0; hh < kHalves; ++hh) {
-        sc[i_row][hh] = 1.0f;
-        visible[i_row][hh] = col_end[i_row] - key0[hh] - 2 * t;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < Cfg::kSTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i_row = e / 2;
-        const int hh = j * kNTile / kQuantBlockRows;
-        const float scale = q_scale_row[i_row] * k_scale_half[hh];
-        const int col = j * kNTile + e % 2 - hh * static_cast<int>(kQuantBlockRows);
-        s[4 * j + e] = col < visible[i_row][hh] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
-        if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
-      }
-    }
-    if constexpr (Cfg::kTreeMax) row_half_max<2>(s, mx);
-    return 0.0f;
-  };
-
-  // The P·V filter of one warp (a 16-row group) and kept block: true when every row is negligible
-  // (invalid, sees no key of the block, or its block maximum m_blk is more than pvthreshd below the
-  // running maximum m_run). Bitwise, so no branch per row (D64 pairs +2.5 %, same run, session 6).
-  auto warp_negligible = [&](const float (&m_run)[2], const float (&m_blk)[2]) {
-    int all = 1;
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-      all &= static_cast<int>(!row_valid[i_row]) | static_cast<int>(m_blk[i_row] == kNegInf) |
-             static_cast<int>(m_run[i_row] - m_blk[i_row] > pvthreshd);
-    }
-    return __all_sync(kFullWarp, all != 0);
-  };
-
-  // The codes of the tile (low bytes of s[], p_code) as the A fragments of the P·V k-steps: register
-  // 2 · half + row of k-step ks holds columns 2t, 2t + 1 of n-tiles 4ks + 2 · half and 4ks + 2 · half + 1
-  // of row g (row 0) or g + 8 (row 1). V^T holds the keys of every 16-key group in v_key_slot order,
-  // so these are exactly the A bytes lane t needs: no lane exchange.
-  auto p_fragments = [](const float (&s)[Cfg::kSRegs], uint32_t (&pf)[Cfg::kPvSteps][4]) {
-#pragma unroll
-    for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-#pragma unroll
-        for (int row = 0; row < 2; ++row) {
-          const float* x0 = s + 4 * (4 * ks + 2 * half) + 2 * row;
-          const float* x1 = s + 4 * (4 * ks + 2 * half + 1) + 2 * row;
-          pf[ks][2 * half + row] = pack_low_bytes(x0[0], x0[1], x1[0], x1[1]);
+        int block64;  // the half's 64-key block
+        if constexpr (kPairs) {
+          k0[hh] = 2 * i + hh < n_kept ? kb[hh] * Cfg::kBlockKeys : kAbsentKey;
+          block64 = kb[hh];
+        } else {
+          block64 = kb[hh] * kHalves + hh;
+          k0[hh] = block64 * static_cast<int>(kQuantBlockRows);
+        }
+        if constexpr (Cfg::kOverlap) {
+          const int key = k0[hh] + 2 * t;
+          ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
+        } else {
+          ks[hh] = k_scale_head[block64 * k_groups_per_block + k_lane_group];
         }
       }
-    }
-  };
+    };
+    auto load_tile = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
+      int kb[kHalves];
+      fetch_kept(i, kb);
+      tile_keys(i, kb, k0, ks);
+    };
 
-  // Keeps P fragments read by an in-flight wgmma in their registers until its wait.
-  auto fence_p = [](uint32_t (&pf)[Cfg::kPvSteps][4]) {
+    const uint64_t q_desc = wgmma_desc(q_smem(buf) + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
+    int32_t s_acc[Cfg::kSRegs];  // S = Q K^T of the block in flight, (64, BLOCK_K) int32 per warpgroup
+    auto wait_k = [&](int i) { mbarrier_wait(k_full(stage_of(i)), parity_of(i)); };
+    auto test_k = [&](int i) { return mbarrier_test_wait(k_full(stage_of(i)), parity_of(i)); };
+    // Issues S = Q K^T of kept block i (its K tile landed: wait_k); completes with the next wait.
+    auto issue_qk = [&](int i) {
+      const int stage = stage_of(i);
+      const uint64_t k_desc = wgmma_desc(k_smem(stage), kHeadDimPad);
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) wgmma_fence_operand(pf[ks][e]);
-    }
-  };
+      for (int kk = 0; kk < Cfg::kQkSteps; ++kk) {
+        const uint32_t step = kk * kWgmmaK8Bit;
+        if constexpr (kBlockK == 128) {
+          if (kk == 0) {
+            wgmma_m64n128k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
+          } else {
+            wgmma_m64n128k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
+          }
+        } else {
+          if (kk == 0) {
+            wgmma_m64n64k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
+          } else {
+            wgmma_m64n64k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
+          }
+        }
+      }
+      wgmma_commit();
+    };
 
-  // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
-  // maxima after it (m_new): α, m and the P fragments (l is updated with acc, from P · ones). A
-  // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
-  // so its p are 0. The log2 score minus m_new is s · sc − (mag · sc + m_new), so p_code gets
-  // k = sc · kPCodeSlope and c = 1 − kPCodeSlope · m_new − mag · k (the mag · k of c cancels the one in
-  // s · k up to the rounding of c, see "Scores on the Hopper kernel"); masked s = −∞ gives 0 (m_new =
-  // −∞ only when every s is).
-  auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
-                            const float (&sc)[2][kHalves], float (&s)[Cfg::kSRegs], float (&alpha_out)[2],
-                            uint32_t (&p_out)[Cfg::kPvSteps][4]) {
-    alpha_out[0] = 1.0f;
-    alpha_out[1] = 1.0f;
-    if (!warp_skips) {
-      float k[2][kHalves];
-      float c[2][kHalves];
+    float m[2] = {kNegInf, kNegInf};  // running max (log2 units), rows g and g + 8
+    float l[2] = {0.0f, 0.0f};        // running sum of p8 (= p · 448), rows g and g + 8 (same in the quad)
+    float acc[Cfg::kORegs];           // (64, D_PAD) of the warpgroup: running Σ fmt(p · 448) · v_q
+#pragma unroll
+    for (int e = 0; e < Cfg::kORegs; ++e) acc[e] = 0.0f;
+    int skipped = 0;
+
+    // Row maxima of the scores over the whole tile, from the per-half maxima mx of this lane's columns
+    // (times sc where mx holds unscaled dots), reduced over the quad.
+    auto tile_row_max = [](const float (&mx)[2][kHalves], const float (&sc)[2][kHalves], float (&m_blk)[2]) {
 #pragma unroll
       for (int i_row = 0; i_row < 2; ++i_row) {
-        alpha_out[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
-        m[i_row] = m_new[i_row];
+        m_blk[i_row] = mx[i_row][0] * sc[i_row][0];
+#pragma unroll
+        for (int hh = 1; hh < kHalves; ++hh) m_blk[i_row] = fmaxf(m_blk[i_row], mx[i_row][hh] * sc[i_row][hh]);
+#pragma unroll
+        for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+          m_blk[i_row] = fmaxf(m_blk[i_row], __shfl_xor_sync(kFullWarp, m_blk[i_row], mask));
+        }
+      }
+    };
+
+    // Scores of the tile in s_acc (complete) in this lane's columns: s[] and the factors sc[row][half]
+    // that turn s[] into log2-domain scores, the per-half maxima mx of s[] (unscaled), and the return
+    // value mag: 1.5 · 2^23 where s[] holds biased dots (a fully visible tile), else 0 (s[] holds scores,
+    // −inf where invisible, and sc = 1). The softmax forms fma(s, sc, −fma(mag, sc, m_sub)).
+    auto tile_scores = [&](const int (&key0)[kHalves], const float (&k_scale_half)[kHalves], float (&s)[Cfg::kSRegs],
+                           float (&sc)[2][kHalves], float (&mx)[2][kHalves]) {
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = kNegInf;
+      }
+      // Halves are contiguous (or the second is absent, kAbsentKey): the last one ends the tile.
+      if (key0[kHalves - 1] + static_cast<int>(kQuantBlockRows) <= col_end_min) {
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) sc[i_row][hh] = q_scale_row[i_row] * k_scale_half[hh];
+        }
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) {
+          s[e] = biased_dot(s_acc[e]);
+          if constexpr (!Cfg::kTreeMax) {
+            float& x = mx[(e % 4) / 2][(e / 4) * kNTile / kQuantBlockRows];
+            x = fmaxf(x, s[e]);
+          }
+        }
+        if constexpr (Cfg::kTreeMax) {  // on the dots: starts before the integer adds
+          int32_t mi[2][kHalves];
+          row_half_max<Cfg::kDotMaxArity>(s_acc, mi);
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] = static_cast<float>(mi[i_row][hh]);
+          }
+        } else {
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) mx[i_row][hh] -= kRoundMagic;  // exact
+          }
+        }
+        return kRoundMagic;
+      }
+      int visible[2][kHalves];  // in column offsets from the half's first key
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) {
-          const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
-          k[i_row][hh] = sc[i_row][hh] * kPCodeSlope;
-          c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kPCodeSlope, 1.0f));
+          sc[i_row][hh] = 1.0f;
+          visible[i_row][hh] = col_end[i_row] - key0[hh] - 2 * t;
         }
       }
 #pragma unroll
-      for (int e = 0; e < Cfg::kSRegs; ++e) {
-        const int i_row = (e % 4) / 2;
-        const int hh = (e / 4) * kNTile / kQuantBlockRows;
-        s[e] = p_code(s[e], k[i_row][hh], c[i_row][hh]);
+      for (int j = 0; j < Cfg::kSTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i_row = e / 2;
+          const int hh = j * kNTile / kQuantBlockRows;
+          const float scale = q_scale_row[i_row] * k_scale_half[hh];
+          const int col = j * kNTile + e % 2 - hh * static_cast<int>(kQuantBlockRows);
+          s[4 * j + e] = col < visible[i_row][hh] ? static_cast<float>(s_acc[4 * j + e]) * scale : kNegInf;
+          if constexpr (!Cfg::kTreeMax) mx[i_row][hh] = fmaxf(mx[i_row][hh], s[4 * j + e]);
+        }
       }
-      p_fragments(s, p_out);
-    } else {
+      if constexpr (Cfg::kTreeMax) row_half_max<2>(s, mx);
+      return 0.0f;
+    };
+
+    // The P·V filter of one warp (a 16-row group) and kept block: true when every row is negligible
+    // (invalid, sees no key of the block, or its block maximum m_blk is more than pvthreshd below the
+    // running maximum m_run). Bitwise, so no branch per row (D64 pairs +2.5 %, same run, session 6).
+    auto warp_negligible = [&](const float (&m_run)[2], const float (&m_blk)[2]) {
+      int all = 1;
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        all &= static_cast<int>(!row_valid[i_row]) | static_cast<int>(m_blk[i_row] == kNegInf) |
+               static_cast<int>(m_run[i_row] - m_blk[i_row] > pvthreshd);
+      }
+      return __all_sync(kFullWarp, all != 0);
+    };
+
+    // The codes of the tile (low bytes of s[], p_code) as the A fragments of the P·V k-steps: register
+    // 2 · half + row of k-step ks holds columns 2t, 2t + 1 of n-tiles 4ks + 2 · half and 4ks + 2 · half + 1
+    // of row g (row 0) or g + 8 (row 1). V^T holds the keys of every 16-key group in v_key_slot order,
+    // so these are exactly the A bytes lane t needs: no lane exchange.
+    auto p_fragments = [](const float (&s)[Cfg::kSRegs], uint32_t (&pf)[Cfg::kPvSteps][4]) {
 #pragma unroll
       for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
-      }
-    }
-  };
-
-  // The row sums of a tile's P: P · ones over the k-steps, (64, 8) fp32, every column the row's sum
-  // (lsum[0]: row g, lsum[2]: row g + 8). Issued inside a P·V commit group.
-  auto issue_row_sums = [&](float (&lsum)[4], const uint32_t (&pf)[Cfg::kPvSteps][4]) {
-    const uint64_t ones_desc = wgmma_desc(ones_smem, kOnesRowBytes);
+        for (int half = 0; half < 2; ++half) {
 #pragma unroll
-    for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-      if (ks == 0) {
-        wgmma_m64n8k32_f32_e4m3_rs_first(lsum, pf[ks], ones_desc);
-      } else {
-        wgmma_m64n8k32_f32_e4m3_rs(lsum, pf[ks], ones_desc, 1);
-      }
-    }
-  };
-  // acc = acc · α + pv for the running row sums: l = l · α + the tile's sum (after its wait).
-  auto add_row_sums = [&](float (&lsum)[4], const float (&alpha_t)[2]) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) wgmma_fence_operand(lsum[e]);
-    l[0] = l[0] * alpha_t[0] + lsum[0];
-    l[1] = l[1] * alpha_t[1] + lsum[2];
-  };
-
-  int key0_next[kHalves];  // of the tile whose softmax comes next
-  float k_scale_next[kHalves];
-  int kept_ahead[kHalves];  // with kKeptAhead: the index-list entries of the tile after next
-  if (n_kept > 0) {
-    load_tile(0, key0_next, k_scale_next);
-    if constexpr (Cfg::kKeptAhead) fetch_kept(1, kept_ahead);
-  }
-
-  if constexpr (Cfg::kOverlap) {
-    // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
-    // the softmax of block i + 1 runs while P·V of block i is in flight. No divergent branch may
-    // be crossed by an in-flight wgmma (ptxas would serialize), so P·V is always issued: a
-    // warpgroup whose 4 warps all skip multiplies P = 0 (acc · 1 + 0 leaves acc unchanged).
-    // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m and the
-    // skip count.
-    auto softmax = [&](const int (&k0)[kHalves], const float (&k_scale_half)[kHalves],
-                       uint32_t (&p_out)[Cfg::kPvSteps][4], float (&alpha_out)[2]) {
-      float s[Cfg::kSRegs];
-      float sc[2][kHalves];
-      float mx[2][kHalves];
-      const float mag = tile_scores(k0, k_scale_half, s, sc, mx);
-      float m_blk[2];
-      tile_row_max(mx, sc, m_blk);
-      const bool warp_skips = warp_negligible(m, m_blk);
-      skipped += warp_active && warp_skips;
-      const float m_new[2] = {fmaxf(m[0], m_blk[0]), fmaxf(m[1], m_blk[1])};
-      const bool no_skipped_half[kHalves] = {};
-      softmax_update(warp_skips, m_new, no_skipped_half, mag, sc, s, alpha_out, p_out);
-    };
-
-    float pv[Cfg::kORegs];  // P·V of the block in flight, (64, D_PAD) fp32
-    float lsum[4];          // its row sums (issue_row_sums)
-    auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
-      const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
-      wgmma_fence();
-      pv_chain<kHeadDimPad>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
-      issue_row_sums(lsum, pf);
-      wgmma_commit();
-    };
-    auto add_pv = [&](const float (&alpha_t)[2]) {  // acc = acc · α + pv (the method's order), l likewise
-#pragma unroll
-      for (int e = 0; e < Cfg::kORegs; ++e) {
-        wgmma_fence_operand(pv[e]);
-        acc[e] = acc[e] * alpha_t[(e % 4) / 2] + pv[e];
-      }
-      add_row_sums(lsum, alpha_t);
-    };
-
-    // P and α of the block whose P·V is issued next, in two buffers that alternate between steps
-    // (no register copies that ptxas could place inside a wgmma pipeline).
-    uint32_t p_a[Cfg::kPvSteps][4], p_b[Cfg::kPvSteps][4];
-    float alpha_a[2], alpha_b[2];
-    auto step = [&](int i, auto has_next_c, uint32_t (&p_cur)[Cfg::kPvSteps][4], float (&alpha_cur)[2],
-                    uint32_t (&p_nxt)[Cfg::kPvSteps][4], float (&alpha_nxt)[2]) {
-      constexpr bool has_next = decltype(has_next_c)::value;
-      const int stage = i % kStages;
-      int key0_b[kHalves];  // block i + 1, whose softmax comes next (loads land during the turn)
-      float k_scale_b[kHalves];
-      if constexpr (has_next) load_tile(i + 1, key0_b, k_scale_b);
-      mbarrier_wait(v_full(stage), (i / kStages) & 1);
-      if constexpr (has_next) wait_k(i + 1);
-      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-      if constexpr (has_next) issue_qk(i + 1);
-      issue_pv(stage, p_cur);
-      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
-      if constexpr (has_next) {
-        wgmma_wait<1>();  // S of block i + 1
-#pragma unroll
-        for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
-        softmax(key0_b, k_scale_b, p_nxt, alpha_nxt);
-      }
-      wgmma_wait<0>();  // P·V of block i
-      fence_p(p_cur);
-      add_pv(alpha_cur);
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
-    };
-
-    mbarrier_wait(q_full, 0);
-    if (n_kept > 0) {
-      wait_k(0);
-      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-      issue_qk(0);
-      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
-      wgmma_wait<0>();
-#pragma unroll
-      for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
-      softmax(key0_next, k_scale_next, p_a, alpha_a);
-      int i = 0;
-      for (; i + 2 < n_kept; i += 2) {
-        step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
-        step(i + 1, std::true_type{}, p_b, alpha_b, p_a, alpha_a);
-      }
-      if (i + 1 < n_kept) {
-        step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
-        step(i + 1, std::false_type{}, p_b, alpha_b, p_a, alpha_a);
-      } else {
-        step(i, std::false_type{}, p_a, alpha_a, p_b, alpha_b);
-      }
-    }
-  } else {
-    // One tile (a kept block, or a pair of them): its softmax, then this warpgroup's turn (P·V of
-    // the tile, S of the next).
-    auto block = [&](int i, auto has_next_c) {
-      constexpr bool has_next = decltype(has_next_c)::value;
-      const int stage = i % kStages;
-      const uint32_t parity = (i / kStages) & 1;
-      int key0[kHalves];
-      float k_scale_half[kHalves];
-#pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) {
-        key0[hh] = key0_next[hh];
-        k_scale_half[hh] = k_scale_next[hh];
-      }
-      if constexpr (has_next) {
-        if constexpr (Cfg::kKeptAhead) {
-          tile_keys(i + 1, kept_ahead, key0_next, k_scale_next);
-          fetch_kept(i + 2, kept_ahead);
-        } else {
-          load_tile(i + 1, key0_next, k_scale_next);
+          for (int row = 0; row < 2; ++row) {
+            const float* x0 = s + 4 * (4 * ks + 2 * half) + 2 * row;
+            const float* x1 = s + 4 * (4 * ks + 2 * half + 1) + 2 * row;
+            pf[ks][2 * half + row] = pack_low_bytes(x0[0], x0[1], x1[0], x1[1]);
+          }
         }
       }
+    };
 
-      // ---- 1. S of this block (issued in the previous turn) --------------------------------------
-      wgmma_wait<0>();
+    // Keeps P fragments read by an in-flight wgmma in their registers until its wait.
+    auto fence_p = [](uint32_t (&pf)[Cfg::kPvSteps][4]) {
 #pragma unroll
-      for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) wgmma_fence_operand(pf[ks][e]);
+      }
+    };
 
-      // A fully visible tile keeps the dots and their scale apart: the row maximum of the scores is
-      // max(dot) · scale exactly (the scale is >= 0 and rounding is monotonic), and p is one fma below.
-      float s[Cfg::kSRegs];
-      float sc[2][kHalves];
-      float mx[2][kHalves];
-      const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
-
-      // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
-      // m_new: the running max after the tile; skip_half: the warp skips that half (a pair's halves
-      // are two blocks, decided in order like the reference; otherwise both halves share one).
-      float m_new[2];
-      bool skip_half[kHalves];
-      bool warp_skips = true;
-      if constexpr (kPairs) {
-        float m_half[kHalves][2];
+    // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
+    // maxima after it (m_new): α, m and the P fragments (l is updated with acc, from P · ones). A
+    // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
+    // so its p are 0. The log2 score minus m_new is s · sc − (mag · sc + m_new), so p_code gets
+    // k = sc · kPCodeSlope and c = 1 − kPCodeSlope · m_new − mag · k (the mag · k of c cancels the one in
+    // s · k up to the rounding of c, see "Scores on the Hopper kernel"); masked s = −∞ gives 0 (m_new =
+    // −∞ only when every s is).
+    auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
+                              const float (&sc)[2][kHalves], float (&s)[Cfg::kSRegs], float (&alpha_out)[2],
+                              uint32_t (&p_out)[Cfg::kPvSteps][4]) {
+      alpha_out[0] = 1.0f;
+      alpha_out[1] = 1.0f;
+      if (!warp_skips) {
+        float k[2][kHalves];
+        float c[2][kHalves];
 #pragma unroll
         for (int i_row = 0; i_row < 2; ++i_row) {
+          alpha_out[i_row] = m_new[i_row] == kNegInf ? 1.0f : fast_exp2(m[i_row] - m_new[i_row]);
+          m[i_row] = m_new[i_row];
 #pragma unroll
           for (int hh = 0; hh < kHalves; ++hh) {
-            m_half[hh][i_row] = mx[i_row][hh] * sc[i_row][hh];
-#pragma unroll
-            for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-              m_half[hh][i_row] = fmaxf(m_half[hh][i_row], __shfl_xor_sync(kFullWarp, m_half[hh][i_row], mask));
-            }
+            const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
+            k[i_row][hh] = sc[i_row][hh] * kPCodeSlope;
+            c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kPCodeSlope, 1.0f));
           }
-          m_new[i_row] = m[i_row];
         }
 #pragma unroll
-        for (int hh = 0; hh < kHalves; ++hh) {
-          skip_half[hh] = warp_negligible(m_new, m_half[hh]);
-          if (!skip_half[hh]) {
-#pragma unroll
-            for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
-          }
-          warp_skips = warp_skips && skip_half[hh];
-          skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
+        for (int e = 0; e < Cfg::kSRegs; ++e) {
+          const int i_row = (e % 4) / 2;
+          const int hh = (e / 4) * kNTile / kQuantBlockRows;
+          s[e] = p_code(s[e], k[i_row][hh], c[i_row][hh]);
         }
-      } else {
-        float m_blk[2];
-        tile_row_max(mx, sc, m_blk);
-#pragma unroll
-        for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
-        warp_skips = warp_negligible(m, m_blk);
-#pragma unroll
-        for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
-        skipped += warp_active && warp_skips;
-      }
-
-      // The turn needs V^T of this tile and K of the next: their barriers are probed now, so the probes'
-      // latency passes during the exponentials, and the turn blocks only on a failed probe (kernel
-      // alone, same run, session 8: +0.5 % dense L32k, +1.3 % topk 0.5, +1.5 % causal, +0.4 % D64; the
-      // two blocking waits took ~160 cycles of a ~2700-cycle tile when both tiles had long landed).
-      const bool v_ready = mbarrier_test_wait(v_full(stage), parity);
-      const bool k_ready = !has_next || test_k(i + 1);
-
-      // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
-      // Both blocks of a pair use the max after the pair, so p of the first is rounded to e4m3
-      // relative to that max (the reference rounds it relative to the max after the first block,
-      // then scales by α of the second).
-      float alpha[2];
-      uint32_t p_frag[Cfg::kPvSteps][4];
-      softmax_update(warp_skips, m_new, skip_half, mag, sc, s, alpha, p_frag);
-
-      // ---- 4. this warpgroup's turn: P·V of the block (fresh registers, then acc = acc · α + pv, the
-      // method's order, per chunk of output columns) and S of the next block -------------------------
-      // Every consumer waits for V^T, used or not, so the stage's phases stay in step.
-      if (!v_ready) mbarrier_wait(v_full(stage), parity);
-      if (!k_ready) wait_k(i + 1);
-      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-      float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
-      float lsum[4];                // the tile's row sums (issue_row_sums)
-      auto issue_pv = [&](int chunk) {
-        // V^T tiles of kVRowBytes keys (two per tile for pairs); chunk rows start every kVRowBytes bytes.
-        constexpr int kStepsPerVTile = Cfg::kVRowBytes / kWgmmaK8Bit;
-        constexpr int kVTileBytes = kHeadDimPad * Cfg::kVRowBytes;
-        const uint32_t v_chunk = v_smem(stage) + chunk * Cfg::kPvChunkCols * Cfg::kVRowBytes;
-        wgmma_fence();  // in the wgmma's own basic block (else ptxas adds one and serializes)
-        pv_chain<Cfg::kPvChunkCols>(pv, p_frag, [&](int ks) {
-          return wgmma_desc_advance(wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes),
-                                    (ks % kStepsPerVTile) * kWgmmaK8Bit);
-        });
-        if (chunk == Cfg::kPvChunks - 1) issue_row_sums(lsum, p_frag);
-        wgmma_commit();
-      };
-      auto add_pv = [&](int chunk) {  // acc = acc · α + pv, the method's order
-#pragma unroll
-        for (int e = 0; e < Cfg::kPvChunkRegs; ++e) {
-          wgmma_fence_operand(pv[e]);
-          float& o = acc[chunk * Cfg::kPvChunkRegs + e];
-          o = o * alpha[(e % 4) / 2] + pv[e];
-        }
-        if (chunk == Cfg::kPvChunks - 1) add_row_sums(lsum, alpha);
-      };
-      // P·V, then S of the next block: no wgmma stays in flight across a divergent branch (ptxas
-      // would serialize them); the other warpgroup's turn starts once S is issued.
-      if constexpr (Cfg::kPvBesideS) {
-        issue_pv(0);
-        if constexpr (has_next) issue_qk(i + 1);
-        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
-        wgmma_wait<has_next ? 1 : 0>();  // P·V (S of the next tile may still be in flight)
-        fence_p(p_frag);
-        add_pv(0);
+        p_fragments(s, p_out);
       } else {
 #pragma unroll
-        for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
-          issue_pv(chunk);
-          wgmma_wait<0>();
-          add_pv(chunk);
+        for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
         }
-        if constexpr (has_next) issue_qk(i + 1);
-        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
       }
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
     };
 
-    mbarrier_wait(q_full, 0);
+    // The row sums of a tile's P: P · ones over the k-steps, (64, 8) fp32, every column the row's sum
+    // (lsum[0]: row g, lsum[2]: row g + 8). Issued inside a P·V commit group.
+    auto issue_row_sums = [&](float (&lsum)[4], const uint32_t (&pf)[Cfg::kPvSteps][4]) {
+      const uint64_t ones_desc = wgmma_desc(ones_smem, kOnesRowBytes);
+#pragma unroll
+      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
+        if (ks == 0) {
+          wgmma_m64n8k32_f32_e4m3_rs_first(lsum, pf[ks], ones_desc);
+        } else {
+          wgmma_m64n8k32_f32_e4m3_rs(lsum, pf[ks], ones_desc, 1);
+        }
+      }
+    };
+    // acc = acc · α + pv for the running row sums: l = l · α + the tile's sum (after its wait).
+    auto add_row_sums = [&](float (&lsum)[4], const float (&alpha_t)[2]) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) wgmma_fence_operand(lsum[e]);
+      l[0] = l[0] * alpha_t[0] + lsum[0];
+      l[1] = l[1] * alpha_t[1] + lsum[2];
+    };
+
+    int key0_next[kHalves];  // of the tile whose softmax comes next
+    float k_scale_next[kHalves];
+    int kept_ahead[kHalves];  // with kKeptAhead: the index-list entries of the tile after next
     if (n_kept > 0) {
-      wait_k(0);
-      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-      issue_qk(0);
-      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
-      for (int i = 0; i + 1 < n_steps; ++i) block(i, std::true_type{});
-      block(n_steps - 1, std::false_type{});
+      load_tile(0, key0_next, k_scale_next);
+      if constexpr (Cfg::kKeptAhead) fetch_kept(1, kept_ahead);
     }
+
+    if constexpr (Cfg::kOverlap) {
+      // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
+      // the softmax of block i + 1 runs while P·V of block i is in flight. No divergent branch may
+      // be crossed by an in-flight wgmma (ptxas would serialize), so P·V is always issued: a
+      // warpgroup whose 4 warps all skip multiplies P = 0 (acc · 1 + 0 leaves acc unchanged).
+      // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m and the
+      // skip count.
+      auto softmax = [&](const int (&k0)[kHalves], const float (&k_scale_half)[kHalves],
+                         uint32_t (&p_out)[Cfg::kPvSteps][4], float (&alpha_out)[2]) {
+        float s[Cfg::kSRegs];
+        float sc[2][kHalves];
+        float mx[2][kHalves];
+        const float mag = tile_scores(k0, k_scale_half, s, sc, mx);
+        float m_blk[2];
+        tile_row_max(mx, sc, m_blk);
+        const bool warp_skips = warp_negligible(m, m_blk);
+        skipped += warp_active && warp_skips;
+        const float m_new[2] = {fmaxf(m[0], m_blk[0]), fmaxf(m[1], m_blk[1])};
+        const bool no_skipped_half[kHalves] = {};
+        softmax_update(warp_skips, m_new, no_skipped_half, mag, sc, s, alpha_out, p_out);
+      };
+
+      float pv[Cfg::kORegs];  // P·V of the block in flight, (64, D_PAD) fp32
+      float lsum[4];          // its row sums (issue_row_sums)
+      auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
+        const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
+        wgmma_fence();
+        pv_chain<kHeadDimPad>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
+        issue_row_sums(lsum, pf);
+        wgmma_commit();
+      };
+      auto add_pv = [&](const float (&alpha_t)[2]) {  // acc = acc · α + pv (the method's order), l likewise
+#pragma unroll
+        for (int e = 0; e < Cfg::kORegs; ++e) {
+          wgmma_fence_operand(pv[e]);
+          acc[e] = acc[e] * alpha_t[(e % 4) / 2] + pv[e];
+        }
+        add_row_sums(lsum, alpha_t);
+      };
+
+      // P and α of the block whose P·V is issued next, in two buffers that alternate between steps
+      // (no register copies that ptxas could place inside a wgmma pipeline).
+      uint32_t p_a[Cfg::kPvSteps][4], p_b[Cfg::kPvSteps][4];
+      float alpha_a[2], alpha_b[2];
+      auto step = [&](int i, auto has_next_c, uint32_t (&p_cur)[Cfg::kPvSteps][4], float (&alpha_cur)[2],
+                      uint32_t (&p_nxt)[Cfg::kPvSteps][4], float (&alpha_nxt)[2]) {
+        constexpr bool has_next = decltype(has_next_c)::value;
+        const int stage = stage_of(i);
+        int key0_b[kHalves];  // block i + 1, whose softmax comes next (loads land during the turn)
+        float k_scale_b[kHalves];
+        if constexpr (has_next) load_tile(i + 1, key0_b, k_scale_b);
+        mbarrier_wait(v_full(stage), parity_of(i));
+        if constexpr (has_next) wait_k(i + 1);
+        named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+        if constexpr (has_next) issue_qk(i + 1);
+        issue_pv(stage, p_cur);
+        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        if constexpr (has_next) {
+          wgmma_wait<1>();  // S of block i + 1
+#pragma unroll
+          for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+          softmax(key0_b, k_scale_b, p_nxt, alpha_nxt);
+        }
+        wgmma_wait<0>();  // P·V of block i
+        fence_p(p_cur);
+        add_pv(alpha_cur);
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+      };
+
+      mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
+      if (n_kept > 0) {
+        wait_k(0);
+        named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+        issue_qk(0);
+        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+        softmax(key0_next, k_scale_next, p_a, alpha_a);
+        int i = 0;
+        for (; i + 2 < n_kept; i += 2) {
+          step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
+          step(i + 1, std::true_type{}, p_b, alpha_b, p_a, alpha_a);
+        }
+        if (i + 1 < n_kept) {
+          step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
+          step(i + 1, std::false_type{}, p_b, alpha_b, p_a, alpha_a);
+        } else {
+          step(i, std::false_type{}, p_a, alpha_a, p_b, alpha_b);
+        }
+      }
+    } else {
+      // One tile (a kept block, or a pair of them): its softmax, then this warpgroup's turn (P·V of
+      // the tile, S of the next).
+      auto block = [&](int i, auto has_next_c) {
+        constexpr bool has_next = decltype(has_next_c)::value;
+        const int stage = stage_of(i);
+        const uint32_t parity = parity_of(i);
+        int key0[kHalves];
+        float k_scale_half[kHalves];
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) {
+          key0[hh] = key0_next[hh];
+          k_scale_half[hh] = k_scale_next[hh];
+        }
+        if constexpr (has_next) {
+          if constexpr (Cfg::kKeptAhead) {
+            tile_keys(i + 1, kept_ahead, key0_next, k_scale_next);
+            fetch_kept(i + 2, kept_ahead);
+          } else {
+            load_tile(i + 1, key0_next, k_scale_next);
+          }
+        }
+
+        // ---- 1. S of this block (issued in the previous turn) --------------------------------------
+        wgmma_wait<0>();
+#pragma unroll
+        for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+
+        // A fully visible tile keeps the dots and their scale apart: the row maximum of the scores is
+        // max(dot) · scale exactly (the scale is >= 0 and rounding is monotonic), and p is one fma below.
+        float s[Cfg::kSRegs];
+        float sc[2][kHalves];
+        float mx[2][kHalves];
+        const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
+
+        // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
+        // m_new: the running max after the tile; skip_half: the warp skips that half (a pair's halves
+        // are two blocks, decided in order like the reference; otherwise both halves share one).
+        float m_new[2];
+        bool skip_half[kHalves];
+        bool warp_skips = true;
+        if constexpr (kPairs) {
+          float m_half[kHalves][2];
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) {
+              m_half[hh][i_row] = mx[i_row][hh] * sc[i_row][hh];
+#pragma unroll
+              for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+                m_half[hh][i_row] = fmaxf(m_half[hh][i_row], __shfl_xor_sync(kFullWarp, m_half[hh][i_row], mask));
+              }
+            }
+            m_new[i_row] = m[i_row];
+          }
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) {
+            skip_half[hh] = warp_negligible(m_new, m_half[hh]);
+            if (!skip_half[hh]) {
+#pragma unroll
+              for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
+            }
+            warp_skips = warp_skips && skip_half[hh];
+            skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
+          }
+        } else {
+          float m_blk[2];
+          tile_row_max(mx, sc, m_blk);
+#pragma unroll
+          for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
+          warp_skips = warp_negligible(m, m_blk);
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
+          skipped += warp_active && warp_skips;
+        }
+
+        // The turn needs V^T of this tile and K of the next: their barriers are probed now, so the probes'
+        // latency passes during the exponentials, and the turn blocks only on a failed probe (kernel
+        // alone, same run, session 8: +0.5 % dense L32k, +1.3 % topk 0.5, +1.5 % causal, +0.4 % D64; the
+        // two blocking waits took ~160 cycles of a ~2700-cycle tile when both tiles had long landed).
+        const bool v_ready = mbarrier_test_wait(v_full(stage), parity);
+        const bool k_ready = !has_next || test_k(i + 1);
+
+        // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
+        // Both blocks of a pair use the max after the pair, so p of the first is rounded to e4m3
+        // relative to that max (the reference rounds it relative to the max after the first block,
+        // then scales by α of the second).
+        float alpha[2];
+        uint32_t p_frag[Cfg::kPvSteps][4];
+        softmax_update(warp_skips, m_new, skip_half, mag, sc, s, alpha, p_frag);
+
+        // ---- 4. this warpgroup's turn: P·V of the block (fresh registers, then acc = acc · α + pv, the
+        // method's order, per chunk of output columns) and S of the next block -------------------------
+        // Every consumer waits for V^T, used or not, so the stage's phases stay in step.
+        if (!v_ready) mbarrier_wait(v_full(stage), parity);
+        if (!k_ready) wait_k(i + 1);
+        named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+        float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
+        float lsum[4];                // the tile's row sums (issue_row_sums)
+        auto issue_pv = [&](int chunk) {
+          // V^T tiles of kVRowBytes keys (two per tile for pairs); chunk rows start every kVRowBytes bytes.
+          constexpr int kStepsPerVTile = Cfg::kVRowBytes / kWgmmaK8Bit;
+          constexpr int kVTileBytes = kHeadDimPad * Cfg::kVRowBytes;
+          const uint32_t v_chunk = v_smem(stage) + chunk * Cfg::kPvChunkCols * Cfg::kVRowBytes;
+          wgmma_fence();  // in the wgmma's own basic block (else ptxas adds one and serializes)
+          pv_chain<Cfg::kPvChunkCols>(pv, p_frag, [&](int ks) {
+            return wgmma_desc_advance(wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes),
+                                      (ks % kStepsPerVTile) * kWgmmaK8Bit);
+          });
+          if (chunk == Cfg::kPvChunks - 1) issue_row_sums(lsum, p_frag);
+          wgmma_commit();
+        };
+        auto add_pv = [&](int chunk) {  // acc = acc · α + pv, the method's order
+#pragma unroll
+          for (int e = 0; e < Cfg::kPvChunkRegs; ++e) {
+            wgmma_fence_operand(pv[e]);
+            float& o = acc[chunk * Cfg::kPvChunkRegs + e];
+            o = o * alpha[(e % 4) / 2] + pv[e];
+          }
+          if (chunk == Cfg::kPvChunks - 1) add_row_sums(lsum, alpha);
+        };
+        // P·V, then S of the next block: no wgmma stays in flight across a divergent branch (ptxas
+        // would serialize them); the other warpgroup's turn starts once S is issued.
+        if constexpr (Cfg::kPvBesideS) {
+          issue_pv(0);
+          if constexpr (has_next) issue_qk(i + 1);
+          named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+          wgmma_wait<has_next ? 1 : 0>();  // P·V (S of the next tile may still be in flight)
+          fence_p(p_frag);
+          add_pv(0);
+        } else {
+#pragma unroll
+          for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
+            issue_pv(chunk);
+            wgmma_wait<0>();
+            add_pv(chunk);
+          }
+          if constexpr (has_next) issue_qk(i + 1);
+          named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        }
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+      };
+
+      mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
+      if (n_kept > 0) {
+        wait_k(0);
+        named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+        issue_qk(0);
+        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        for (int i = 0; i + 1 < n_steps; ++i) block(i, std::true_type{});
+        block(n_steps - 1, std::false_type{});
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(q_empty(buf));  // every wgmma reading this Q buffer has completed
+
+    // ---- 5. epilogue: o = acc · v_scale / l (l sums p · 448), 0 when l = 0; rows >= Lq never stored -
+    float inv_denom[2];
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
+    const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
+#pragma unroll
+    for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
+      const int d = dt * kNTile + 2 * t;
+      const float2 vs = d < p.head_dim ? *reinterpret_cast<const float2*>(v_scale_head + d) : make_float2(0.0f, 0.0f);
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        float& x0 = acc[4 * dt + 2 * i_row];
+        float& x1 = acc[4 * dt + 2 * i_row + 1];
+        x0 = l[i_row] == 0.0f ? 0.0f : x0 * vs.x * inv_denom[i_row];
+        x1 = l[i_row] == 0.0f ? 0.0f : x1 * vs.y * inv_denom[i_row];
+      }
+    }
+    // 2-byte outputs on 16-byte rows: the warp's 16 rows go to shared memory by stmatrix (matrix m of
+    // a step: rows 8 · (m % 2) + [0, 8), n-tile dt + m / 2), come back in 16-byte chunks and leave in
+    // 16-byte stores, whole 32-byte sectors (a fragment pair store writes 4 bytes of each of 8 rows).
+    auto store_rows_16b = [&](auto* o_base) {
+      using T = std::remove_pointer_t<decltype(o_base)>;
+      using ORows = typename Cfg::ORows;
+      const uint32_t rows_smem = smem + Cfg::kORowsOffset + (warp - kWarpgroupThreads / kWarpSize) * ORows::kBytes;
+      const int lane_here = opaque(lane);  // lane-derived offsets computed here, not kept across the tile loop
+      const int matrix = lane_here / 8;
+      const uint32_t lane_row = rows_smem + ORows::offset(lane_here % 8 + 8 * (matrix % 2), matrix / 2);
+#pragma unroll
+      for (int dt = 0; dt < Cfg::kOTiles; dt += 2) {
+        const uint32_t r[4] = {pack_output_pair<T>(acc[4 * dt], acc[4 * dt + 1]),
+                               pack_output_pair<T>(acc[4 * dt + 2], acc[4 * dt + 3]),
+                               pack_output_pair<T>(acc[4 * dt + 4], acc[4 * dt + 5]),
+                               pack_output_pair<T>(acc[4 * dt + 6], acc[4 * dt + 7])};
+        stmatrix_x4(lane_row + ORows::offset(0, dt), r);
+      }
+      __syncwarp();
+      constexpr int kElemsPerChunk = kCpAsyncBytes / sizeof(T);
+#pragma unroll
+      for (int i = 0; i < ORows::kChunks / kWarpSize; ++i) {
+        const int id = i * kWarpSize + lane_here;
+        const int warp_row = id / ORows::kRowChunks;
+        const int chunk = id % ORows::kRowChunks;
+        const int row = warp_row0 + warp_row;
+        const int d = chunk * kElemsPerChunk;
+        if (row < p.len_q && d < p.head_dim) {
+          const int64_t at = b * p.o_stride_batch + h * p.o_stride_head + static_cast<int64_t>(row) * p.o_stride_token + d;
+          *reinterpret_cast<uint4*>(o_base + at) = ld_shared_16(rows_smem + ORows::offset(warp_row, chunk));
+        }
+      }
+      __syncwarp();  // the rows are read before the next work tile writes them
+    };
+    auto store_rows = [&](auto* o_base) {
+      using T = std::remove_pointer_t<decltype(o_base)>;
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        if (!row_valid[i_row]) continue;
+        T* o_row = o_base + b * p.o_stride_batch + h * p.o_stride_head +
+                   static_cast<int64_t>(warp_row0 + g + i_row * kNTile) * p.o_stride_token;
+#pragma unroll
+        for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
+          const int d = dt * kNTile + 2 * t;
+          if (d < p.head_dim) store_output_pair(o_row + d, acc[4 * dt + 2 * i_row], acc[4 * dt + 2 * i_row + 1]);
+        }
+      }
+    };
+    switch (p.o_dtype) {
+      case DType::kFloat16:
+        params.o_rows_16b ? store_rows_16b(static_cast<__half*>(p.o)) : store_rows(static_cast<__half*>(p.o));
+        break;
+      case DType::kBFloat16:
+        params.o_rows_16b ? store_rows_16b(static_cast<__nv_bfloat16*>(p.o))
+                          : store_rows(static_cast<__nv_bfloat16*>(p.o));
+        break;
+      case DType::kFloat32: store_rows(static_cast<float*>(p.o)); break;
+    }
+    if (p.lse != nullptr && t == 0) {
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) {
+        if (!row_valid[i_row]) continue;
+        const int64_t at = bh * p.len_q + warp_row0 + g + i_row * kNTile;
+        p.lse[at] = l[i_row] == 0.0f
+                        ? kNegInf
+                        : __fadd_rn(__fmul_rn(kLn2, m[i_row] + (log2f(l[i_row]) - kLog2PScale)), p.lse_shift[at]);
+      }
+    }
+
+    if (warp_active) {
+      pv_units += n_kept;
+      pv_skipped += skipped;
+    }
+    step0 += n_steps;
+    ++r;
   }
   // Balances the arrival group 1 made before its first turn (or after its last).
   if (consumer_group == 0) named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
 
-  // ---- 5. epilogue: o = acc · v_scale / l (l sums p · 448), 0 when l = 0; rows >= Lq never stored -
-  float inv_denom[2];
-#pragma unroll
-  for (int i_row = 0; i_row < 2; ++i_row) inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
-  const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
-#pragma unroll
-  for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
-    const int d = dt * kNTile + 2 * t;
-    const float2 vs = d < p.head_dim ? *reinterpret_cast<const float2*>(v_scale_head + d) : make_float2(0.0f, 0.0f);
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-      float& x0 = acc[4 * dt + 2 * i_row];
-      float& x1 = acc[4 * dt + 2 * i_row + 1];
-      x0 = l[i_row] == 0.0f ? 0.0f : x0 * vs.x * inv_denom[i_row];
-      x1 = l[i_row] == 0.0f ? 0.0f : x1 * vs.y * inv_denom[i_row];
-    }
-  }
-  auto store_rows = [&](auto* o_base) {
-    using T = std::remove_pointer_t<decltype(o_base)>;
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-      if (!row_valid[i_row]) continue;
-      T* o_row = o_base + b * p.o_stride_batch + h * p.o_stride_head +
-                 static_cast<int64_t>(warp_row0 + g + i_row * kNTile) * p.o_stride_token;
-#pragma unroll
-      for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
-        const int d = dt * kNTile + 2 * t;
-        if (d < p.head_dim) store_output_pair(o_row + d, acc[4 * dt + 2 * i_row], acc[4 * dt + 2 * i_row + 1]);
-      }
-    }
-  };
-  switch (p.o_dtype) {
-    case DType::kFloat16: store_rows(static_cast<__half*>(p.o)); break;
-    case DType::kBFloat16: store_rows(static_cast<__nv_bfloat16*>(p.o)); break;
-    case DType::kFloat32: store_rows(static_cast<float*>(p.o)); break;
-  }
-  if (p.lse != nullptr && t == 0) {
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) {
-      if (!row_valid[i_row]) continue;
-      const int64_t at = bh * p.len_q + warp_row0 + g + i_row * kNTile;
-      p.lse[at] = l[i_row] == 0.0f ? kNegInf
-                                   : __fadd_rn(__fmul_rn(kLn2, m[i_row] + (log2f(l[i_row]) - kLog2PScale)), p.lse_shift[at]);
-    }
-  }
-
   // ---- P·V statistics: one atomic per counter and warp ---------------------------------------------
-  if (p.stats != nullptr && lane == 0 && warp_active) {
+  if (p.stats != nullptr && lane == 0) {
     auto* stats = reinterpret_cast<unsigned long long*>(p.stats);
-    if (n_kept > 0) atomicAdd(stats + kStatPvUnits, static_cast<unsigned long long>(n_kept));
-    if (skipped > 0) atomicAdd(stats + kStatPvSkipped, static_cast<unsigned long long>(skipped));
+    if (pv_units > 0) atomicAdd(stats + kStatPvUnits, pv_units);
+    if (pv_skipped > 0) atomicAdd(stats + kStatPvSkipped, pv_skipped);
   }
 #endif
 }
@@ -984,7 +1135,7 @@ inline Status encode_map_3d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMa
 }  // namespace wgmma_attend
 
 template <int kHeadDimPad, int kBlockK, bool kPairs>
-Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t stream) {
+Status launch_wgmma_attend(const MmaAttendParams& a, int batch, int max_ctas, cudaStream_t stream) {
   using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK, kPairs>;
   constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs>;
   static const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) + ", TILE_K=" +
@@ -1012,8 +1163,23 @@ Status launch_wgmma_attend(const MmaAttendParams& a, int batch, cudaStream_t str
 
   static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(Cfg::kSmemBytes, smem_what.c_str()));
-  const dim3 grid(static_cast<unsigned>(ceil_div(a.len_q, kWgmmaAttendRows)), static_cast<unsigned>(a.heads_q),
-                  static_cast<unsigned>(batch));
+  // One CTA per SM (the consumers' registers allow no second); the kernel counts work tiles in int.
+  int sms = 0;
+  SPARGE_RETURN_IF_ERROR(sm_count(&sms));
+  if (max_ctas > 0) sms = std::min(sms, max_ctas);
+  const int64_t q_tiles = ceil_div(a.len_q, kWgmmaAttendRows);
+  const int64_t tiles = q_tiles * a.heads_q * batch;
+  if (tiles > std::numeric_limits<int32_t>::max() - sms) {
+    return {StatusCode::kUnsupported, name + ": " + std::to_string(tiles) + " work tiles of 128 query rows, at most " +
+                                          std::to_string(std::numeric_limits<int32_t>::max() - sms)};
+  }
+  params.q_tiles = static_cast<int32_t>(q_tiles);
+  params.tiles = static_cast<int32_t>(tiles);
+  constexpr int64_t kElems16b = 8;  // 2-byte elements per 16 bytes
+  params.o_rows_16b = a.o_dtype != DType::kFloat32 && reinterpret_cast<uintptr_t>(a.o) % 16 == 0 &&
+                      a.o_stride_batch % kElems16b == 0 && a.o_stride_head % kElems16b == 0 &&
+                      a.o_stride_token % kElems16b == 0;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
   kernel<<<grid, kWgmmaAttendThreads, Cfg::kSmemBytes, stream>>>(params);
   return launch_status(name.c_str());
 }

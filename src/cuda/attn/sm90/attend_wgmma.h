@@ -28,22 +28,30 @@ constexpr bool wgmma_attend_covers(int64_t head_dim, int64_t block_q, int64_t bl
          (block_k == 64 || block_k == 128) && pv == PvPrecision::kFp8 && len_k > 0;
 }
 
-// Dynamic shared memory of one CTA: the Q tile and kWgmmaAttendStages (K tile, V^T tile), each
-// 1024-byte aligned for the swizzle, the mbarriers, and 1024 bytes to align the base.
+inline constexpr int kWgmmaAttendQBuffers = 2;  // Q tiles: the next work tile's loads while this one runs
+
+// Dynamic shared memory of one CTA: kWgmmaAttendQBuffers Q tiles and kWgmmaAttendStages (K tile,
+// V^T tile), each 1024-byte aligned for the swizzle, the mbarriers, the e4m3 ones, the output rows
+// of 2-byte types on their way to global memory (rows padded by 16 bytes), and 1024 bytes to align
+// the base.
 constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
   constexpr size_t kAlignSlack = 1024;
   constexpr size_t kBarrierBytes = 1024;
   constexpr size_t kOnesBytes = 1024;
-  const size_t q_tile = static_cast<size_t>(kWgmmaAttendRows) * head_dim_pad;
+  constexpr size_t kRowPad = 16;
+  const size_t q_tile = static_cast<size_t>(kWgmmaAttendQBuffers) * kWgmmaAttendRows * head_dim_pad;
   const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * 2 * block_k * head_dim_pad;
-  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes;
+  const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + kRowPad);
+  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes + o_rows;
 }
 
 // Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
-// of kBlockK keys) on `stream` for `batch` sequences; grid (ceil(Lq / 128), Hq, B). kPairs: the
-// 128-key tile holds two kept 64-key blocks (block_k = 64), else one kept block of kBlockK keys.
-// Defined in attend_wgmma.cuh, instantiated under instantiations/attend_wgmma_*.cu. P·V is e4m3.
+// of kBlockK keys) on `stream` for `batch` sequences: a persistent grid of one CTA per SM of the
+// current device (at most max_ctas where max_ctas > 0), each CTA looping over work tiles of 128
+// query rows of one (b, h). kPairs: the 128-key tile holds two kept 64-key blocks (block_k = 64),
+// else one kept block of kBlockK keys. Defined in attend_wgmma.cuh, instantiated under
+// instantiations/attend_wgmma_*.cu. P·V is e4m3.
 template <int kHeadDimPad, int kBlockK, bool kPairs>
-Status launch_wgmma_attend(const MmaAttendParams& params, int batch, cudaStream_t stream);
+Status launch_wgmma_attend(const MmaAttendParams& params, int batch, int max_ctas, cudaStream_t stream);
 
 }  // namespace sparge::cuda
