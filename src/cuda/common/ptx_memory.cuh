@@ -64,6 +64,13 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4
                : "memory");
 }
 
+// 8 bytes (two floats) from shared memory.
+__device__ __forceinline__ float2 ld_shared_8(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
 // 16 bytes from shared memory.
 __device__ __forceinline__ uint4 ld_shared_16(uint32_t addr) {
   uint4 v;

@@ -155,7 +155,11 @@ struct Config {
   // A consumer warp's 16 output rows in a 2-byte type, written by stmatrix, read in 16-byte chunks.
   using ORows = PaddedTile<16, 2 * kHeadDimPad>;
   static constexpr int kORowsOffset = kOnesOffset + kOnesBytes;
-  static constexpr int kSmemBytes = 1024 + kORowsOffset + kConsumerWarps * ORows::kBytes;
+  // A consumer warp's copy of its work tile's V scales (fp32 [D_PAD], zero past D), copied at the tile's
+  // start and read by the epilogue.
+  static constexpr int kVScaleOffset = kORowsOffset + kConsumerWarps * ORows::kBytes;
+  static constexpr int kVScaleBytes = kHeadDimPad * 4;
+  static constexpr int kSmemBytes = 1024 + kVScaleOffset + kConsumerWarps * kVScaleBytes;
 
   static_assert(kHeadDimPad == 64 || kHeadDimPad == 128, "rows of one 64- or 128-byte swizzle span");
   static_assert(kBlockK == 64 || kBlockK == 128, "V^T rows of one 64- or 128-byte swizzle span");
@@ -429,6 +433,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   setmaxnreg_inc<kConsumerRegs>();
   const int consumer_group = warpgroup - 1;  // 0, 1: rows [64c, 64c + 64) of the CTA
   const int group_warp = warp % 4;           // rows [16w, 16w + 16) of those
+  const int consumer_warp = 4 * consumer_group + group_warp;  // its slots of the per-warp shared buffers
   const int g = lane / kQuadLanes;
   const int t = lane % kQuadLanes;
 
@@ -462,6 +467,16 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     auto parity_of = [&](int i) { return static_cast<uint32_t>((step0 + i) / kStages) & 1; };
     const int warp_row0 = wt.row0 + consumer_group * kWgmmaM + group_warp * 16;
     const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
+
+    // The V scales for the epilogue, on their way while the tile runs (4-byte copies: any alignment).
+    const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
+    const uint32_t v_scale_smem = smem + Cfg::kVScaleOffset + consumer_warp * Cfg::kVScaleBytes;
+#pragma unroll
+    for (int d = lane; d < kHeadDimPad; d += kWarpSize) {
+      const bool valid = d < p.head_dim;
+      cp_async_4_zfill(v_scale_smem + 4 * d, valid ? v_scale_head + d : v_scale_head, valid);
+    }
+    cp_async_commit();
 
     const LaneRows rows = lane_rows(p, bh, warp_row0 + g);
     const bool (&row_valid)[2] = rows.valid;
@@ -995,11 +1010,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     float inv_denom[2];
 #pragma unroll
     for (int i_row = 0; i_row < 2; ++i_row) inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
-    const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
+    cp_async_wait<0>();
+    __syncwarp();
 #pragma unroll
     for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
       const int d = dt * kNTile + 2 * t;
-      const float2 vs = d < p.head_dim ? *reinterpret_cast<const float2*>(v_scale_head + d) : make_float2(0.0f, 0.0f);
+      const float2 vs = ld_shared_8(v_scale_smem + 4 * d);
 #pragma unroll
       for (int i_row = 0; i_row < 2; ++i_row) {
         float& x0 = acc[4 * dt + 2 * i_row];
@@ -1014,7 +1030,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     auto store_rows_16b = [&](auto* o_base) {
       using T = std::remove_pointer_t<decltype(o_base)>;
       using ORows = typename Cfg::ORows;
-      const uint32_t rows_smem = smem + Cfg::kORowsOffset + (warp - kWarpgroupThreads / kWarpSize) * ORows::kBytes;
+      const uint32_t rows_smem = smem + Cfg::kORowsOffset + consumer_warp * ORows::kBytes;
       const int lane_here = opaque(lane);  // lane-derived offsets computed here, not kept across the tile loop
       const int matrix = lane_here / 8;
       const uint32_t lane_row = rows_smem + ORows::offset(lane_here % 8 + 8 * (matrix % 2), matrix / 2);

@@ -32,8 +32,8 @@ inline constexpr int kWgmmaAttendQBuffers = 2;  // Q tiles: the next work tile's
 
 // Dynamic shared memory of one CTA: kWgmmaAttendQBuffers Q tiles and kWgmmaAttendStages (K tile,
 // V^T tile), each 1024-byte aligned for the swizzle, the mbarriers, the e4m3 ones, the output rows
-// of 2-byte types on their way to global memory (rows padded by 16 bytes), and 1024 bytes to align
-// the base.
+// of 2-byte types on their way to global memory (rows padded by 16 bytes), each consumer warp's copy
+// of the V scales, and 1024 bytes to align the base.
 constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
   constexpr size_t kAlignSlack = 1024;
   constexpr size_t kBarrierBytes = 1024;
@@ -41,8 +41,10 @@ constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
   constexpr size_t kRowPad = 16;
   const size_t q_tile = static_cast<size_t>(kWgmmaAttendQBuffers) * kWgmmaAttendRows * head_dim_pad;
   const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * 2 * block_k * head_dim_pad;
+  constexpr size_t kConsumerWarps = kWgmmaAttendRows / 16;
   const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + kRowPad);
-  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes + o_rows;
+  const size_t v_scales = kConsumerWarps * head_dim_pad * sizeof(float);
+  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes + o_rows + v_scales;
 }
 
 // Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
