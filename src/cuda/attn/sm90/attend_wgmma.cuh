@@ -757,6 +757,14 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       if constexpr (Cfg::kKeptAhead) fetch_kept(1, kept_ahead);
     }
 
+    // This warpgroup's first turn of the tile: S of its first step (K landed), issued in turn.
+    auto first_turn = [&] {
+      wait_k(0);
+      named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+      issue_qk(0);
+      named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+    };
+
     if constexpr (Cfg::kOverlap) {
       // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
       // the softmax of block i + 1 runs while P·V of block i is in flight. No divergent branch may
@@ -829,10 +837,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
       mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
       if (n_kept > 0) {
-        wait_k(0);
-        named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-        issue_qk(0);
-        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        first_turn();
         wgmma_wait<0>();
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
@@ -995,10 +1000,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
       mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
       if (n_kept > 0) {
-        wait_k(0);
-        named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-        issue_qk(0);
-        named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
+        first_turn();
         for (int i = 0; i + 1 < n_steps; ++i) block(i, std::true_type{});
         block(n_steps - 1, std::false_type{});
       }
