@@ -54,6 +54,11 @@ def _runnable_pv() -> str:
     return "fp8" if _fp8_kernel_image() else "fp16"
 
 
+def _hopper_build() -> bool:
+    """Whether this is a compute capability 9.0 GPU and the build has sm_90a (the wgmma kernel's)."""
+    return torch.cuda.get_device_capability() == (9, 0) and "90a" in sparge.cuda_architectures().split(";")
+
+
 def _require_pv(pv: str) -> None:
     if pv != "fp16" and not _fp8_kernel_image():
         pytest.skip(f"the kernel image of this build for this GPU has no e4m3 mma ({sparge.cuda_architectures()})")
@@ -237,8 +242,7 @@ def test_cuda_kernel_choice():
     rest and whatever is forced to it; forcing wgmma where it cannot run is a clear error."""
     import os
 
-    major, minor = torch.cuda.get_device_capability()
-    hopper = (major, minor) == (9, 0) and "90a" in sparge.cuda_architectures().split(";")
+    hopper = _hopper_build()
     q_shape = (1, 2, 1024, 128)
     fp8_image = _fp8_kernel_image()  # asked before SPARGE_CUDA_KERNEL is forced below
     assert sparge.attend_kernel(q_shape, device="cpu") == "cpu"
@@ -278,12 +282,6 @@ def test_cuda_kernel_choice():
             os.environ["SPARGE_CUDA_KERNEL"] = old
 
 
-def _hopper_wgmma() -> bool:
-    """Whether the wgmma kernel can run here: an sm_90a build on a compute capability 9.0 GPU."""
-    hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in sparge.cuda_architectures().split(";")
-    return hopper and _fp8_kernel_image()
-
-
 @pytest.mark.parametrize("tiles", ["pairs", "singles", "block_k128"])
 @pytest.mark.parametrize("shape", [(2, 6, 2, 1000, 700, 128), (1, 4, 4, 600, 1100, 64)], ids=str)
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
@@ -297,7 +295,7 @@ def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, 
     bit. 96 and 20 work tiles, partial last query tiles, an odd number of query tiles per head (a
     causal grid pairs a head's tiles, so one is single), GQA, empty index lists (bottom-right causal
     rows before the first visible key, Lq > Lk) and index lists of every length (cdf)."""
-    if not _hopper_wgmma():
+    if not (_hopper_build() and _fp8_kernel_image()):
         pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
     monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if tiles == "singles" else "1")
@@ -322,7 +320,6 @@ def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, 
         capped = run(ctas)
         for name, x, y in zip(("o", "lse", "stats"), capped, full):
             assert torch.equal(x, y), f"{name}: {ctas} CTAs differ from the full grid ({tiles} {shape} {causal} {mode})"
-    monkeypatch.setenv("SPARGE_WGMMA_CTAS", "0")
     with pytest.raises(ValueError, match='SPARGE_WGMMA_CTAS: expected a positive integer, got "0"'):
         run(0)
 
