@@ -751,10 +751,17 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
     int key0_next[kHalves];  // of the tile whose softmax comes next
     float k_scale_next[kHalves];
-    int kept_ahead[kHalves];  // with kKeptAhead: the index-list entries of the tile after next
+    // With kKeptAhead (pairs): lane l holds entry 2i + l % 2 of the index list for the tile i after
+    // next, shuffled out when tile i's keys are formed. Loaded per lane, not as one warp-uniform value:
+    // ptxas moves a uniform loop-carried value to a uniform register right after its load, and the
+    // warp then waits for the load inside the step (D64 pairs, session 16 profile: 3.9 % of the
+    // loop's stall samples).
+    static_assert(!Cfg::kKeptAhead || kPairs, "the index list is read ahead on pairs only");
+    auto fetch_kept_lane = [&](int i) { return kept[min(kHalves * i + lane % kHalves, n_kept - 1)]; };
+    int kept_ahead = 0;
     if (n_kept > 0) {
       load_tile(0, key0_next, k_scale_next);
-      if constexpr (Cfg::kKeptAhead) fetch_kept(1, kept_ahead);
+      if constexpr (Cfg::kKeptAhead) kept_ahead = fetch_kept_lane(1);
     }
 
     // This warpgroup's first turn of the tile: S of its first step (K landed), issued in turn.
@@ -870,8 +877,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         }
         if constexpr (has_next) {
           if constexpr (Cfg::kKeptAhead) {
-            tile_keys(i + 1, kept_ahead, key0_next, k_scale_next);
-            fetch_kept(i + 2, kept_ahead);
+            int kb[kHalves];
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) kb[hh] = __shfl_sync(kFullWarp, kept_ahead, hh);
+            tile_keys(i + 1, kb, key0_next, k_scale_next);
+            kept_ahead = fetch_kept_lane(i + 2);
           } else {
             load_tile(i + 1, key0_next, k_scale_next);
           }
