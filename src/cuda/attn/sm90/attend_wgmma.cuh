@@ -751,11 +751,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
     int key0_next[kHalves];  // of the tile whose softmax comes next
     float k_scale_next[kHalves];
-    // With kKeptAhead (pairs): lane l holds entry 2i + l % 2 of the index list for the tile i after
-    // next, shuffled out when tile i's keys are formed. Loaded per lane, not as one warp-uniform value:
-    // ptxas moves a uniform loop-carried value to a uniform register right after its load, and the
-    // warp then waits for the load inside the step (D64 pairs, session 16 profile: 3.9 % of the
-    // loop's stall samples).
+    // With kKeptAhead (pairs): the index-list entries of the tile after next, one per lane (lane l:
+    // entry 2j + l % 2 of tile j), shuffled out a step later when that tile's keys are formed. Read
+    // as one warp-uniform value, ptxas moved each entry to a uniform register right after its load,
+    // so the warp waited for the load inside the step: 4 % of the D64 pair loop's stall samples and
+    // a 5-6 % slower kernel (session 16, bench/RESULTS.md).
     static_assert(!Cfg::kKeptAhead || kPairs, "the index list is read ahead on pairs only");
     auto fetch_kept_lane = [&](int i) { return kept[min(kHalves * i + lane % kHalves, n_kept - 1)]; };
     int kept_ahead = 0;
