@@ -90,6 +90,17 @@ Status check_pointer(const char* name, const void* ptr, bool needed) {
   return Status::Ok();
 }
 
+// A caller workspace: `need` bytes (or none at all where not `needed`), kWorkspaceAlign-aligned.
+Status check_workspace(const void* workspace, size_t bytes, size_t need, bool needed) {
+  if (workspace == nullptr && !needed) return Status::Ok();
+  SPARGE_RETURN_IF_ERROR(check_pointer("workspace", workspace, true));
+  if (reinterpret_cast<uintptr_t>(workspace) % kWorkspaceAlign != 0) {
+    return invalid("workspace", "a 256-byte aligned pointer", workspace);
+  }
+  if (bytes < need) return invalid("workspace_bytes", ">= " + std::to_string(need), bytes);
+  return Status::Ok();
+}
+
 // check_pointer for the field `prefix.field` (the name is built only on failure).
 Status check_member_pointer(const char* prefix, const char* field, const void* ptr, bool needed) {
   if (!needed || ptr != nullptr) return Status::Ok();
@@ -277,11 +288,17 @@ Status check(const AttendParams& p) {
   SPARGE_RETURN_IF_ERROR(check_index("index", p.index, p.shape));
   SPARGE_RETURN_IF_ERROR(check_pvthreshd(p.pvthreshd, p.device, p.shape.heads_q));
   SPARGE_RETURN_IF_ERROR(check_output(p.o, p.o_dtype, p.o_strides, p.shape));
+  SPARGE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, attend_workspace_size(p), false));
   return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
 }
 
+size_t attend_workspace_size(const AttendParams& p) {
+  return p.device == Device::kCUDA ? attend_scratch_bytes(p.shape, p.blocks, p.quant.pv) : 0;
+}
+
 size_t workspace_size(const AttentionParams& p) {
-  return stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv);
+  const size_t scratch = p.device == Device::kCUDA ? attend_scratch_bytes(p.shape, p.blocks, p.quant.pv) : 0;
+  return stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv) + scratch;
 }
 
 Status check(const AttentionParams& p) {
@@ -294,13 +311,8 @@ Status check(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check_selection(p.select, p.device, p.shape.heads_q));
   SPARGE_RETURN_IF_ERROR(check_pvthreshd(p.pvthreshd, p.device, p.shape.heads_q));
   SPARGE_RETURN_IF_ERROR(check_output(p.o, p.o_dtype, p.o_strides, p.shape));
-  const size_t need = workspace_size(p);
   if (!is_empty(p.shape)) {
-    SPARGE_RETURN_IF_ERROR(check_pointer("workspace", p.workspace, true));
-    if (reinterpret_cast<uintptr_t>(p.workspace) % kWorkspaceAlign != 0) {
-      return invalid("workspace", "a 256-byte aligned pointer", p.workspace);
-    }
-    if (p.workspace_bytes < need) return invalid("workspace_bytes", ">= " + std::to_string(need), p.workspace_bytes);
+    SPARGE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, workspace_size(p), true));
   }
   return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
 }
@@ -358,6 +370,8 @@ Status attention(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check(p));
   if (is_empty(p.shape)) return Status::Ok();
   const StageBuffers buf = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv);
+  const size_t stage_bytes = stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv);
+  const size_t scratch_bytes = workspace_size(p) - stage_bytes;
   SPARGE_RETURN_IF_ERROR(run_quantize(QuantizeParams{.device = p.device,
                                                      .stream = p.stream,
                                                      .shape = p.shape,
@@ -388,7 +402,9 @@ Status attention(const AttentionParams& p) {
                                  .o_dtype = p.o_dtype,
                                  .o_strides = p.o_strides,
                                  .lse = p.lse,
-                                 .stats_out = p.stats_out});
+                                 .stats_out = p.stats_out,
+                                 .workspace = scratch_bytes > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr,
+                                 .workspace_bytes = scratch_bytes});
 }
 
 bool cuda_backend_built() {

@@ -55,6 +55,15 @@ size_t stage_buffers_size(const Shape& shape, const BlockConfig& blocks, QuantGr
   return c.size();
 }
 
+size_t attend_scratch_bytes(const Shape& shape, const BlockConfig& blocks, PvPrecision pv) {
+  const bool wgmma_shape = pv == PvPrecision::kFp8 && shape.head_dim <= 128 && blocks.block_q % kSplitTileRows == 0 &&
+                           (blocks.block_k == 64 || blocks.block_k == 128);
+  const int64_t tiles = shape.batch * shape.heads_q * ceil_div(shape.len_q, kSplitTileRows);
+  if (!wgmma_shape || tiles <= kSplitMaxCtas || shape.len_k == 0) return 0;
+  const int64_t head_dim_pad = shape.head_dim <= 64 ? 64 : 128;
+  return static_cast<size_t>(split_counter_bytes() + 2 * kSplitMaxCtas * split_slot_bytes(head_dim_pad));
+}
+
 StageBuffers carve_stage_buffers(void* base, const Shape& shape, const BlockConfig& blocks, QuantGranularity g,
                                  PvPrecision pv) {
   Carver c(static_cast<char*>(base));

@@ -24,6 +24,9 @@ Status quantize(const QuantizeParams& p);
 Status predict(const PredictParams& p);
 Status attend(const AttendParams& p);
 
+// Bytes of AttendParams::workspace that a CUDA request can use (0 on the CPU and where unused).
+size_t attend_workspace_size(const AttendParams& p);
+
 // quantize → predict → attend in one call. params.workspace must hold workspace_size(params) bytes.
 Status attention(const AttentionParams& p);
 size_t workspace_size(const AttentionParams& p);

@@ -149,4 +149,28 @@ size_t stage_buffers_size(const Shape& shape, const BlockConfig& blocks, QuantGr
 StageBuffers carve_stage_buffers(void* base, const Shape& shape, const BlockConfig& blocks, QuantGranularity g,
                                  PvPrecision pv);
 
+// Scratch of the CUDA attention kernel (AttendParams::workspace) for splitting its last round of work
+// tiles: when the work tiles (128 query rows of one head) do not fill the last round of the persistent
+// grid, that round's tiles are cut along their index lists into pieces that all CTAs run, each piece
+// leaving its partial (m, l, acc) in a slot, the last piece of a tile merging them (docs/method.md).
+// Layout: kSplitMaxCtas · kSplitWarps int32 arrival counters (one per tail tile and consumer warp),
+// then 2 slots per CTA of split_slot_bytes each. A grid of more than kSplitMaxCtas CTAs does not split
+// (compute capability 9.0 GPUs have at most 132 SMs).
+inline constexpr int64_t kSplitMaxCtas = 132;
+inline constexpr int64_t kSplitTileRows = 128;  // query rows of a work tile
+inline constexpr int64_t kSplitWarps = 8;       // consumer warps of a CTA, 16 rows each
+// A consumer warp's part of a slot: per lane, its accumulators (head_dim_pad / 2 floats) and its rows'
+// m and l (4 floats).
+SPARGE_HD constexpr int64_t split_warp_floats(int64_t head_dim_pad) { return 32 * (head_dim_pad / 2 + 4); }
+SPARGE_HD constexpr int64_t split_slot_bytes(int64_t head_dim_pad) {
+  return kSplitWarps * split_warp_floats(head_dim_pad) * 4;
+}
+SPARGE_HD constexpr int64_t split_counter_bytes() { return round_up(kSplitMaxCtas * kSplitWarps * 4, kWorkspaceAlign); }
+
+// Bytes of that scratch for a request the wgmma kernel may run (fp8 P·V, head_dim <= 128, block_q a
+// multiple of 128, block_k 64 or 128) with more work tiles than kSplitMaxCtas (fewer never leave a
+// partial last round on a full grid of a 132-SM GPU), else 0. A function of the request only (not of
+// the device): about 18 MB at head_dim 128, 9.5 MB at 64.
+size_t attend_scratch_bytes(const Shape& shape, const BlockConfig& blocks, PvPrecision pv);
+
 }  // namespace sparge

@@ -205,6 +205,12 @@ struct AttendParams {
   Strides o_strides;
   float* lse = nullptr;        // optional [B, Hq, Lq], natural log, of the un-smoothed scores
   int64_t* stats_out = nullptr;  // optional [kStatCount]: writes kStatPvUnits and kStatPvSkipped
+  // Optional scratch of attend_workspace_size(params) bytes on the backend's device, 256-byte aligned:
+  // lets the CUDA kernel split its last round of work tiles over every SM (layout.h). Results then
+  // differ from a call without it by accumulation-order rounding (and the P·V filter of a split
+  // tile's later pieces starts from their own running maxima).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 // The whole operation: quantize → predict → attend, with caller-provided workspace.

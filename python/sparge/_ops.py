@@ -330,7 +330,7 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
         if stats is not None:
             stats.zero_()  # the core writes the counters of non-empty problems only
         return o, lse, stats
-    ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv)
+    ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 0 if device.type == "cpu" else 1)
     # torch's CPU allocator aligns to 64 bytes only: over-allocate, launch_attention aligns the address.
     nbytes = ws_bytes + _C.WORKSPACE_ALIGN
     workspace = _workspace(nbytes, device) if reuse_workspace else torch.empty(nbytes, dtype=torch.uint8, device=device)

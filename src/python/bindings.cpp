@@ -215,8 +215,9 @@ void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& 
                               .workspace_bytes = workspace_bytes});
 }
 
-size_t workspace_size(const ShapeArg& shape, const BlocksArg& blocks, int granularity, int pv) {
+size_t workspace_size(const ShapeArg& shape, const BlocksArg& blocks, int granularity, int pv, int device) {
   sparge::AttentionParams params;
+  params.device = static_cast<sparge::Device>(device);
   params.shape = to_shape(shape);
   params.blocks = to_blocks(blocks);
   params.quant = to_quant(0.0, true, granularity, pv);
@@ -242,7 +243,7 @@ NB_MODULE(_C, m) {
   m.def("attend_kernel", &attend_kernel, nb::arg("device"), nb::arg("shape"), nb::arg("blocks"), nb::arg("pv"),
         "Stage 2 kernel the request runs on the current device: \"cpu\", \"wgmma\" or \"mma\".");
   m.def("workspace_size", &workspace_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("granularity"), nb::arg("pv"),
-        "Bytes of workspace `attention` needs (256-byte aligned).");
+        nb::arg("device") = 0, "Bytes of workspace `attention` needs on the device (0 CPU, 1 CUDA).");
   m.def("stage_buffers_size", &stage_buffers_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("granularity"),
         nb::arg("pv"), "Bytes of QuantizedQKV + BlockIndex when carved from one buffer.");
 

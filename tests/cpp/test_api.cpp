@@ -178,6 +178,45 @@ TEST_F(ApiContract, StageEntryPointsValidateToo) {
                                .o_strides = o.strides()});
   EXPECT_EQ(status.code(), kInvalid);
   EXPECT_NE(status.message().find("quant.pv"), std::string::npos) << status.message();
+
+  alignas(256) static char scratch[512];
+  status = attend(AttendParams{.shape = shape,
+                               .quantized = ws.buffers.quantized,
+                               .index = ws.buffers.index,
+                               .o = o.data(),
+                               .o_strides = o.strides(),
+                               .workspace = scratch + 1,
+                               .workspace_bytes = 256});
+  EXPECT_EQ(status.code(), kInvalid);
+  EXPECT_NE(status.message().find("workspace"), std::string::npos) << status.message();
+}
+
+// The split-tail scratch of the CUDA attention kernel (layout.h): kSplitMaxCtas · 8 int32 counters
+// rounded up to 256 bytes, then 2 slots per CTA, each 8 warps × 32 lanes × (head_dim_pad / 2 + 4) floats;
+// only for requests the wgmma kernel may run with more work tiles than kSplitMaxCtas, never on the CPU.
+TEST(Api, AttendScratchSizing) {
+  const Shape big{.batch = 1, .heads_q = 16, .heads_kv = 16, .len_q = 32768, .len_k = 32768, .head_dim = 128};
+  const size_t counters = 4352;  // 132 · 8 · 4 = 4224, rounded up to 256
+  const size_t slot128 = 8 * 32 * (64 + 4) * 4;
+  const size_t slot64 = 8 * 32 * (32 + 4) * 4;
+  EXPECT_EQ(attend_workspace_size({.device = Device::kCUDA, .shape = big}), counters + 264 * slot128);
+  Shape d64 = big;
+  d64.head_dim = 64;
+  EXPECT_EQ(attend_workspace_size({.device = Device::kCUDA, .shape = d64}), counters + 264 * slot64);
+  EXPECT_EQ(attend_workspace_size({.device = Device::kCPU, .shape = big}), 0u);
+  const size_t stages = stage_buffers_size(big, {}, QuantGranularity::kPerThread, PvPrecision::kFp8);
+  EXPECT_EQ(workspace_size({.device = Device::kCUDA, .shape = big}), stages + counters + 264 * slot128);
+  EXPECT_EQ(workspace_size({.device = Device::kCPU, .shape = big}), stages);
+  Shape small = big;
+  small.heads_q = small.heads_kv = 12;
+  small.len_q = 11 * 128;  // 132 work tiles: never a partial last round on 132 SMs
+  EXPECT_EQ(attend_workspace_size({.device = Device::kCUDA, .shape = small}), 0u);
+  small.len_q += 1;
+  EXPECT_GT(attend_workspace_size({.device = Device::kCUDA, .shape = small}), 0u);
+  EXPECT_EQ(attend_workspace_size({.device = Device::kCUDA, .shape = big, .quant = {.pv = PvPrecision::kFp16}}), 0u);
+  Shape d256 = big;
+  d256.head_dim = 256;
+  EXPECT_EQ(attend_workspace_size({.device = Device::kCUDA, .shape = d256}), 0u);
 }
 
 TEST(Api, EmptyShapesSucceed) {

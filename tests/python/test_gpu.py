@@ -324,6 +324,59 @@ def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, 
         run(0)
 
 
+@pytest.mark.parametrize("tiles,d", [("pairs", 128), ("pairs", 64), ("singles", 128), ("block_k128", 128)], ids=str)
+@pytest.mark.parametrize("mode,value", [("dense", None), ("topk", 0.3), ("cdf", 0.9)], ids=str)
+def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, value):
+    """With the fused op's workspace, the wgmma kernel splits a last round of work tiles that leaves CTAs
+    idle: the tiles' index lists are cut into pieces run by all CTAs, each leaving its partial (m, l,
+    acc), the last piece of a tile merging them in a fixed order. 192 work tiles on grids of 19, 43 and
+    47 CTAs (remainders 2, 20, 4: pieces that end inside a tile, two to four pieces per tile, empty
+    pieces of short cdf lists), GQA, a partial last query tile. Against SPARGE_WGMMA_SPLIT=0 on the same grid:
+    fp32 output and LSE differ only by rounding (a piece rounds P to e4m3 relative to its own running
+    maximum, and the merge sums in another order) but do differ (the split ran), the split result is
+    reproducible bit for bit, and a CUDA graph of the op (counter reset included) replays it."""
+    if not (_hopper_build() and _fp8_kernel_image()):
+        pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
+    monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
+    monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if tiles == "singles" else "1")
+    b, hq, hkv, lq, lk = 2, 12, 4, 1000, 3500
+    q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", seed=seed)
+    block_size = (128, 128) if tiles == "block_k128" else (128, 64)
+    kw = dict(**_kwargs(mode, value), block_size=block_size, return_lse=True, output_dtype=torch.float32)
+    ref, _ = reference_attention(q, k, v)
+
+    def run(ctas, split):
+        monkeypatch.setenv("SPARGE_WGMMA_CTAS", str(ctas))
+        monkeypatch.setenv("SPARGE_WGMMA_SPLIT", "1" if split else "0")
+        return sparge.attention(q, k, v, **kw)
+
+    for ctas in (19, 43, 47):
+        (o_split, lse_split), (o_whole, lse_whole) = run(ctas, True), run(ctas, False)
+        case = f"{ctas} CTAs {tiles} D{d} {mode} seed={seed}"
+        split_ran = not (torch.equal(o_split, o_whole) and torch.equal(lse_split, lse_whole))
+        assert split_ran, f"{case}: the last round was not split"
+        assert relative_l1(o_split, o_whole) < 0.01, case
+        assert float((lse_split - lse_whole).abs().max()) < 0.02, case
+        assert relative_l1(o_split, ref) < relative_l1(o_whole, ref) + 0.005, case
+        assert_equal(run(ctas, True)[0], o_split, f"{case}: split run repeated")
+
+    monkeypatch.setenv("SPARGE_WGMMA_CTAS", "19")
+    monkeypatch.setenv("SPARGE_WGMMA_SPLIT", "1")
+    static = [x.clone() for x in (q, k, v)]
+    sparge.attention(*static, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparge.attention(*static, **kw)
+    for trial in range(2):
+        new = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", seed=seed + 1 + trial)
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        graph.replay()
+        for a, e, name in zip(out, sparge.attention(*new, **kw), ("o", "lse")):
+            assert_equal(a, e, f"graph replay {trial}: {name} ({tiles} D{d} {mode} seed={seed})")
+
+
 def test_cuda_fp8_runs_or_names_the_kernel_image(seed):
     """fp8 P·V (either accumulator) runs where the kernel image has e4m3 mma, as accurately as the
     CPU backend on the same call (the INT8 Q·K error alone reaches rel-L1 0.07 on some seeds of

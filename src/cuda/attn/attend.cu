@@ -5,7 +5,8 @@
 // block_k = 64 the wgmma kernel runs 128-key tiles made of two kept blocks; SPARGE_WGMMA_PAIRS=0
 // runs one block per 64-key tile instead (for comparison). The wgmma kernel is persistent, one CTA
 // per SM; SPARGE_WGMMA_CTAS=n caps its grid at n CTAs (tests: many work tiles per CTA on small
-// problems).
+// problems), and SPARGE_WGMMA_SPLIT=0 keeps it from splitting its last round of work tiles when the
+// caller gave a workspace (for comparison).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -64,18 +65,21 @@ Status dispatch_block_k(const AttendParams& p, const MmaAttendParams& kp, dim3 g
                      std::to_string(p.blocks.block_k));
 }
 
-constexpr const char* kPairsEnv = "SPARGE_WGMMA_PAIRS";
-
-// Whether block_k = 64 runs on 128-key tiles of two kept blocks (SPARGE_WGMMA_PAIRS: 1 or unset, 0).
-Status wgmma_pairs(bool* pairs) {
-  const char* value = std::getenv(kPairsEnv);
+// A switch of the environment: 1 or unset (true), 0 (false).
+Status env_switch(const char* name, bool* on) {
+  const char* value = std::getenv(name);
   const std::string_view v = value != nullptr ? value : "";
   if (v != "" && v != "0" && v != "1") {
-    return {StatusCode::kInvalidArgument, std::string(kPairsEnv) + ": expected 0 or 1, got \"" + std::string(v) + "\""};
+    return {StatusCode::kInvalidArgument, std::string(name) + ": expected 0 or 1, got \"" + std::string(v) + "\""};
   }
-  *pairs = v != "0";
+  *on = v != "0";
   return Status::Ok();
 }
+
+// SPARGE_WGMMA_PAIRS: whether block_k = 64 runs on 128-key tiles of two kept blocks.
+constexpr const char* kPairsEnv = "SPARGE_WGMMA_PAIRS";
+// SPARGE_WGMMA_SPLIT: whether the wgmma kernel may split its last round of work tiles.
+constexpr const char* kSplitEnv = "SPARGE_WGMMA_SPLIT";
 
 constexpr const char* kCtasEnv = "SPARGE_WGMMA_CTAS";
 
@@ -97,17 +101,22 @@ Status wgmma_max_ctas(int* max_ctas) {
 
 template <int kHeadDimPad>
 Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
-  const int batch = static_cast<int>(p.shape.batch);
-  int max_ctas = 0;
-  SPARGE_RETURN_IF_ERROR(wgmma_max_ctas(&max_ctas));
+  WgmmaLaunch launch{.batch = static_cast<int>(p.shape.batch), .stream = p.stream};
+  SPARGE_RETURN_IF_ERROR(wgmma_max_ctas(&launch.max_ctas));
+  bool split = false;
+  SPARGE_RETURN_IF_ERROR(env_switch(kSplitEnv, &split));
+  if (split) {
+    launch.scratch = p.workspace;
+    launch.scratch_bytes = p.workspace_bytes;
+  }
   switch (p.blocks.block_k) {
     case 64: {
       bool pairs = false;
-      SPARGE_RETURN_IF_ERROR(wgmma_pairs(&pairs));
-      if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, batch, max_ctas, p.stream);
-      return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, batch, max_ctas, p.stream);
+      SPARGE_RETURN_IF_ERROR(env_switch(kPairsEnv, &pairs));
+      if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, launch);
+      return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, launch);
     }
-    case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, batch, max_ctas, p.stream);
+    case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, launch);
   }
   return unsupported("blocks.block_k: the wgmma attention kernel supports 64 or 128, got " +
                      std::to_string(p.blocks.block_k));

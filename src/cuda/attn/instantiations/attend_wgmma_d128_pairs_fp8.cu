@@ -4,6 +4,6 @@
 
 namespace sparge::cuda {
 
-template Status launch_wgmma_attend<128, 128, true>(const MmaAttendParams&, int, int, cudaStream_t);
+template Status launch_wgmma_attend<128, 128, true>(const MmaAttendParams&, const WgmmaLaunch&);
 
 }  // namespace sparge::cuda

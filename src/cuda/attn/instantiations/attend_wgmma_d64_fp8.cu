@@ -3,7 +3,7 @@
 
 namespace sparge::cuda {
 
-template Status launch_wgmma_attend<64, 64, false>(const MmaAttendParams&, int, int, cudaStream_t);
-template Status launch_wgmma_attend<64, 128, false>(const MmaAttendParams&, int, int, cudaStream_t);
+template Status launch_wgmma_attend<64, 64, false>(const MmaAttendParams&, const WgmmaLaunch&);
+template Status launch_wgmma_attend<64, 128, false>(const MmaAttendParams&, const WgmmaLaunch&);
 
 }  // namespace sparge::cuda

@@ -78,6 +78,14 @@ struct WgmmaAttendParams {
   // o is fp16 / bf16 with every row on a 16-byte boundary: rows leave through shared memory in
   // 16-byte stores (else pairs of elements are stored from the accumulator fragments).
   bool o_rows_16b = false;
+  // Split tail (no causal mask): the work tiles [split_first, tiles), fewer than the grid, are cut
+  // into pieces: each work tile is split_ctas units, CTA c < split_ctas runs units
+  // [c · rem, (c + 1) · rem) of the tail (rem = tiles − split_first < split_ctas, so at most two pieces,
+  // j = 0, 1, in partial-result slot 2c + j). split_first = tiles: no split.
+  int32_t split_first = 0;
+  int32_t split_ctas = 0;
+  int32_t* split_arrivals = nullptr;  // [rem][kSplitWarps]: pieces done per tail tile and consumer warp, zeroed
+  float* split_partial = nullptr;     // [2 · split_ctas] slots (layout.h): a piece's m, l and acc per warp
 };
 
 namespace wgmma_attend {
@@ -148,6 +156,9 @@ struct Config {
   static constexpr int kBarOffset = kVOffset + kStages * kVBytes;
   // mbarriers: q_full[kQBuffers], q_empty[kQBuffers], k_full[kStages], v_full[kStages], empty[kStages]
   static constexpr int kBarBytes = 8;
+  // After the mbarriers in their slot: per consumer warp, whether it merges the split work tile of its
+  // CTA's first / second piece (set by the piece, read after the tile loop).
+  static constexpr int kMergeFlagsOffset = kBarOffset + 512;
   // The B operand of the row-sum product (P · ones): e4m3 ones, (8, 32) per k-step, read by every
   // k-step from one 1024-byte slot.
   static constexpr int kOnesOffset = kBarOffset + 1024;
@@ -165,7 +176,9 @@ struct Config {
   static_assert(kBlockK == 64 || kBlockK == 128, "V^T rows of one 64- or 128-byte swizzle span");
   static_assert(kQBytes % kSwizzleAlign == 0 && kKBytes % kSwizzleAlign == 0 && kVBytes % kSwizzleAlign == 0,
                 "every tile starts on the swizzle atom grid");
-  static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= 1024, "barriers fit their slot");
+  static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= kMergeFlagsOffset - kBarOffset &&
+                    kMergeFlagsOffset + 2 * kConsumerWarps * 4 <= kBarOffset + 1024,
+                "barriers and merge flags fit their slot");
   static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK), "host/device smem size agree");
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
   static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
@@ -303,24 +316,71 @@ __device__ __forceinline__ WorkTile work_tile(const MmaAttendParams& p, int bh, 
   return wt;
 }
 
-enum class Slot { kTile, kEmpty, kEnd };
+// A piece of a split work tile runs steps [⌊unit_lo · S / U⌋, ⌊unit_hi · S / U⌋) of the tile's S steps
+// (U = split_ctas units per tile), so the pieces of a tile cover its index list once, in order.
+__device__ __forceinline__ void restrict_to_piece(WorkTile& wt, const WgmmaAttendParams& params, int unit_lo,
+                                                  int unit_hi, int blocks_per_step) {
+  const int64_t steps = (wt.n_kept + blocks_per_step - 1) / blocks_per_step;
+  const int lo = blocks_per_step * static_cast<int>(unit_lo * steps / params.split_ctas);
+  const int hi = min(wt.n_kept, blocks_per_step * static_cast<int>(unit_hi * steps / params.split_ctas));
+  wt.kept += lo;
+  wt.n_kept = max(hi - lo, 0);
+}
+
+enum class Slot { kTile, kPiece, kEmpty, kEnd };
+
+// A piece of a split tail work tile (WgmmaAttendParams::split_first): tail tile `tile` (its index
+// from split_first), units [unit_lo, unit_hi) of its split_ctas, partial-result slot `slot`.
+struct Piece {
+  int tile;
+  int slot;
+  int unit_lo;
+  int unit_hi;
+};
+
+// The CTAs whose units cover tail tile u: [first, last].
+__device__ __forceinline__ void piece_ctas(const WgmmaAttendParams& params, int u, int* first, int* last) {
+  const int rem = params.tiles - params.split_first;
+  *first = u * params.split_ctas / rem;
+  *last = ((u + 1) * params.split_ctas - 1) / rem;
+}
 
 // Slot n of this CTA's sequence of work tiles (bh, q_tile); kEmpty slots are skipped, kEnd ends it.
 // Without a causal mask every work tile costs about the same: CTA c takes tiles c, c + G, c + 2G, ...
-// (G = gridDim.x, tile t = query tile t % q_tiles of head t / q_tiles). With one, a query tile costs
-// in proportion to the keys it sees, which grow along the head, so the tiles go in pairs of equal
-// total cost, the j-th longest and the j-th shortest of a head (the longer first), and CTA c takes
-// pairs c, c + G, ...; a head with an odd number of query tiles has one single (an empty slot).
-__device__ __forceinline__ Slot cta_slot(const WgmmaAttendParams& params, int n, int* bh, int* q_tile) {
+// (G = gridDim.x, tile t = query tile t % q_tiles of head t / q_tiles); the tiles of a split tail come
+// as kPiece slots (with *piece). With one, a query tile costs in proportion to the keys it sees, which
+// grow along the head, so the tiles go in pairs of equal total cost, the j-th longest and the j-th
+// shortest of a head (the longer first), and CTA c takes pairs c, c + G, ...; a head with an odd
+// number of query tiles has one single (an empty slot).
+template <bool kSplit>
+__device__ __forceinline__ Slot cta_slot(const WgmmaAttendParams& params, int n, int* bh, int* q_tile, Piece* piece) {
   const int c = static_cast<int>(blockIdx.x);
   const int grid = static_cast<int>(gridDim.x);
   const int q_tiles = params.q_tiles;
   if (params.a.causal == Causal::kNone) {
-    const int t = c + n * grid;
-    if (t >= params.tiles) return Slot::kEnd;
+    int t = c + n * grid;
+    if (t < (kSplit ? params.split_first : params.tiles)) {
+      *bh = t / q_tiles;
+      *q_tile = t % q_tiles;
+      return Slot::kTile;
+    }
+    if (!kSplit || c >= params.split_ctas) return Slot::kEnd;
+    const int rem = params.tiles - params.split_first;
+    const int units = params.split_ctas;
+    const int j = n - params.split_first / grid;  // 0, 1: this CTA's first or second piece
+    const int begin = c * rem;                    // this CTA's units of the tail: [begin, begin + rem)
+    const int u = begin / units + j;
+    if (j > 1 || u * units >= begin + rem) return Slot::kEnd;
+    t = params.split_first + u;
     *bh = t / q_tiles;
     *q_tile = t % q_tiles;
-    return Slot::kTile;
+    if (piece != nullptr) {
+      piece->tile = u;
+      piece->slot = 2 * c + j;
+      piece->unit_lo = max(begin - u * units, 0);
+      piece->unit_hi = min(begin + rem - u * units, units);
+    }
+    return Slot::kPiece;
   }
   const int pairs_per_head = (q_tiles + 1) / 2;
   const int pair = c + (n / 2) * grid;
@@ -331,7 +391,90 @@ __device__ __forceinline__ Slot cta_slot(const WgmmaAttendParams& params, int n,
   return n % 2 == 1 && j == q_tiles - 1 - j ? Slot::kEmpty : Slot::kTile;
 }
 
-template <int kHeadDimPad, int kBlockK, bool kPairs>
+// A consumer warp's part of partial-result slot `slot`: chunk i of lane l (4 floats) at [i][l], chunks
+// [0, kORegs / 4) the accumulators, the last one (m[0], m[1], l[0], l[1]).
+template <int kHeadDimPad>
+__device__ __forceinline__ float4* piece_part(const WgmmaAttendParams& params, int slot, int consumer_warp, int lane) {
+  constexpr int64_t kWarpFloats = split_warp_floats(kHeadDimPad);
+  return reinterpret_cast<float4*>(params.split_partial + (slot * kSplitWarps + consumer_warp) * kWarpFloats) + lane;
+}
+
+// A piece of a split work tile, this warp's part: stores its running max m, sum l and accumulators acc
+// in its slot and counts itself done. Returns whether it was the tile's last piece to finish (that warp
+// then merges the tile: merge_pieces).
+template <int kHeadDimPad, int kORegs>
+__device__ __forceinline__ bool publish_piece(const WgmmaAttendParams& params, const Piece& piece, int consumer_warp,
+                                              int lane, const float (&m)[2], const float (&l)[2],
+                                              const float (&acc)[kORegs]) {
+  constexpr int kAccChunks = kORegs / 4;
+  static_assert(kORegs % 4 == 0 && split_warp_floats(kHeadDimPad) == kWarpSize * 4 * (kAccChunks + 1),
+                "a slot holds a warp's accumulators, m and l");
+  float4* mine = piece_part<kHeadDimPad>(params, piece.slot, consumer_warp, lane);
+#pragma unroll
+  for (int i = 0; i < kAccChunks; ++i) {
+    mine[i * kWarpSize] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+  }
+  mine[kAccChunks * kWarpSize] = make_float4(m[0], m[1], l[0], l[1]);
+  __threadfence();  // the slot is visible before the count
+  __syncwarp();
+  int before = 0;
+  if (lane == 0) before = atomicAdd(params.split_arrivals + piece.tile * kSplitWarps + consumer_warp, 1);
+  before = __shfl_sync(kFullWarp, before, 0);
+  int first = 0;
+  int last = 0;
+  piece_ctas(params, piece.tile, &first, &last);
+  return before == last - first;
+}
+
+// Merges this warp's part of the pieces of split tail tile u (all published): m = the largest of their
+// running maxima m_i, l and acc each Σ x_i · 2^(m_i − m). A piece that saw nothing (m_i = −inf, l_i = 0)
+// adds nothing.
+template <int kHeadDimPad, int kORegs>
+__device__ __forceinline__ void merge_pieces(const WgmmaAttendParams& params, int u, int consumer_warp, int lane,
+                                             float (&m)[2], float (&l)[2], float (&acc)[kORegs]) {
+  constexpr int kAccChunks = kORegs / 4;
+  m[0] = m[1] = kNegInf;
+  l[0] = l[1] = 0.0f;
+#pragma unroll
+  for (int e = 0; e < kORegs; ++e) acc[e] = 0.0f;
+  __threadfence();  // the pieces' slots are read after their counts
+  int first = 0;
+  int last = 0;
+  piece_ctas(params, u, &first, &last);
+  const int rem = params.tiles - params.split_first;
+  for (int c = first; c <= last; ++c) {
+    const int slot = 2 * c + (u == c * rem / params.split_ctas ? 0 : 1);
+    const float4* part = piece_part<kHeadDimPad>(params, slot, consumer_warp, lane);
+    const float4 ml = __ldcg(part + kAccChunks * kWarpSize);
+    const float m_part[2] = {ml.x, ml.y};
+    const float l_part[2] = {ml.z, ml.w};
+    float f_acc[2];
+    float f_part[2];
+#pragma unroll
+    for (int i_row = 0; i_row < 2; ++i_row) {
+      const float m_max = fmaxf(m[i_row], m_part[i_row]);
+      const bool seen = m_max != kNegInf;
+      f_acc[i_row] = seen ? fast_exp2(m[i_row] - m_max) : 1.0f;
+      f_part[i_row] = seen ? fast_exp2(m_part[i_row] - m_max) : 0.0f;
+      m[i_row] = m_max;
+      l[i_row] = l[i_row] * f_acc[i_row] + l_part[i_row] * f_part[i_row];
+    }
+#pragma unroll
+    for (int i = 0; i < kAccChunks; ++i) {
+      const float4 x = __ldcg(part + i * kWarpSize);
+      const float xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i_row = e / 2;  // accumulator 4i + e belongs to row g (e < 2) or g + 8
+        acc[4 * i + e] = acc[4 * i + e] * f_acc[i_row] + xs[e] * f_part[i_row];
+      }
+    }
+  }
+}
+
+// kSplit: the launch splits its last round of work tiles (WgmmaAttendParams::split_first); compiled
+// apart, so that the kernel of every other launch carries none of that code.
+template <int kHeadDimPad, int kBlockK, bool kPairs, bool kSplit>
 __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     wgmma_attend_kernel(const __grid_constant__ WgmmaAttendParams params) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -378,6 +521,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   if (thread < Cfg::kOnesBytes / 4) {
     reinterpret_cast<uint32_t*>(smem_raw + (ones_smem - smem_address(smem_raw)))[thread] = kE4m3OnesX4;
   }
+  // Flag j of consumer warp w (merge_flags(w)[j]), found from the shared base where used (not kept in a register).
+  auto merge_flags = [&](int w) {
+    return reinterpret_cast<uint32_t*>(smem_raw + (smem + Cfg::kMergeFlagsOffset - smem_address(smem_raw))) + 2 * w;
+  };
+  if (kSplit && thread < 2 * Cfg::kConsumerWarps) merge_flags(0)[thread] = 0;
   fence_proxy_async_shared();  // the ones are read by wgmma (async proxy)
   __syncthreads();
 
@@ -396,10 +544,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       for (int n = 0;; ++n) {
         int bh = 0;
         int q_tile = 0;
-        const Slot slot = cta_slot(params, n, &bh, &q_tile);
+        Piece piece;
+        const Slot slot = cta_slot<kSplit>(params, n, &bh, &q_tile, &piece);
         if (slot == Slot::kEnd) break;
         if (slot == Slot::kEmpty) continue;
-        const WorkTile wt = work_tile(p, bh, q_tile);
+        WorkTile wt = work_tile(p, bh, q_tile);
+        if (kSplit && slot == Slot::kPiece) restrict_to_piece(wt, params, piece.unit_lo, piece.unit_hi, kBlocksPerTile);
         const int buf = r % kQBuffers;
         if (r >= kQBuffers) mbarrier_wait(q_empty(buf), (r / kQBuffers - 1) & 1);
         mbarrier_arrive_expect_tx(q_full(buf), Cfg::kQBytes);
@@ -444,6 +594,108 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   const int other_turn = kPingPongBarrier0 + (1 - consumer_group);
   if (consumer_group == 1) named_barrier_arrive(kPingPongBarrier0, 2 * kWarpgroupThreads);  // group 0 starts
 
+  // The epilogue of a work tile (or of a merged split one): o = acc · v_scale / l (l sums p · 448), 0 when
+  // l = 0, rows >= Lq never stored; the LSE where asked for. The tile's V scales are in this warp's
+  // v_scale_smem slot.
+  const uint32_t v_scale_smem = smem + Cfg::kVScaleOffset + consumer_warp * Cfg::kVScaleBytes;
+  // Copies the V scales of kv head bhk into v_scale_smem (cp.async, 4 bytes each: any alignment; zero past D).
+  auto copy_v_scales = [&](int64_t bhk) {
+    const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
+#pragma unroll
+    for (int d = lane; d < kHeadDimPad; d += kWarpSize) {
+      const bool valid = d < p.head_dim;
+      cp_async_4_zfill(v_scale_smem + 4 * d, valid ? v_scale_head + d : v_scale_head, valid);
+    }
+    cp_async_commit();
+  };
+  auto finish_tile = [&](float (&acc)[Cfg::kORegs], const float (&m)[2], const float (&l)[2], int b, int h, int64_t bh,
+                         int warp_row0, const bool (&row_valid)[2]) {
+      float inv_denom[2];
+#pragma unroll
+      for (int i_row = 0; i_row < 2; ++i_row) inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
+#pragma unroll
+      for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
+        const int d = dt * kNTile + 2 * t;
+        const float2 vs = ld_shared_8(v_scale_smem + 4 * d);
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+          float& x0 = acc[4 * dt + 2 * i_row];
+          float& x1 = acc[4 * dt + 2 * i_row + 1];
+          x0 = l[i_row] == 0.0f ? 0.0f : x0 * vs.x * inv_denom[i_row];
+          x1 = l[i_row] == 0.0f ? 0.0f : x1 * vs.y * inv_denom[i_row];
+        }
+      }
+      // 2-byte outputs on 16-byte rows: the warp's 16 rows go to shared memory by stmatrix (matrix m of
+      // a step: rows 8 · (m % 2) + [0, 8), n-tile dt + m / 2), come back in 16-byte chunks and leave in
+      // 16-byte stores, whole 32-byte sectors (a fragment pair store writes 4 bytes of each of 8 rows).
+      auto store_rows_16b = [&](auto* o_base) {
+        using T = std::remove_pointer_t<decltype(o_base)>;
+        using ORows = typename Cfg::ORows;
+        const uint32_t rows_smem = smem + Cfg::kORowsOffset + consumer_warp * ORows::kBytes;
+        const int lane_here = opaque(lane);  // lane-derived offsets computed here, not kept across the tile loop
+        const int matrix = lane_here / 8;
+        const uint32_t lane_row = rows_smem + ORows::offset(lane_here % 8 + 8 * (matrix % 2), matrix / 2);
+#pragma unroll
+        for (int dt = 0; dt < Cfg::kOTiles; dt += 2) {
+          const uint32_t r[4] = {pack_output_pair<T>(acc[4 * dt], acc[4 * dt + 1]),
+                                 pack_output_pair<T>(acc[4 * dt + 2], acc[4 * dt + 3]),
+                                 pack_output_pair<T>(acc[4 * dt + 4], acc[4 * dt + 5]),
+                                 pack_output_pair<T>(acc[4 * dt + 6], acc[4 * dt + 7])};
+          stmatrix_x4(lane_row + ORows::offset(0, dt), r);
+        }
+        __syncwarp();
+        constexpr int kElemsPerChunk = kCpAsyncBytes / sizeof(T);
+#pragma unroll
+        for (int i = 0; i < ORows::kChunks / kWarpSize; ++i) {
+          const int id = i * kWarpSize + lane_here;
+          const int warp_row = id / ORows::kRowChunks;
+          const int chunk = id % ORows::kRowChunks;
+          const int row = warp_row0 + warp_row;
+          const int d = chunk * kElemsPerChunk;
+          if (row < p.len_q && d < p.head_dim) {
+            const int64_t at = b * p.o_stride_batch + h * p.o_stride_head + static_cast<int64_t>(row) * p.o_stride_token + d;
+            *reinterpret_cast<uint4*>(o_base + at) = ld_shared_16(rows_smem + ORows::offset(warp_row, chunk));
+          }
+        }
+        __syncwarp();  // the rows are read before the next work tile writes them
+      };
+      auto store_rows = [&](auto* o_base) {
+        using T = std::remove_pointer_t<decltype(o_base)>;
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+          if (!row_valid[i_row]) continue;
+          T* o_row = o_base + b * p.o_stride_batch + h * p.o_stride_head +
+                     static_cast<int64_t>(warp_row0 + g + i_row * kNTile) * p.o_stride_token;
+#pragma unroll
+          for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
+            const int d = dt * kNTile + 2 * t;
+            if (d < p.head_dim) store_output_pair(o_row + d, acc[4 * dt + 2 * i_row], acc[4 * dt + 2 * i_row + 1]);
+          }
+        }
+      };
+      switch (p.o_dtype) {
+        case DType::kFloat16:
+          params.o_rows_16b ? store_rows_16b(static_cast<__half*>(p.o)) : store_rows(static_cast<__half*>(p.o));
+          break;
+        case DType::kBFloat16:
+          params.o_rows_16b ? store_rows_16b(static_cast<__nv_bfloat16*>(p.o))
+                            : store_rows(static_cast<__nv_bfloat16*>(p.o));
+          break;
+        case DType::kFloat32: store_rows(static_cast<float*>(p.o)); break;
+      }
+      if (p.lse != nullptr && t == 0) {
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+          if (!row_valid[i_row]) continue;
+          const int64_t at = bh * p.len_q + warp_row0 + g + i_row * kNTile;
+          p.lse[at] = l[i_row] == 0.0f
+                          ? kNegInf
+                          : __fadd_rn(__fmul_rn(kLn2, m[i_row] + (log2f(l[i_row]) - kLog2PScale)), p.lse_shift[at]);
+        }
+      }
+
+  };
+
   unsigned long long pv_units = 0;    // P·V units of this warp's active work tiles (statistics)
   unsigned long long pv_skipped = 0;  // of those, skipped
   int step0 = 0;                      // steps of this CTA's earlier work tiles (the stage ring's position)
@@ -451,10 +703,14 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   for (int n = 0;; ++n) {
     int bh_index = 0;
     int q_tile = 0;
-    const Slot slot = cta_slot(params, n, &bh_index, &q_tile);
+    Piece piece;
+    const Slot slot = cta_slot<kSplit>(params, n, &bh_index, &q_tile, &piece);
     if (slot == Slot::kEnd) break;
     if (slot == Slot::kEmpty) continue;
-    const WorkTile wt = work_tile(p, bh_index, q_tile);
+    WorkTile wt = work_tile(p, bh_index, q_tile);
+    if (kSplit && slot == Slot::kPiece) {
+      restrict_to_piece(wt, params, piece.unit_lo, piece.unit_hi, kPairs ? 2 : 1);
+    }
     const int buf = r % kQBuffers;  // Q buffer of this work tile
     const int h = wt.h;
     const int b = wt.b;
@@ -468,15 +724,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     const int warp_row0 = wt.row0 + consumer_group * kWgmmaM + group_warp * 16;
     const bool warp_active = warp_row0 < p.len_q;  // some row of this P·V group exists
 
-    // The V scales for the epilogue, on their way while the tile runs (4-byte copies: any alignment).
-    const float* v_scale_head = p.v_scale + bhk * p.head_dim;  // [D]
-    const uint32_t v_scale_smem = smem + Cfg::kVScaleOffset + consumer_warp * Cfg::kVScaleBytes;
-#pragma unroll
-    for (int d = lane; d < kHeadDimPad; d += kWarpSize) {
-      const bool valid = d < p.head_dim;
-      cp_async_4_zfill(v_scale_smem + 4 * d, valid ? v_scale_head + d : v_scale_head, valid);
-    }
-    cp_async_commit();
+    copy_v_scales(bhk);  // on their way while the tile runs
 
     const LaneRows rows = lane_rows(p, bh, warp_row0 + g);
     const bool (&row_valid)[2] = rows.valid;
@@ -1017,103 +1265,58 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty(buf));  // every wgmma reading this Q buffer has completed
-
-    // ---- 5. epilogue: o = acc · v_scale / l (l sums p · 448), 0 when l = 0; rows >= Lq never stored -
-    float inv_denom[2];
-#pragma unroll
-    for (int i_row = 0; i_row < 2; ++i_row) inv_denom[i_row] = l[i_row] == 0.0f ? 0.0f : 1.0f / l[i_row];
     cp_async_wait<0>();
     __syncwarp();
-#pragma unroll
-    for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
-      const int d = dt * kNTile + 2 * t;
-      const float2 vs = ld_shared_8(v_scale_smem + 4 * d);
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        float& x0 = acc[4 * dt + 2 * i_row];
-        float& x1 = acc[4 * dt + 2 * i_row + 1];
-        x0 = l[i_row] == 0.0f ? 0.0f : x0 * vs.x * inv_denom[i_row];
-        x1 = l[i_row] == 0.0f ? 0.0f : x1 * vs.y * inv_denom[i_row];
-      }
-    }
-    // 2-byte outputs on 16-byte rows: the warp's 16 rows go to shared memory by stmatrix (matrix m of
-    // a step: rows 8 · (m % 2) + [0, 8), n-tile dt + m / 2), come back in 16-byte chunks and leave in
-    // 16-byte stores, whole 32-byte sectors (a fragment pair store writes 4 bytes of each of 8 rows).
-    auto store_rows_16b = [&](auto* o_base) {
-      using T = std::remove_pointer_t<decltype(o_base)>;
-      using ORows = typename Cfg::ORows;
-      const uint32_t rows_smem = smem + Cfg::kORowsOffset + consumer_warp * ORows::kBytes;
-      const int lane_here = opaque(lane);  // lane-derived offsets computed here, not kept across the tile loop
-      const int matrix = lane_here / 8;
-      const uint32_t lane_row = rows_smem + ORows::offset(lane_here % 8 + 8 * (matrix % 2), matrix / 2);
-#pragma unroll
-      for (int dt = 0; dt < Cfg::kOTiles; dt += 2) {
-        const uint32_t r[4] = {pack_output_pair<T>(acc[4 * dt], acc[4 * dt + 1]),
-                               pack_output_pair<T>(acc[4 * dt + 2], acc[4 * dt + 3]),
-                               pack_output_pair<T>(acc[4 * dt + 4], acc[4 * dt + 5]),
-                               pack_output_pair<T>(acc[4 * dt + 6], acc[4 * dt + 7])};
-        stmatrix_x4(lane_row + ORows::offset(0, dt), r);
-      }
-      __syncwarp();
-      constexpr int kElemsPerChunk = kCpAsyncBytes / sizeof(T);
-#pragma unroll
-      for (int i = 0; i < ORows::kChunks / kWarpSize; ++i) {
-        const int id = i * kWarpSize + lane_here;
-        const int warp_row = id / ORows::kRowChunks;
-        const int chunk = id % ORows::kRowChunks;
-        const int row = warp_row0 + warp_row;
-        const int d = chunk * kElemsPerChunk;
-        if (row < p.len_q && d < p.head_dim) {
-          const int64_t at = b * p.o_stride_batch + h * p.o_stride_head + static_cast<int64_t>(row) * p.o_stride_token + d;
-          *reinterpret_cast<uint4*>(o_base + at) = ld_shared_16(rows_smem + ORows::offset(warp_row, chunk));
-        }
-      }
-      __syncwarp();  // the rows are read before the next work tile writes them
-    };
-    auto store_rows = [&](auto* o_base) {
-      using T = std::remove_pointer_t<decltype(o_base)>;
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        if (!row_valid[i_row]) continue;
-        T* o_row = o_base + b * p.o_stride_batch + h * p.o_stride_head +
-                   static_cast<int64_t>(warp_row0 + g + i_row * kNTile) * p.o_stride_token;
-#pragma unroll
-        for (int dt = 0; dt < Cfg::kOTiles; ++dt) {
-          const int d = dt * kNTile + 2 * t;
-          if (d < p.head_dim) store_output_pair(o_row + d, acc[4 * dt + 2 * i_row], acc[4 * dt + 2 * i_row + 1]);
-        }
-      }
-    };
-    switch (p.o_dtype) {
-      case DType::kFloat16:
-        params.o_rows_16b ? store_rows_16b(static_cast<__half*>(p.o)) : store_rows(static_cast<__half*>(p.o));
-        break;
-      case DType::kBFloat16:
-        params.o_rows_16b ? store_rows_16b(static_cast<__nv_bfloat16*>(p.o))
-                          : store_rows(static_cast<__nv_bfloat16*>(p.o));
-        break;
-      case DType::kFloat32: store_rows(static_cast<float*>(p.o)); break;
-    }
-    if (p.lse != nullptr && t == 0) {
-#pragma unroll
-      for (int i_row = 0; i_row < 2; ++i_row) {
-        if (!row_valid[i_row]) continue;
-        const int64_t at = bh * p.len_q + warp_row0 + g + i_row * kNTile;
-        p.lse[at] = l[i_row] == 0.0f
-                        ? kNegInf
-                        : __fadd_rn(__fmul_rn(kLn2, m[i_row] + (log2f(l[i_row]) - kLog2PScale)), p.lse_shift[at]);
-      }
-    }
-
     if (warp_active) {
       pv_units += n_kept;
       pv_skipped += skipped;
     }
     step0 += n_steps;
     ++r;
+
+    // ---- 5. a piece of a split work tile leaves its m, l and acc in its slot; the tile's last piece
+    // (per warp) merges them after the tile loop (a CTA's pieces are its last slots). Found again from
+    // n, so that nothing of it is kept across the main loop.
+    if (kSplit && static_cast<int>(blockIdx.x) + opaque(n) * static_cast<int>(gridDim.x) >= params.split_first) {
+      int unused_bh = 0;
+      int unused_q_tile = 0;
+      Piece here;
+      if (cta_slot<kSplit>(params, opaque(n), &unused_bh, &unused_q_tile, &here) == Slot::kPiece) {
+        const bool merges = publish_piece<kHeadDimPad>(params, here, consumer_warp, lane, m, l, acc);
+        if (lane == 0) merge_flags(consumer_warp)[here.slot % 2] = merges ? 1u : 0u;
+        continue;
+      }
+    }
+
+    // ---- 6. epilogue
+    finish_tile(acc, m, l, b, h, bh, warp_row0, row_valid);
   }
   // Balances the arrival group 1 made before its first turn (or after its last).
   if (consumer_group == 0) named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
+
+  // ---- the split work tiles whose last piece this warp ran: merged from every piece's slot --------
+  if constexpr (kSplit) {
+    __syncwarp();
+#pragma unroll 1
+    for (int j = 0; j < 2; ++j) {
+      if (merge_flags(consumer_warp)[j] == 0) continue;
+      int bh_index = 0;
+      int q_tile = 0;
+      Piece here;
+      cta_slot<kSplit>(params, params.split_first / static_cast<int>(gridDim.x) + j, &bh_index, &q_tile, &here);
+      const WorkTile wt = work_tile(p, bh_index, q_tile);
+      const int warp_row0 = wt.row0 + consumer_group * kWgmmaM + group_warp * 16;
+      copy_v_scales(wt.bhk);
+      float m[2];
+      float l[2];
+      float acc[Cfg::kORegs];
+      merge_pieces<kHeadDimPad>(params, here.tile, consumer_warp, lane, m, l, acc);
+      const LaneRows rows = lane_rows(p, wt.bh, warp_row0 + g);
+      cp_async_wait<0>();
+      __syncwarp();
+      finish_tile(acc, m, l, wt.b, wt.h, wt.bh, warp_row0, rows.valid);
+    }
+  }
 
   // ---- P·V statistics: one atomic per counter and warp ---------------------------------------------
   if (p.stats != nullptr && lane == 0) {
@@ -1160,12 +1363,45 @@ inline Status encode_map_3d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMa
   return Status::Ok();
 }
 
+// A split tail piece runs at least this many steps of a full index list (shorter ones cost more in
+// stores and merges than they save), and a work tile splits into at most kMaxPieces pieces (the last
+// one reads the others' partial results one after another).
+inline constexpr int64_t kMinPieceSteps = 8;
+inline constexpr int64_t kMaxPieces = 16;
+
+// Decides whether the last round of `grid` CTAs splits (WgmmaAttendParams::split_first), for index
+// lists of at most max_steps steps; if so, points the params into the scratch and clears its counters
+// on the stream. Only where the last round leaves at least half of the CTAs idle: at B2 H16 L8k (68
+// tiles left for 132 CTAs) the split saved no more than its cost (bench/RESULTS.md, session 17).
+inline Status plan_split(WgmmaAttendParams* params, int64_t grid, int64_t max_steps, int head_dim_pad,
+                         const WgmmaLaunch& launch) {
+  params->split_first = params->tiles;
+  const int64_t rem = params->tiles % grid;
+  if (launch.scratch == nullptr || params->a.causal != Causal::kNone || rem == 0 || rem > grid / 2 ||
+      grid > kSplitMaxCtas) {
+    return Status::Ok();
+  }
+  const int64_t ctas = std::min({grid, rem * kMaxPieces, rem * max_steps / kMinPieceSteps});
+  const int64_t need = split_counter_bytes() + 2 * ctas * split_slot_bytes(head_dim_pad);
+  if (ctas <= rem || static_cast<int64_t>(launch.scratch_bytes) < need) return Status::Ok();
+  params->split_first = static_cast<int32_t>(params->tiles - rem);
+  params->split_ctas = static_cast<int32_t>(ctas);
+  params->split_arrivals = static_cast<int32_t*>(launch.scratch);
+  params->split_partial = reinterpret_cast<float*>(static_cast<char*>(launch.scratch) + split_counter_bytes());
+  SPARGE_CUDA_TRY(cudaMemsetAsync(launch.scratch, 0, static_cast<size_t>(rem * kSplitWarps) * sizeof(int32_t),
+                                  launch.stream),
+                  "wgmma attention: cudaMemsetAsync(split counters)");
+  return Status::Ok();
+}
+
 }  // namespace wgmma_attend
 
 template <int kHeadDimPad, int kBlockK, bool kPairs>
-Status launch_wgmma_attend(const MmaAttendParams& a, int batch, int max_ctas, cudaStream_t stream) {
+Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) {
+  const int batch = launch.batch;
   using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK, kPairs>;
-  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs>;
+  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs, false>;
+  constexpr auto split_kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs, true>;
   static const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) + ", TILE_K=" +
                                   std::to_string(kBlockK) + (kPairs ? ", pairs of 64-key blocks" : "") + ", kFp8>";
 
@@ -1191,10 +1427,11 @@ Status launch_wgmma_attend(const MmaAttendParams& a, int batch, int max_ctas, cu
 
   static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(Cfg::kSmemBytes, smem_what.c_str()));
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<split_kernel>(Cfg::kSmemBytes, smem_what.c_str()));
   // One CTA per SM (the consumers' registers allow no second); the kernel counts work tiles in int.
   int sms = 0;
   SPARGE_RETURN_IF_ERROR(sm_count(&sms));
-  if (max_ctas > 0) sms = std::min(sms, max_ctas);
+  if (launch.max_ctas > 0) sms = std::min(sms, launch.max_ctas);
   const int64_t q_tiles = ceil_div(a.len_q, kWgmmaAttendRows);
   const int64_t tiles = q_tiles * a.heads_q * batch;
   if (tiles > std::numeric_limits<int32_t>::max() - sms) {
@@ -1207,8 +1444,11 @@ Status launch_wgmma_attend(const MmaAttendParams& a, int batch, int max_ctas, cu
   params.o_rows_16b = a.o_dtype != DType::kFloat32 && reinterpret_cast<uintptr_t>(a.o) % 16 == 0 &&
                       a.o_stride_batch % kElems16b == 0 && a.o_stride_head % kElems16b == 0 &&
                       a.o_stride_token % kElems16b == 0;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
-  kernel<<<grid, kWgmmaAttendThreads, Cfg::kSmemBytes, stream>>>(params);
+  const int64_t grid = std::min<int64_t>(tiles, sms);
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlockK / Cfg::kBlockKeys),
+                                                  kHeadDimPad, launch));
+  const auto launched = params.split_first < params.tiles ? split_kernel : kernel;
+  launched<<<static_cast<unsigned>(grid), kWgmmaAttendThreads, Cfg::kSmemBytes, launch.stream>>>(params);
   return launch_status(name.c_str());
 }
 

@@ -47,13 +47,23 @@ constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
   return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes + o_rows + v_scales;
 }
 
+// How the wgmma kernel is launched, beyond its parameters.
+struct WgmmaLaunch {
+  int batch = 0;
+  int max_ctas = 0;          // > 0: at most this many CTAs (SPARGE_WGMMA_CTAS)
+  void* scratch = nullptr;   // AttendParams::workspace (layout.h): the last round of work tiles may split
+  size_t scratch_bytes = 0;  // its bytes; nullptr / too small: no split
+  cudaStream_t stream = nullptr;
+};
+
 // Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
-// of kBlockK keys) on `stream` for `batch` sequences: a persistent grid of one CTA per SM of the
-// current device (at most max_ctas where max_ctas > 0), each CTA looping over work tiles of 128
-// query rows of one (b, h). kPairs: the 128-key tile holds two kept 64-key blocks (block_k = 64),
-// else one kept block of kBlockK keys. Defined in attend_wgmma.cuh, instantiated under
-// instantiations/attend_wgmma_*.cu. P·V is e4m3.
+// of kBlockK keys) on launch.stream for launch.batch sequences: a persistent grid of one CTA per SM
+// of the current device (at most max_ctas where max_ctas > 0), each CTA looping over work tiles of
+// 128 query rows of one (b, h); with scratch and no causal mask, a last round that the work tiles
+// do not fill is split into pieces over the CTAs. kPairs: the 128-key tile holds two kept 64-key
+// blocks (block_k = 64), else one kept block of kBlockK keys. Defined in attend_wgmma.cuh,
+// instantiated under instantiations/attend_wgmma_*.cu. P·V is e4m3.
 template <int kHeadDimPad, int kBlockK, bool kPairs>
-Status launch_wgmma_attend(const MmaAttendParams& params, int batch, int max_ctas, cudaStream_t stream);
+Status launch_wgmma_attend(const MmaAttendParams& params, const WgmmaLaunch& launch);
 
 }  // namespace sparge::cuda
