@@ -292,13 +292,20 @@ Status check(const AttendParams& p) {
   return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
 }
 
-size_t attend_workspace_size(const AttendParams& p) {
-  return p.device == Device::kCUDA ? attend_scratch_bytes(p.shape, p.blocks, p.quant.pv) : 0;
+namespace {
+
+// The attention kernel's scratch on `device` (AttendParams::workspace; part of the fused op's workspace).
+size_t scratch_bytes(Device device, const Shape& shape, const BlockConfig& blocks, PvPrecision pv) {
+  return device == Device::kCUDA ? attend_scratch_bytes(shape, blocks, pv) : 0;
 }
 
+}  // namespace
+
+size_t attend_workspace_size(const AttendParams& p) { return scratch_bytes(p.device, p.shape, p.blocks, p.quant.pv); }
+
 size_t workspace_size(const AttentionParams& p) {
-  const size_t scratch = p.device == Device::kCUDA ? attend_scratch_bytes(p.shape, p.blocks, p.quant.pv) : 0;
-  return stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv) + scratch;
+  return stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv) +
+         scratch_bytes(p.device, p.shape, p.blocks, p.quant.pv);
 }
 
 Status check(const AttentionParams& p) {
@@ -371,7 +378,7 @@ Status attention(const AttentionParams& p) {
   if (is_empty(p.shape)) return Status::Ok();
   const StageBuffers buf = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv);
   const size_t stage_bytes = stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv);
-  const size_t scratch_bytes = workspace_size(p) - stage_bytes;
+  const size_t scratch = scratch_bytes(p.device, p.shape, p.blocks, p.quant.pv);
   SPARGE_RETURN_IF_ERROR(run_quantize(QuantizeParams{.device = p.device,
                                                      .stream = p.stream,
                                                      .shape = p.shape,
@@ -403,8 +410,8 @@ Status attention(const AttentionParams& p) {
                                  .o_strides = p.o_strides,
                                  .lse = p.lse,
                                  .stats_out = p.stats_out,
-                                 .workspace = scratch_bytes > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr,
-                                 .workspace_bytes = scratch_bytes});
+                                 .workspace = scratch > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr,
+                                 .workspace_bytes = scratch});
 }
 
 bool cuda_backend_built() {

@@ -107,6 +107,7 @@ struct Config {
   // kPairs: a 128-key tile holds two kept 64-key blocks, not necessarily adjacent (block_k = 64).
   static constexpr bool kPairs = kPairs_;
   static constexpr int kBlockKeys = kPairs ? kBlockK / 2 : kBlockK;  // keys of one index-list entry
+  static constexpr int kBlocksPerStep = kBlockK / kBlockKeys;        // index-list entries per tile
   // V^T tiles as TMA writes them: (D_PAD, kVRowBytes), one per kept block.
   static constexpr int kVRowBytes = kBlockKeys;
   static constexpr int kStages = kWgmmaAttendStages;
@@ -183,6 +184,8 @@ struct Config {
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
   static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
   static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
+  static_assert(kSplitWarps == kConsumerWarps && kSplitTileRows == kWgmmaAttendRows,
+                "the split scratch of layout.h holds this kernel's work tiles");
 };
 
 // A Q·K^T dot of a fully visible tile as the float 1.5 · 2^23 + dot (|dot| <= 128 · 128 · 128 < 2^22,
@@ -538,7 +541,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       tma_prefetch_descriptor(&params.tmap_q);
       tma_prefetch_descriptor(&params.tmap_k);
       tma_prefetch_descriptor(&params.tmap_v);
-      constexpr int kBlocksPerTile = kBlockK / Cfg::kBlockKeys;
       int step0 = 0;
       int r = 0;  // work tiles so far
       for (int n = 0;; ++n) {
@@ -549,7 +551,9 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         if (slot == Slot::kEnd) break;
         if (slot == Slot::kEmpty) continue;
         WorkTile wt = work_tile(p, bh, q_tile);
-        if (kSplit && slot == Slot::kPiece) restrict_to_piece(wt, params, piece.unit_lo, piece.unit_hi, kBlocksPerTile);
+        if (kSplit && slot == Slot::kPiece) {
+          restrict_to_piece(wt, params, piece.unit_lo, piece.unit_hi, Cfg::kBlocksPerStep);
+        }
         const int buf = r % kQBuffers;
         if (r >= kQBuffers) mbarrier_wait(q_empty(buf), (r / kQBuffers - 1) & 1);
         mbarrier_arrive_expect_tx(q_full(buf), Cfg::kQBytes);
@@ -561,14 +565,15 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
           mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
           mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVBytes);
+          constexpr int kParts = Cfg::kBlocksPerStep;
 #pragma unroll
-          for (int part = 0; part < kBlocksPerTile; ++part) {
+          for (int part = 0; part < kParts; ++part) {
             // A lone last block of a pair also fills the second half (finite data; it is masked).
-            const int entry = min(kBlocksPerTile * i + part, wt.n_kept - 1);
+            const int entry = min(kParts * i + part, wt.n_kept - 1);
             const int key0 = wt.kept[entry] * Cfg::kBlockKeys;
-            tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kBlocksPerTile, &params.tmap_k, k_full(stage), 0, key0,
+            tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kParts, &params.tmap_k, k_full(stage), 0, key0,
                         static_cast<int>(wt.bhk));
-            tma_load_3d(v_smem(stage) + part * Cfg::kVBytes / kBlocksPerTile, &params.tmap_v, v_full(stage), key0, 0,
+            tma_load_3d(v_smem(stage) + part * Cfg::kVBytes / kParts, &params.tmap_v, v_full(stage), key0, 0,
                         static_cast<int>(wt.bhk));
           }
         }
@@ -653,7 +658,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           const int row = warp_row0 + warp_row;
           const int d = chunk * kElemsPerChunk;
           if (row < p.len_q && d < p.head_dim) {
-            const int64_t at = b * p.o_stride_batch + h * p.o_stride_head + static_cast<int64_t>(row) * p.o_stride_token + d;
+            const int64_t at =
+                b * p.o_stride_batch + h * p.o_stride_head + static_cast<int64_t>(row) * p.o_stride_token + d;
             *reinterpret_cast<uint4*>(o_base + at) = ld_shared_16(rows_smem + ORows::offset(warp_row, chunk));
           }
         }
@@ -709,7 +715,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     if (slot == Slot::kEmpty) continue;
     WorkTile wt = work_tile(p, bh_index, q_tile);
     if (kSplit && slot == Slot::kPiece) {
-      restrict_to_piece(wt, params, piece.unit_lo, piece.unit_hi, kPairs ? 2 : 1);
+      restrict_to_piece(wt, params, piece.unit_lo, piece.unit_hi, Cfg::kBlocksPerStep);
     }
     const int buf = r % kQBuffers;  // Q buffer of this work tile
     const int h = wt.h;
@@ -1445,7 +1451,7 @@ Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) 
                       a.o_stride_batch % kElems16b == 0 && a.o_stride_head % kElems16b == 0 &&
                       a.o_stride_token % kElems16b == 0;
   const int64_t grid = std::min<int64_t>(tiles, sms);
-  SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlockK / Cfg::kBlockKeys),
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlocksPerStep),
                                                   kHeadDimPad, launch));
   const auto launched = params.split_first < params.tiles ? split_kernel : kernel;
   launched<<<static_cast<unsigned>(grid), kWgmmaAttendThreads, Cfg::kSmemBytes, launch.stream>>>(params);
