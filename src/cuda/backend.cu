@@ -2,9 +2,12 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
+#include <string_view>
 
 #include "cuda/attn/attend.h"
+#include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/api.h"
@@ -19,6 +22,9 @@ __global__ void probe_kernel() {}
 constexpr int64_t kMaxKBlocks = 16384;
 
 constexpr int kCachedDevices = 64;
+
+// griddepcontrol (programmatic dependent launch) needs a kernel image for sm_90 or newer.
+constexpr int kChainedComputeCapability = 90;
 
 // Compute capabilities of the current device and of the kernel image that runs on it, or
 // kUnsupported when this build carries no kernel image for it. Cached per device (neither
@@ -92,6 +98,24 @@ Status attend_kernel(const Shape& shape, const BlockConfig& blocks, const QuantO
   Arch arch;
   SPARGE_RETURN_IF_ERROR(device_arch(arch));
   return attend_kernel_name(shape, blocks, quant, arch, name);
+}
+
+Status env_switch(const char* name, bool* on) {
+  const char* value = std::getenv(name);
+  const std::string_view v = value != nullptr ? value : "";
+  if (v != "" && v != "0" && v != "1") {
+    return {StatusCode::kInvalidArgument, std::string(name) + ": expected 0 or 1, got \"" + std::string(v) + "\""};
+  }
+  *on = v != "0";
+  return Status::Ok();
+}
+
+Status chained_launches(bool* on) {
+  Arch arch;
+  SPARGE_RETURN_IF_ERROR(device_arch(arch));
+  SPARGE_RETURN_IF_ERROR(env_switch("SPARGE_CHAINED_LAUNCH", on));
+  *on = *on && arch.image >= kChainedComputeCapability;
+  return Status::Ok();
 }
 
 Status attend(const AttendParams& p) {

@@ -419,6 +419,44 @@ def test_cuda_graph_capture_replay_equals_eager(seed):
             assert_equal(a, b, f"graph replay {trial}: {name} seed={seed}")
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(shape=(2, 8, 4, 3000, 3000, 128), dtype=torch.float16, env={}),  # five-launch quantize, scores + select
+        dict(shape=(1, 4, 2, 700, 900, 64), dtype=torch.bfloat16, env={}),  # two-launch quantize (Lk <= 1024)
+        dict(shape=(1, 4, 2, 1100, 1000, 80), dtype=torch.float16, env={}),  # the generic quantizer (D = 80)
+        dict(shape=(1, 4, 4, 1500, 1500, 128), dtype=torch.float32, env={"SPARGE_CUDA_KERNEL": "mma"}),
+        dict(shape=(2, 12, 4, 1000, 3500, 128), dtype=torch.float16, env={"SPARGE_WGMMA_CTAS": "19"}),  # split tail
+    ],
+    ids=["fast", "small", "generic", "mma", "split"],
+)
+def test_chained_launches_equal_sequential_ones(seed, monkeypatch, case):
+    """On sm_90 the kernels of one call are chained (programmatic dependent launch): each is launched
+    before its predecessor's completion has reached the stream and waits for it on the GPU. Every
+    kernel must wait before it touches memory: the outputs of calls whose inputs come from the kernel
+    just before them, run back to back without synchronization, equal those of
+    SPARGE_CHAINED_LAUNCH=0 bit for bit (a kernel that read its predecessor's output early would read
+    stale or partial data)."""
+    for name, value in case["env"].items():
+        monkeypatch.setenv(name, value)
+    b, hq, hkv, lq, lk, d = case["shape"]
+    base = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", dtype=case["dtype"], seed=seed)
+    kw = dict(topk=0.4, return_lse=True, return_sparsity=True, pv_precision=_runnable_pv())
+
+    def calls(chained):
+        monkeypatch.setenv("SPARGE_CHAINED_LAUNCH", "1" if chained else "0")
+        out = []
+        for i in range(3):
+            q, k, v = (x * (1.0 + 0.25 * i) for x in base)  # written by the kernel right before the call
+            out.append(sparge.attention(q, k, v, **kw))
+        return out
+
+    sequential, chained = calls(False), calls(True)
+    for i, (a, e) in enumerate(zip(chained, sequential)):
+        for x, y, name in zip(a, e, ("o", "lse", "sparsity")):
+            assert_equal(x, y, f"call {i}: {name} chained vs sequential, {case['shape']} seed={seed}")
+
+
 def test_cuda_compile_reduce_overhead(seed):
     q, k, v = structured_qkv(1, 4, 4, 512, 512, 128, device="cuda", seed=seed)
 

@@ -19,6 +19,7 @@
 #include "cuda/attn/attend.h"
 #include "cuda/attn/sm80/attend_mma.h"
 #include "cuda/attn/sm90/attend_wgmma.h"
+#include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_mma.cuh"
 #include "sparge/layout.h"
@@ -46,11 +47,15 @@ Status unsupported(const std::string& message) { return {StatusCode::kUnsupporte
 
 template <int kHeadDimPad, int kBlockK>
 Status dispatch_pv(const AttendParams& p, const MmaAttendParams& kp, dim3 grid) {
+  bool chained = false;
+  SPARGE_RETURN_IF_ERROR(chained_launches(&chained));
   switch (p.quant.pv) {
-    case PvPrecision::kFp8: return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8>(kp, grid, p.stream);
-    case PvPrecision::kFp16: return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp16>(kp, grid, p.stream);
+    case PvPrecision::kFp8:
+      return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8>(kp, grid, p.stream, chained);
+    case PvPrecision::kFp16:
+      return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp16>(kp, grid, p.stream, chained);
     case PvPrecision::kFp8Fp16Accum:
-      return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8Fp16Accum>(kp, grid, p.stream);
+      return launch_mma_attend<kHeadDimPad, kBlockK, PvPrecision::kFp8Fp16Accum>(kp, grid, p.stream, chained);
   }
   return unsupported("quant.pv: no attention kernel for value " + std::to_string(static_cast<int>(p.quant.pv)));
 }
@@ -63,17 +68,6 @@ Status dispatch_block_k(const AttendParams& p, const MmaAttendParams& kp, dim3 g
   }
   return unsupported("blocks.block_k: the CUDA attention kernel supports 64 or 128, got " +
                      std::to_string(p.blocks.block_k));
-}
-
-// A switch of the environment: 1 or unset (true), 0 (false).
-Status env_switch(const char* name, bool* on) {
-  const char* value = std::getenv(name);
-  const std::string_view v = value != nullptr ? value : "";
-  if (v != "" && v != "0" && v != "1") {
-    return {StatusCode::kInvalidArgument, std::string(name) + ": expected 0 or 1, got \"" + std::string(v) + "\""};
-  }
-  *on = v != "0";
-  return Status::Ok();
 }
 
 // SPARGE_WGMMA_PAIRS: whether block_k = 64 runs on 128-key tiles of two kept blocks.
@@ -103,6 +97,7 @@ template <int kHeadDimPad>
 Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
   WgmmaLaunch launch{.batch = static_cast<int>(p.shape.batch), .stream = p.stream};
   SPARGE_RETURN_IF_ERROR(wgmma_max_ctas(&launch.max_ctas));
+  SPARGE_RETURN_IF_ERROR(chained_launches(&launch.chained));
   bool split = false;
   SPARGE_RETURN_IF_ERROR(env_switch(kSplitEnv, &split));
   if (split) {

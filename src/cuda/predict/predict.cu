@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/layout.h"
@@ -480,6 +481,7 @@ template <int kGroup>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
   extern __shared__ float4 q_rows4[];  // [kGroup][D] floats
   float* q_rows = reinterpret_cast<float*>(q_rows4);
+  wait_for_prior_grids();
   if (a.stats != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
     a.stats[kStatBlocksKept] = 0;
     a.stats[kStatBlocksAllowed] = 0;
@@ -517,6 +519,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
   __shared__ int iscratch[kWarps];
   __shared__ RadixScratch radix;
   __shared__ float fscratch[kWarps];
+  wait_for_prior_grids();
   const int64_t bh = blockIdx.y;
   const int64_t i = blockIdx.x;
   if (fused) {
@@ -552,12 +555,11 @@ int score_group(int64_t nbq, int64_t bhq, int64_t nbk) {
 }
 
 template <int kGroup>
-Status launch_scores(const PredictArgs& args, int64_t bhq, cudaStream_t stream) {
+Status launch_scores(const PredictArgs& args, bool chained, int64_t bhq, cudaStream_t stream) {
   const size_t q_bytes = static_cast<size_t>(kGroup) * static_cast<size_t>(args.shape.head_dim) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(ceil_div(args.nbq, kGroup)), static_cast<unsigned>(bhq),
                   static_cast<unsigned>(ceil_div(args.nbk, kScoreThreads)));
-  score_kernel<kGroup><<<grid, kScoreThreads, q_bytes, stream>>>(args);
-  return launch_status("predict (scores)");
+  return launch_kernel("predict (scores)", chained, score_kernel<kGroup>, grid, kScoreThreads, q_bytes, stream, args);
 }
 
 Status predict(const PredictParams& p) {
@@ -574,6 +576,8 @@ Status predict(const PredictParams& p) {
     SPARGE_CUDA_TRY(cudaMemsetAsync(stats + kStatBlocksKept, 0, 2 * sizeof(int64_t), p.stream), "predict: clear stats");
   }
   if (!launches) return Status::Ok();
+  bool chained = false;
+  SPARGE_RETURN_IF_ERROR(chained_launches(&chained));
   const PredictArgs args{.shape = p.shape, .blocks = p.blocks, .causal = p.causal, .sm_scale = p.sm_scale,
                          .select = p.select, .q_pool = p.stats.q_pool, .q_sim = p.stats.q_sim,
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
@@ -582,17 +586,17 @@ Status predict(const PredictParams& p) {
                          .group = group};
   if (score_launch) {
     switch (group) {
-      case 2: SPARGE_RETURN_IF_ERROR(launch_scores<2>(args, bhq, p.stream)); break;
-      case 4: SPARGE_RETURN_IF_ERROR(launch_scores<4>(args, bhq, p.stream)); break;
-      case 8: SPARGE_RETURN_IF_ERROR(launch_scores<8>(args, bhq, p.stream)); break;
-      default: SPARGE_RETURN_IF_ERROR(launch_scores<kMaxGroup>(args, bhq, p.stream)); break;
+      case 2: SPARGE_RETURN_IF_ERROR(launch_scores<2>(args, chained, bhq, p.stream)); break;
+      case 4: SPARGE_RETURN_IF_ERROR(launch_scores<4>(args, chained, bhq, p.stream)); break;
+      case 8: SPARGE_RETURN_IF_ERROR(launch_scores<8>(args, chained, bhq, p.stream)); break;
+      default: SPARGE_RETURN_IF_ERROR(launch_scores<kMaxGroup>(args, chained, bhq, p.stream)); break;
     }
   }
   const size_t q_row_bytes = scored && group == 1 ? static_cast<size_t>(p.shape.head_dim) * sizeof(float) : 0;
   const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t)) + q_row_bytes;
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<select_kernel>(smem, "predict: set shared memory"));
-  select_kernel<<<dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)), kThreads, smem, p.stream>>>(args);
-  return launch_status("predict");
+  return launch_kernel("predict", chained, select_kernel, dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)),
+                       kThreads, smem, p.stream, args);
 }
 
 }  // namespace sparge::cuda

@@ -29,6 +29,7 @@
 // arithmetic is the same.
 #include <cuda_fp8.h>
 
+#include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_convert.cuh"
 #include "cuda/common/ptx_memory.cuh"
@@ -317,6 +318,7 @@ __device__ __forceinline__ void v_finalize_at(float* scale, int64_t count, float
 }
 
 __global__ void v_finalize_kernel(float* scale, int64_t count, float v_max) {
+  wait_for_prior_grids();
   v_finalize_at(scale, count, v_max, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x);
 }
 
@@ -675,6 +677,7 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
 template <bool kIsQ, typename T, int CPR>
 __global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<T, CPR>) quantize_rows_fast_kernel(RowsArgs a) {
   __shared__ RowsFastSmem<T, CPR> sm;
+  wait_for_prior_grids();
   quantize_rows_fast_body<kIsQ, T, CPR>(a, blockIdx.x, blockIdx.y, gridDim.x, sm);
 }
 
@@ -689,6 +692,7 @@ template <typename T, int CPR>
 __global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<T, CPR>)
     quantize_rows_kq_fast_kernel(RowsArgs ka, unsigned nbk, unsigned kpz, RowsArgs qa, unsigned nbq) {
   __shared__ RowsFastSmem<T, CPR> sm;
+  wait_for_prior_grids();
   if (blockIdx.x < kpz) {
     const unsigned block = blockIdx.z * kpz + blockIdx.x;
     if (block < nbk) quantize_rows_fast_body<false, T, CPR>(ka, block, blockIdx.y, nbk, sm);
@@ -757,6 +761,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int VEC = kVec<T>;
   constexpr int D = CPR * VEC;
   __shared__ alignas(16) float red[2 * kThreads * VEC];
+  wait_for_prior_grids();
   const int64_t block = blockIdx.x;
   const int64_t bh = blockIdx.y;
   const int64_t b = bh / heads, h = bh % heads;
@@ -779,6 +784,7 @@ __global__ void __launch_bounds__(kThreads)
     kv_reduce_kernel(const float* sums, const float* amax_parts, int64_t nblocks, int64_t len, int64_t head_dim,
                      float* mean, float* amax) {
   __shared__ float part[2][kWarps][kWarpSize];
+  wait_for_prior_grids();
   const int64_t bh = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t d = blockIdx.y * kWarpSize + lane;
@@ -929,6 +935,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int D = CPR * kVec<T>;
   extern __shared__ __align__(16) float tile[];  // [kTileRows][D + 1]
   __shared__ float inv[D];
+  wait_for_prior_grids();
   const int64_t bh = blockIdx.y;
   const T* x = v + (bh / heads) * strides.batch + (bh % heads) * strides.head;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -951,6 +958,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int D = CPR * VEC;
   extern __shared__ __align__(16) float smem[];  // red [2][kThreads · VEC], then reused as the V tile [kTileRows][D + 1]
   __shared__ float inv[D];
+  wait_for_prior_grids();
   const int64_t bh = blockIdx.x;
   const int64_t b = static_cast<int>(bh) / static_cast<int>(heads), h = static_cast<int>(bh) % static_cast<int>(heads);
   const T* kx = k + b * ks.batch + h * ks.head;
@@ -975,37 +983,36 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 bool strides_ok(const Strides& s, int64_t vec) { return s.batch % vec == 0 && s.head % vec == 0 && s.token % vec == 0; }
 
 template <typename T, int CPR, typename Out>
-Status launch_v_quant_fast(const QuantizeParams& p, int64_t bhk, int64_t len_pad, Out* out) {
+Status launch_v_quant_fast(const QuantizeParams& p, bool chained, int64_t bhk, int64_t len_pad, Out* out) {
   const dim3 vgrid(static_cast<unsigned>(len_pad / kTileRows), static_cast<unsigned>(bhk));
   const size_t smem = sizeof(float) * kTileRows * (CPR * kVec<T> + 1);
   constexpr auto kernel = v_quant_fast_kernel<T, Out, CPR>;
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(smem, "v_quant_fast: set shared memory"));
-  kernel<<<vgrid, kThreads, smem, p.stream>>>(
-      static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv, p.shape.len_k, len_pad, p.out.v_scale,
-      v_quant_max(p.quant.pv), out);
-  return launch_status("v_quant_fast");
+  return launch_kernel("v_quant_fast", chained, kernel, vgrid, kThreads, smem, p.stream,
+                       static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv, p.shape.len_k, len_pad,
+                       p.out.v_scale, v_quant_max(p.quant.pv), out);
 }
 
 // Largest Lk of the two-launch small-problem path.
 constexpr int64_t kSmallLenK = 1024;
 
 template <typename T, int CPR, typename Out>
-Status launch_kv_head_fast(const QuantizeParams& p, int64_t bhk, int64_t len_pad, Out* out) {
+Status launch_kv_head_fast(const QuantizeParams& p, bool chained, int64_t bhk, int64_t len_pad, Out* out) {
   constexpr size_t kRed = 2 * kThreads * kVec<T>;
   constexpr size_t kTile = kTileRows * (CPR * kVec<T> + 1);
   const size_t smem = sizeof(float) * (kRed > kTile ? kRed : kTile);
   constexpr auto kernel = kv_head_fast_kernel<T, Out, CPR>;
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(smem, "kv_head_fast: set shared memory"));
-  kernel<<<static_cast<unsigned>(bhk), kThreads, smem, p.stream>>>(
-      static_cast<const T*>(p.in.k), p.in.k_strides, static_cast<const T*>(p.in.v), p.in.v_strides, p.shape.heads_kv,
-      p.shape.len_k, len_pad, p.quant.smooth_k, v_quant_max(p.quant.pv), p.out.k_mean, p.out.v_scale, out);
-  return launch_status("kv_head_fast");
+  return launch_kernel("kv_head_fast", chained, kernel, static_cast<unsigned>(bhk), kThreads, smem, p.stream,
+                       static_cast<const T*>(p.in.k), p.in.k_strides, static_cast<const T*>(p.in.v), p.in.v_strides,
+                       p.shape.heads_kv, p.shape.len_k, len_pad, p.quant.smooth_k, v_quant_max(p.quant.pv),
+                       p.out.k_mean, p.out.v_scale, out);
 }
 
 // The fast path for 0 < Lk <= kSmallLenK in two launches: kv_head_fast (k_mean, final v_scale,
 // quantized V), then the K and Q rows in one grid.
 template <typename T, int CPR>
-Status quantize_fast_small(const QuantizeParams& p) {
+Status quantize_fast_small(const QuantizeParams& p, bool chained) {
   const Shape& s = p.shape;
   const QuantizedQKV& o = p.out;
   const auto [nbq, nbk] = block_counts(s, p.blocks);
@@ -1013,9 +1020,9 @@ Status quantize_fast_small(const QuantizeParams& p) {
   const int64_t bhk = s.batch * s.heads_kv;
   const int64_t len_pad = padded_len_k(s.len_k);
   if (pv_is_fp8(p.quant.pv)) {
-    SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
+    SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, chained, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
   } else {
-    SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, bhk, len_pad, static_cast<__half*>(o.v))));
+    SPARGE_RETURN_IF_ERROR((launch_kv_head_fast<T, CPR>(p, chained, bhk, len_pad, static_cast<__half*>(o.v))));
   }
   const RowsArgs ka = k_rows_args(p);
   const RowsArgs qa = q_rows_args(p, nullptr);
@@ -1024,15 +1031,15 @@ Status quantize_fast_small(const QuantizeParams& p) {
   const int64_t kpz = ceil_div(nbk, group);
   const dim3 grid(static_cast<unsigned>(kpz + (q_rows ? nbq : 0)), static_cast<unsigned>(bhk),
                   static_cast<unsigned>(group));
-  quantize_rows_kq_fast_kernel<T, CPR><<<grid, kRowsThreads<CPR>, 0, p.stream>>>(
-      ka, static_cast<unsigned>(nbk), static_cast<unsigned>(kpz), qa, static_cast<unsigned>(nbq));
-  return launch_status("quantize_rows_kq_fast");
+  return launch_kernel("quantize_rows_kq_fast", chained, quantize_rows_kq_fast_kernel<T, CPR>, grid, kRowsThreads<CPR>,
+                       0, p.stream, ka, static_cast<unsigned>(nbk), static_cast<unsigned>(kpz), qa,
+                       static_cast<unsigned>(nbq));
 }
 
 // The whole stage on the fast path (see above for when it applies).
 template <typename T, int CPR>
-Status quantize_fast(const QuantizeParams& p) {
-  if (p.shape.len_k > 0 && p.shape.len_k <= kSmallLenK) return quantize_fast_small<T, CPR>(p);
+Status quantize_fast(const QuantizeParams& p, bool chained) {
+  if (p.shape.len_k > 0 && p.shape.len_k <= kSmallLenK) return quantize_fast_small<T, CPR>(p, chained);
   constexpr int kRowThreads = kRowsThreads<CPR>;
   const Shape& s = p.shape;
   const QuantizedQKV& o = p.out;
@@ -1051,20 +1058,20 @@ Status quantize_fast(const QuantizeParams& p) {
     // nbk · D floats per head, V holds D · Lk_pad >= D · 64 · nbk elements of at least one byte.
     float* v_amax_parts = static_cast<float*>(o.v);
     float* k_sums = p.quant.smooth_k ? o.k_pool : nullptr;
-    kv_stats_fast_kernel<T, CPR><<<dim3(nbk, bhk), kThreads, 0, stream>>>(
-        k, p.in.k_strides, v, p.in.v_strides, s.heads_kv, s.len_k, p.blocks.block_k, k_sums, v_amax_parts);
-    SPARGE_RETURN_IF_ERROR(launch_status("kv_stats_fast"));
-    kv_reduce_kernel<<<dim3(bhk, ceil_div(d, kWarpSize)), kThreads, 0, stream>>>(k_sums, v_amax_parts, nbk, s.len_k,
-                                                                                 d, o.k_mean, o.v_scale);
-    SPARGE_RETURN_IF_ERROR(launch_status("kv_reduce"));
-    const RowsArgs ka = k_rows_args(p);
-    quantize_rows_fast_kernel<false, T, CPR><<<dim3(nbk, bhk), kRowThreads, 0, stream>>>(ka);
-    SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<K>"));
+    SPARGE_RETURN_IF_ERROR(launch_kernel("kv_stats_fast", chained, kv_stats_fast_kernel<T, CPR>, dim3(nbk, bhk),
+                                         kThreads, 0, stream, k, p.in.k_strides, v, p.in.v_strides, s.heads_kv,
+                                         s.len_k, p.blocks.block_k, k_sums, v_amax_parts));
+    SPARGE_RETURN_IF_ERROR(launch_kernel("kv_reduce", chained, kv_reduce_kernel, dim3(bhk, ceil_div(d, kWarpSize)),
+                                         kThreads, 0, stream, k_sums, v_amax_parts, nbk, s.len_k, d, o.k_mean,
+                                         o.v_scale));
+    SPARGE_RETURN_IF_ERROR(launch_kernel("quantize_rows_fast<K>", chained, quantize_rows_fast_kernel<false, T, CPR>,
+                                         dim3(nbk, bhk), kRowThreads, 0, stream, k_rows_args(p)));
     const int64_t len_pad = padded_len_k(s.len_k);
     if (pv_is_fp8(p.quant.pv)) {
-      SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
+      SPARGE_RETURN_IF_ERROR(
+          (launch_v_quant_fast<T, CPR>(p, chained, bhk, len_pad, static_cast<__nv_fp8_e4m3*>(o.v))));
     } else {
-      SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, bhk, len_pad, static_cast<__half*>(o.v))));
+      SPARGE_RETURN_IF_ERROR((launch_v_quant_fast<T, CPR>(p, chained, bhk, len_pad, static_cast<__half*>(o.v))));
     }
   }
   // v_scale still holds the V amax when Lk > 0: the Q rows launch finalizes it when it has a thread
@@ -1072,14 +1079,14 @@ Status quantize_fast(const QuantizeParams& p) {
   const bool q_rows = bhq > 0 && s.len_q > 0;
   const bool finalize_in_q_rows = q_rows && nbq * bhq * kRowThreads >= bhk * d;
   if (s.len_k > 0 && !finalize_in_q_rows) {
-    v_finalize_kernel<<<ceil_div(bhk * d, kThreads), kThreads, 0, stream>>>(o.v_scale, bhk * d,
-                                                                            v_quant_max(p.quant.pv));
-    SPARGE_RETURN_IF_ERROR(launch_status("v_finalize"));
+    SPARGE_RETURN_IF_ERROR(launch_kernel("v_finalize", chained, v_finalize_kernel,
+                                         static_cast<unsigned>(ceil_div(bhk * d, kThreads)), kThreads, 0, stream,
+                                         o.v_scale, bhk * d, v_quant_max(p.quant.pv)));
   }
   if (q_rows) {
     const RowsArgs qa = q_rows_args(p, s.len_k > 0 && finalize_in_q_rows ? o.v_scale : nullptr);
-    quantize_rows_fast_kernel<true, T, CPR><<<dim3(nbq, bhq), kRowThreads, 0, stream>>>(qa);
-    SPARGE_RETURN_IF_ERROR(launch_status("quantize_rows_fast<Q>"));
+    SPARGE_RETURN_IF_ERROR(launch_kernel("quantize_rows_fast<Q>", chained, quantize_rows_fast_kernel<true, T, CPR>,
+                                         dim3(nbq, bhq), kRowThreads, 0, stream, qa));
   }
   return Status::Ok();
 }
@@ -1111,13 +1118,15 @@ Status quantize(const QuantizeParams& p) {
   const int64_t bhq = s.batch * s.heads_q;
   const int64_t bhk = s.batch * s.heads_kv;
   const int64_t d = s.head_dim;
+  bool chained = false;
+  SPARGE_RETURN_IF_ERROR(chained_launches(&chained));
 
   return dispatch_dtype(p.in.dtype, "in.dtype", [&](auto type_tag) -> Status {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(type_tag)>>;
     switch (fast_cpr<T>(p)) {
-      case 8: return quantize_fast<T, 8>(p);
-      case 16: return quantize_fast<T, 16>(p);
-      case 32: return quantize_fast<T, 32>(p);
+      case 8: return quantize_fast<T, 8>(p, chained);
+      case 16: return quantize_fast<T, 16>(p, chained);
+      case 32: return quantize_fast<T, 32>(p, chained);
       default: break;
     }
     const T* k = static_cast<const T*>(p.in.k);

@@ -3,7 +3,7 @@
 
 namespace sparge::cuda {
 
-template Status launch_mma_attend<64, 64, PvPrecision::kFp8>(const MmaAttendParams&, dim3, cudaStream_t);
-template Status launch_mma_attend<64, 128, PvPrecision::kFp8>(const MmaAttendParams&, dim3, cudaStream_t);
+template Status launch_mma_attend<64, 64, PvPrecision::kFp8>(const MmaAttendParams&, dim3, cudaStream_t, bool);
+template Status launch_mma_attend<64, 128, PvPrecision::kFp8>(const MmaAttendParams&, dim3, cudaStream_t, bool);
 
 }  // namespace sparge::cuda

@@ -23,6 +23,7 @@
 #include "common/status_macros.h"
 #include "cuda/attn/lane_rows.cuh"
 #include "cuda/attn/sm80/attend_mma.h"
+#include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_convert.cuh"
 #include "cuda/common/ptx_memory.cuh"
@@ -154,6 +155,7 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
 
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int skipped_per_warp[kMmaAttendWarps];
+  wait_for_prior_grids();
 
   const int thread = threadIdx.x;
   const int warp = thread / kWarpSize;
@@ -533,15 +535,14 @@ __global__ void __launch_bounds__(kMmaAttendThreads) mma_attend_kernel(const __g
 }  // namespace mma_attend
 
 template <int kHeadDimPad, int kBlockK, PvPrecision kPv>
-Status launch_mma_attend(const MmaAttendParams& params, dim3 grid, cudaStream_t stream) {
+Status launch_mma_attend(const MmaAttendParams& params, dim3 grid, cudaStream_t stream, bool chained) {
   using Cfg = mma_attend::Config<kHeadDimPad, kBlockK, kPv>;
   constexpr auto kernel = &mma_attend::mma_attend_kernel<kHeadDimPad, kBlockK, kPv>;
   static const std::string name = "mma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) +
                                   ", BLOCK_K=" + std::to_string(kBlockK) + ", " + pv_name(kPv) + ">";
   static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<kernel>(Cfg::kSmemBytes, smem_what.c_str()));
-  kernel<<<grid, kMmaAttendThreads, Cfg::kSmemBytes, stream>>>(params);
-  return launch_status(name.c_str());
+  return launch_kernel(name.c_str(), chained, kernel, grid, kMmaAttendThreads, Cfg::kSmemBytes, stream, params);
 }
 
 }  // namespace sparge::cuda

@@ -91,9 +91,10 @@ constexpr const char* pv_name(PvPrecision pv) {
   return "unknown";
 }
 
-// Launches the kernel for one (padded head dim, K block, P·V format) on `stream`; grid is
-// (ceil(Lq / 64), Hq, B), non-empty. Defined in attend_mma.cuh, instantiated under instantiations/.
+// Launches the kernel for one (padded head dim, K block, P·V format) on `stream`, chained to the
+// stream's previous kernel when `chained` (cuda/common/chained_launch.cuh); grid is (ceil(Lq / 64),
+// Hq, B), non-empty. Defined in attend_mma.cuh, instantiated under instantiations/.
 template <int kHeadDimPad, int kBlockK, PvPrecision kPv>
-Status launch_mma_attend(const MmaAttendParams& params, dim3 grid, cudaStream_t stream);
+Status launch_mma_attend(const MmaAttendParams& params, dim3 grid, cudaStream_t stream, bool chained);
 
 }  // namespace sparge::cuda

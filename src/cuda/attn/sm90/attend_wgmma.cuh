@@ -57,6 +57,7 @@
 #include "common/status_macros.h"
 #include "cuda/attn/lane_rows.cuh"
 #include "cuda/attn/sm90/attend_wgmma.h"
+#include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_convert.cuh"
 #include "cuda/common/ptx_memory.cuh"
@@ -530,6 +531,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   };
   if (kSplit && thread < 2 * Cfg::kConsumerWarps) merge_flags(0)[thread] = 0;
   fence_proxy_async_shared();  // the ones are read by wgmma (async proxy)
+  wait_for_prior_grids();      // the set-up above touches shared memory only
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -1454,8 +1456,8 @@ Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) 
   SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlocksPerStep),
                                                   kHeadDimPad, launch));
   const auto launched = params.split_first < params.tiles ? split_kernel : kernel;
-  launched<<<static_cast<unsigned>(grid), kWgmmaAttendThreads, Cfg::kSmemBytes, launch.stream>>>(params);
-  return launch_status(name.c_str());
+  return launch_kernel(name.c_str(), launch.chained, launched, static_cast<unsigned>(grid), kWgmmaAttendThreads,
+                       Cfg::kSmemBytes, launch.stream, params);
 }
 
 }  // namespace sparge::cuda

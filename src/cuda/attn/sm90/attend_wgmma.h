@@ -54,6 +54,7 @@ struct WgmmaLaunch {
   void* scratch = nullptr;   // AttendParams::workspace (layout.h): the last round of work tiles may split
   size_t scratch_bytes = 0;  // its bytes; nullptr / too small: no split
   cudaStream_t stream = nullptr;
+  bool chained = false;      // chained to the stream's previous kernel (cuda/common/chained_launch.cuh)
 };
 
 // Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
