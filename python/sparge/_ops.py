@@ -604,6 +604,10 @@ def attend(
     stats = _stats(return_stats, device)
     if batch * heads_q * len_q == 0:
         return o, lse, stats
+    # The kernel's optional scratch (the split of a last round of work tiles; never with a causal mask).
+    ws_bytes = 0 if causal else _C.attend_workspace_size(shape, (block_q, block_k), pv, 0 if device.type == "cpu" else 1)
+    align = _C.WORKSPACE_ALIGN
+    workspace = torch.empty(ws_bytes + align, dtype=torch.uint8, device=device) if ws_bytes else None
     _call_core(
         quantized[0],
         _C.attend,
@@ -623,6 +627,8 @@ def attend(
         o_strides=_hnd_strides(o, layout),
         lse=lse.data_ptr() if return_lse else 0,
         stats_out=stats.data_ptr() if return_stats else 0,
+        workspace=-(-workspace.data_ptr() // align) * align if ws_bytes else 0,
+        workspace_bytes=ws_bytes,
     )
     return o, lse, stats
 

@@ -170,7 +170,8 @@ void predict(int device, Addr stream, const ShapeArg& shape, const BlocksArg& bl
 
 void attend(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, int causal, double sm_scale,
             int granularity, int pv, const QuantizedArg& quantized, Addr index, Addr count, double pvthreshd,
-            Addr pvthreshd_per_head, Addr o, int o_dtype, const StridesArg& o_strides, Addr lse, Addr stats_out) {
+            Addr pvthreshd_per_head, Addr o, int o_dtype, const StridesArg& o_strides, Addr lse, Addr stats_out,
+            Addr workspace, size_t workspace_bytes) {
   run(&sparge::attend, sparge::AttendParams{.device = static_cast<sparge::Device>(device),
                                             .stream = to_stream(stream),
                                             .shape = to_shape(shape),
@@ -184,7 +185,9 @@ void attend(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blo
                                             .o_dtype = static_cast<sparge::DType>(o_dtype),
                                             .o_strides = to_strides(o_strides),
                                             .lse = ptr<float>(lse),
-                                            .stats_out = ptr<int64_t>(stats_out)});
+                                            .stats_out = ptr<int64_t>(stats_out),
+                                            .workspace = ptr<void>(workspace),
+                                            .workspace_bytes = workspace_bytes});
 }
 
 void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& blocks, int causal, Addr q, Addr k,
@@ -224,6 +227,15 @@ size_t workspace_size(const ShapeArg& shape, const BlocksArg& blocks, int granul
   return sparge::workspace_size(params);
 }
 
+size_t attend_workspace_size(const ShapeArg& shape, const BlocksArg& blocks, int pv, int device) {
+  sparge::AttendParams params;
+  params.device = static_cast<sparge::Device>(device);
+  params.shape = to_shape(shape);
+  params.blocks = to_blocks(blocks);
+  params.quant = to_quant(0.0, true, 0, pv);
+  return sparge::attend_workspace_size(params);
+}
+
 size_t stage_buffers_size(const ShapeArg& shape, const BlocksArg& blocks, int granularity, int pv) {
   return sparge::stage_buffers_size(to_shape(shape), to_blocks(blocks),
                                     static_cast<sparge::QuantGranularity>(granularity),
@@ -244,6 +256,8 @@ NB_MODULE(_C, m) {
         "Stage 2 kernel the request runs on the current device: \"cpu\", \"wgmma\" or \"mma\".");
   m.def("workspace_size", &workspace_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("granularity"), nb::arg("pv"),
         nb::arg("device") = 0, "Bytes of workspace `attention` needs on the device (0 CPU, 1 CUDA).");
+  m.def("attend_workspace_size", &attend_workspace_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("pv"),
+        nb::arg("device"), "Bytes of the optional workspace of `attend` on the device (0 CPU, 1 CUDA): 0 where unused.");
   m.def("stage_buffers_size", &stage_buffers_size, nb::arg("shape"), nb::arg("blocks"), nb::arg("granularity"),
         nb::arg("pv"), "Bytes of QuantizedQKV + BlockIndex when carved from one buffer.");
 
@@ -262,8 +276,8 @@ NB_MODULE(_C, m) {
   m.def("attend", &attend, nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"), nb::arg("causal"),
         nb::arg("sm_scale"), nb::arg("granularity"), nb::arg("pv"), nb::arg("quantized"), nb::arg("index"),
         nb::arg("count"), nb::arg("pvthreshd"), nb::arg("pvthreshd_per_head"), nb::arg("o"), nb::arg("o_dtype"),
-        nb::arg("o_strides"), nb::arg("lse"), nb::arg("stats_out"),
-        "Stage 2: sparse attention over the kept blocks with the online P·V filter.");
+        nb::arg("o_strides"), nb::arg("lse"), nb::arg("stats_out"), nb::arg("workspace"), nb::arg("workspace_bytes"),
+        "Stage 2: sparse attention over the kept blocks with the online P·V filter (workspace optional: 0, 0).");
 
   m.def("attention", &attention, nb::arg("device"), nb::arg("stream"), nb::arg("shape"), nb::arg("blocks"),
         nb::arg("causal"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("dtype"), nb::arg("q_strides"),

@@ -334,7 +334,8 @@ def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, val
     pieces of short cdf lists), GQA, a partial last query tile. Against SPARGE_WGMMA_SPLIT=0 on the same grid:
     fp32 output and LSE differ only by rounding (a piece rounds P to e4m3 relative to its own running
     maximum, and the merge sums in another order) but do differ (the split ran), the split result is
-    reproducible bit for bit, and a CUDA graph of the op (counter reset included) replays it."""
+    reproducible bit for bit, sparge.attend (which allocates the scratch itself) on the stages' outputs
+    gives it too, and a CUDA graph of the op (counter reset included) replays it."""
     if not (_hopper_build() and _fp8_kernel_image()):
         pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
@@ -359,6 +360,13 @@ def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, val
         assert float((lse_split - lse_whole).abs().max()) < 0.02, case
         assert relative_l1(o_split, ref) < relative_l1(o_whole, ref) + 0.005, case
         assert_equal(run(ctas, True)[0], o_split, f"{case}: split run repeated")
+
+    fused = run(19, True)
+    quantized = sparge.quantize(q, k, v, block_size=block_size)
+    pred = sparge.predict(quantized, **_kwargs(mode, value))
+    staged = sparge.attend(quantized, pred.index, pred.count, return_lse=True, output_dtype=torch.float32)
+    for a, e, name in zip(staged, fused, ("o", "lse")):
+        assert_equal(a, e, f"sparge.attend splits as the fused op does: {name} ({tiles} D{d} {mode} seed={seed})")
 
     monkeypatch.setenv("SPARGE_WGMMA_CTAS", "19")
     monkeypatch.setenv("SPARGE_WGMMA_SPLIT", "1")

@@ -132,10 +132,13 @@ def test_quantized_buffers_follow_the_method(seed, poison):
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 def test_python_shapes_match_cpp_layout(gran, pv):
     """_ops.quantized_specs mirrors include/sparge/layout.h: its buffers, each rounded up to 256
-    bytes, plus index and count add up to stage_buffers_size."""
+    bytes, plus index and count add up to stage_buffers_size, the CPU workspace of the fused op; on
+    CUDA the fused op adds the attention kernel's scratch, which sparge.attend allocates by itself
+    (attend_workspace_size: nothing on the CPU, something only where the split can run: the wgmma
+    kernel's requests with more than 132 work tiles of 128 query rows)."""
     g, p = sparge.api._GRANULARITIES[gran], sparge.api._PV_PRECISIONS[pv]
     for shape, blocks in [((2, 8, 2, 1000, 777, 128), (128, 64)), ((1, 1, 1, 1, 1, 1), (16, 16)),
-                          ((3, 6, 3, 4097, 65, 80), (64, 256))]:  # fmt: skip
+                          ((3, 6, 3, 4097, 65, 80), (64, 256)), ((1, 40, 8, 1000, 500, 128), (128, 64))]:  # fmt: skip
         total = 0
         for size, dtype in _ops.quantized_specs(*shape, *blocks, g, p):
             total += -(-math.prod(size) * dtype.itemsize // 256) * 256
@@ -144,6 +147,13 @@ def test_python_shapes_match_cpp_layout(gran, pv):
         total += -(-b * hq * nbq * nbk * 4 // 256) * 256 + -(-b * hq * nbq * 4 // 256) * 256
         assert total == _C.stage_buffers_size(shape=shape, blocks=blocks, granularity=g, pv=p), (shape, gran, pv)
         assert _C.workspace_size(shape=shape, blocks=blocks, granularity=g, pv=p) == total
+        scratch = _C.attend_workspace_size(shape, blocks, p, 1)
+        assert _C.workspace_size(shape, blocks, g, p, 1) == total + scratch
+        assert _C.attend_workspace_size(shape, blocks, p, 0) == 0
+        b, hq, _, lq, _, d = shape
+        wgmma = pv == "fp8" and blocks[0] % 128 == 0 and blocks[1] in (64, 128) and d <= 128
+        split_can_run = wgmma and b * hq * -(-lq // 128) > 132
+        assert (scratch > 0) == split_can_run, (shape, pv, scratch)
 
 
 def test_quantized_tuple_carries_its_settings(seed):
