@@ -2,7 +2,7 @@
 // each other on the caller's stream; a chained kernel is launched when its predecessor's CTAs have
 // all exited, before the predecessor's completion has travelled through the stream, and waits for
 // that completion on the GPU. This takes the 1-2 us between two kernels of the op off (H100, B2 H16
-// L8k: ~14 us of 880 over eight launches, bench/RESULTS.md session 18).
+// L8k topk: 11 us of 882 over eight launches, bench/RESULTS.md session 18).
 //
 // The contract: every kernel launched chained calls wait_for_prior_grids() before it touches
 // global memory (it returns once every earlier grid on the stream has completed and its writes are
