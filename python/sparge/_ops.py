@@ -138,6 +138,18 @@ def _addr(x: Optional[Tensor]) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _aligned_addr(workspace: Tensor) -> int:
+    """The first WORKSPACE_ALIGN-aligned address of a workspace allocated WORKSPACE_ALIGN bytes over
+    (torch's CPU allocator aligns to 64 bytes only)."""
+    align = _C.WORKSPACE_ALIGN
+    return -(-workspace.data_ptr() // align) * align
+
+
+def _size_device(device: torch.device) -> int:
+    """The device argument of the core's workspace-size queries: 0 on the CPU, 1 on CUDA."""
+    return 0 if device.type == "cpu" else 1
+
+
 def _input_args(q: Tensor, k: Tensor, v: Tensor, layout: int) -> dict:
     """The un-quantized inputs as ``_C`` takes them: addresses, dtype code, [B, H, L] strides."""
     return dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dtype=DTYPE_CODES[q.dtype],
@@ -330,8 +342,8 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
         if stats is not None:
             stats.zero_()  # the core writes the counters of non-empty problems only
         return o, lse, stats
-    ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 0 if device.type == "cpu" else 1)
-    # torch's CPU allocator aligns to 64 bytes only: over-allocate, launch_attention aligns the address.
+    ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, _size_device(device))
+    # Over-allocated: launch_attention aligns the address (_aligned_addr).
     nbytes = ws_bytes + _C.WORKSPACE_ALIGN
     workspace = _workspace(nbytes, device) if reuse_workspace else torch.empty(nbytes, dtype=torch.uint8, device=device)
     launch_attention(
@@ -371,8 +383,6 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
                      pv):  # fmt: skip
     """The C++ call of run_attention into the buffers it allocated: o, lse and stats (None when not
     asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes."""
-    align = _C.WORKSPACE_ALIGN
-    ws_addr = -(-workspace.data_ptr() // align) * align
     # Positional, in the order of the binding (src/python/bindings.cpp): keywords cost more per call.
     _call_core(
         q, _C.attention,
@@ -384,7 +394,7 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
         _addr(simthreshd1_per_head), select_flags, _addr(block_mask),
         pvthreshd, _addr(pvthreshd_per_head),
         o.data_ptr(), DTYPE_CODES[o.dtype], _hnd_strides(o, layout), _addr(lse), _addr(stats),
-        ws_addr, workspace.numel() - align,
+        _aligned_addr(workspace), workspace.numel() - _C.WORKSPACE_ALIGN,
     )  # fmt: skip
 
 
@@ -605,9 +615,8 @@ def attend(
     if batch * heads_q * len_q == 0:
         return o, lse, stats
     # The kernel's optional scratch (the split of a last round of work tiles; never with a causal mask).
-    ws_bytes = 0 if causal else _C.attend_workspace_size(shape, (block_q, block_k), pv, 0 if device.type == "cpu" else 1)
-    align = _C.WORKSPACE_ALIGN
-    workspace = torch.empty(ws_bytes + align, dtype=torch.uint8, device=device) if ws_bytes else None
+    ws_bytes = 0 if causal else _C.attend_workspace_size(shape, (block_q, block_k), pv, _size_device(device))
+    workspace = torch.empty(ws_bytes + _C.WORKSPACE_ALIGN, dtype=torch.uint8, device=device) if ws_bytes else None
     _call_core(
         quantized[0],
         _C.attend,
@@ -627,7 +636,7 @@ def attend(
         o_strides=_hnd_strides(o, layout),
         lse=lse.data_ptr() if return_lse else 0,
         stats_out=stats.data_ptr() if return_stats else 0,
-        workspace=-(-workspace.data_ptr() // align) * align if ws_bytes else 0,
+        workspace=_aligned_addr(workspace) if ws_bytes else 0,
         workspace_bytes=ws_bytes,
     )
     return o, lse, stats
