@@ -33,14 +33,15 @@ QBlockGeometry geometry(const PredictParams& p, int64_t i) {
   return {allowed, visible_end(r0, p.causal, s.len_q, s.len_k), p.blocks.block_k, s.len_k};
 }
 
-// Compressed score of K block j for the pooled query q_pool (method.md §1, "Block scores").
+// Compressed score of K block j for the pooled query q_pool (method.md §1, "Block scores"); each dot
+// product one fused multiply-add per column (one rounding), as the CUDA backend computes it.
 float block_score(const PredictParams& p, const float* q_pool, int64_t bhk, int64_t j) {
   const Shape& s = p.shape;
   const int64_t dim = s.head_dim;
   const int64_t nbk = block_counts(s, p.blocks).nbk;
   const float* k_pool = p.stats.k_pool + (bhk * nbk + j) * dim;
   float dot = 0.0f;
-  for (int64_t d = 0; d < dim; ++d) dot += q_pool[d] * k_pool[d];
+  for (int64_t d = 0; d < dim; ++d) dot = std::fma(q_pool[d], k_pool[d], dot);
   if (p.select.block_score == BlockScore::kMean) return dot * p.sm_scale;
 
   // kSpikes: log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys.
@@ -51,7 +52,7 @@ float block_score(const PredictParams& p, const float* q_pool, int64_t bhk, int6
   for (int64_t t = 0; t < m; ++t) {
     const float* spike = p.stats.k_spikes + ((bhk * nbk + j) * kSpikeKeys + t) * dim;
     float b = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) b += q_pool[d] * spike[d];
+    for (int64_t d = 0; d < dim; ++d) b = std::fma(q_pool[d], spike[d], b);
     spike_sum += b;
     term[t] = b * p.sm_scale;
   }

@@ -1,13 +1,15 @@
-// Stage 1 on the GPU: block prediction (docs/method.md §1), two kernels, no host
+// Stage 1 on the GPU: block prediction (docs/method.md §1), one or two kernels, no host
 // synchronisation, no allocation. score_kernel (TopK / CDF only) computes the compressed scores
 // of groups of up to kMaxGroup consecutive Q blocks of one b·Hq together, so each K block's
 // statistics (3 rows of D floats with the spike keys) are read once per group rather than once
-// per Q block, in one pass over D for all of them; it parks them in the index output.
-// select_kernel, one CTA per (Q block, b·Hq), selects and writes the index list over them. When
-// the groups would hold one Q block each (score_group == 1, small problems), score_kernel is not
-// launched: select_kernel computes its row's scores itself with the same block_scores call for a
-// group of one (the same values bit for bit), and the host clears the statistics counters that
-// score_kernel would have cleared.
+// per Q block, in one pass over D for all of them; it parks them in the index output. Then one
+// of two selection kernels writes the index lists: select_rows_kernel, one warp per (Q block,
+// b·Hq), for dense, block-mask and TopK rows (up to kWarpSelectMaxBlocks K blocks), or
+// select_kernel, one CTA per row, for CDF, longer TopK rows, and small problems: when the groups
+// would hold one Q block each (score_group == 1), score_kernel is not launched and select_kernel
+// computes its row's scores itself with the same block_scores call for a group of one (the same
+// values bit for bit), and the host clears the statistics counters that score_kernel would have
+// cleared.
 //
 // TopK and CDF avoid sorting, working on order-preserving integer keys of the scores: TopK finds
 // the key of its last kept block exactly by a radix selection (four 8-bit digit histograms in
@@ -33,7 +35,7 @@ constexpr int kScoreThreads = 128;  // K blocks per score_kernel CTA
 constexpr int kMaxGroup = 16;  // Q blocks per score_kernel thread
 constexpr int kDotRows = 1 + static_cast<int>(kSpikeKeys);  // y rows of a K block: pooled, spike keys
 
-enum : uint8_t { kAllowed = 1, kCandidate = 2, kKept = 4 };
+enum : uint8_t { kCandidate = 1, kKept = 2 };
 
 struct PredictArgs {
   Shape shape;
@@ -83,10 +85,10 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-// out[g][r] = Σ_d x[g][d] · y[r][d] for g < n, each in ascending d and rounded like the CPU
-// reference (no contraction). One pass over d for all kRows rows of y (a K block's pooled row and
+// out[g][r] = Σ_d x[g][d] · y[r][d] for g < n, each in ascending d, one fused multiply-add per
+// column like the CPU reference. One pass over d for all kRows rows of y (a K block's pooled row and
 // spike keys, global memory, each element loaded once) and all n rows of x (pooled queries,
-// shared memory): 2 · kGroup · kRows independent chains per thread.
+// shared memory): kGroup · kRows independent chains per thread.
 template <int kGroup, int kRows>
 __device__ __forceinline__ void ordered_dots(const float* x, int n, const float* const (&y)[kRows], int64_t dim,
                                              float (&out)[kGroup][kRows]) {
@@ -97,7 +99,7 @@ __device__ __forceinline__ void ordered_dots(const float* x, int n, const float*
   }
   auto add = [&](int g, float xd, const float (&yd)[kRows]) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) out[g][r] = __fadd_rn(out[g][r], __fmul_rn(xd, yd[r]));
+    for (int r = 0; r < kRows; ++r) out[g][r] = __fmaf_rn(xd, yd[r], out[g][r]);
   };
   bool aligned = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % sizeof(float4) == 0;
 #pragma unroll
@@ -246,6 +248,38 @@ __device__ __forceinline__ int64_t allowed_blocks(const PredictArgs& a, int64_t 
   return end_r1 <= 0 ? 0 : min(a.nbk, static_cast<int64_t>((static_cast<int>(end_r1) + bk - 1) / bk));
 }
 
+// What classifying the allowed K blocks of Q block i of b·Hq row bh takes (TopK / CDF).
+struct RowRules {
+  int64_t bhk;     // the kv head row
+  int64_t end_r0;  // visible_end of the block's first row
+  float sim_threshold;
+  bool q_uniform;
+};
+
+__device__ __forceinline__ RowRules row_rules(const PredictArgs& a, int64_t bh, int64_t i) {
+  const float sim_threshold = head_value(a.select.simthreshd1, bh % a.shape.heads_q);
+  return {.bhk = kv_row(a, bh),
+          .end_r0 = visible_end(i * a.blocks.block_q, a.causal, a.shape.len_q, a.shape.len_k),
+          .sim_threshold = sim_threshold,
+          .q_uniform = a.q_sim[bh * a.nbq + i] > sim_threshold};
+}
+
+// kCandidate (uniform) and kKept (method.md §1, "Always kept") of allowed K block j.
+__device__ __forceinline__ uint8_t block_state(const PredictArgs& a, const RowRules& r, int64_t j) {
+  const bool partial = min((j + 1) * a.blocks.block_k, a.shape.len_k) > r.end_r0;
+  const bool k_uniform = a.k_sim[r.bhk * a.nbk + j] > r.sim_threshold;
+  const bool kept = !r.q_uniform || !k_uniform || partial || (a.select.attention_sink && j == 0);
+  return static_cast<uint8_t>((k_uniform ? kCandidate : 0) | (kept ? kKept : 0));
+}
+
+// How many candidates TopK keeps: min(n_cand, clamp(⌊topk · n_allowed + 0.5⌋, 1, n_allowed)), in fp32.
+__device__ __forceinline__ int64_t topk_keep_count(const PredictArgs& a, int64_t h, int64_t n_allowed, int n_cand) {
+  const float topk = head_value(a.select.topk, h);
+  int64_t n_keep = static_cast<int64_t>(floorf(topk * static_cast<float>(n_allowed) + 0.5f));
+  n_keep = n_keep < 1 ? 1 : (n_keep > n_allowed ? n_allowed : n_keep);
+  return n_keep > n_cand ? static_cast<int64_t>(n_cand) : n_keep;
+}
+
 // Shared scratch of kth_largest_key: a histogram of one 8-bit digit, the key prefix found so far
 // and how many keys are still to be passed over.
 struct RadixScratch {
@@ -309,144 +343,115 @@ __device__ uint32_t kth_largest_key(const float* score, const uint8_t* state, in
   return rs.prefix;
 }
 
-// Selection, index list and statistics of Q block i of b·Hq row bh, from the scores of its
-// candidates in `score` ([nbk], shared memory). `state` ([nbk], shared) is scratch.
+// TopK / CDF selection, index list and statistics of Q block i of b·Hq row bh, from the scores of
+// its candidates in `score` ([nbk], shared memory). `state` ([nbk], shared) is scratch.
 __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const float* score, uint8_t* state,
                            int* iscratch, float* fscratch, RadixScratch& radix) {
-  const Shape& s = a.shape;
-  const int heads_q = static_cast<int>(s.heads_q);
-  const int64_t h = bh % heads_q;
-  const int64_t bhk = kv_row(a, bh);
-  const int64_t bk = a.blocks.block_k;
-  const int64_t end_r0 = visible_end(i * a.blocks.block_q, a.causal, s.len_q, s.len_k);
+  const int64_t h = bh % a.shape.heads_q;
   const int64_t n_allowed = allowed_blocks(a, i);
   const SelectMode mode = a.select.mode;
-  const bool scored = mode == SelectMode::kTopK || mode == SelectMode::kCdf;
-  const float sim_threshold = head_value(a.select.simthreshd1, h);
-  const bool q_uniform = scored && a.q_sim[bh * a.nbq + i] > sim_threshold;
   const int64_t row = bh * a.nbq + i;
-
-  for (int64_t j = threadIdx.x; j < a.nbk; j += kThreads) {
-    uint8_t st = 0;
-    if (j < n_allowed) {
-      st = kAllowed;
-      const bool partial = min((j + 1) * bk, s.len_k) > end_r0;
-      if (mode == SelectMode::kDense) {
-        st |= kKept;
-      } else if (mode == SelectMode::kBlockMask) {
-        if (a.select.block_mask[row * a.nbk + j] != 0) st |= kKept;
-      } else {
-        const bool k_uniform = a.k_sim[bhk * a.nbk + j] > sim_threshold;
-        if (k_uniform) st |= kCandidate;
-        if (!q_uniform || !k_uniform || partial || (a.select.attention_sink && j == 0)) st |= kKept;
-      }
-    }
-    state[j] = st;
-  }
+  const RowRules rules = row_rules(a, bh, i);
+  for (int64_t j = threadIdx.x; j < a.nbk; j += kThreads) state[j] = j < n_allowed ? block_state(a, rules, j) : 0;
   __syncthreads();
 
-  if (scored) {
-    int n_cand = 0;
-    {
-      int local = 0;
-      for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) local += (state[j] & kCandidate) ? 1 : 0;
-      n_cand = block_sum(local, iscratch);
-    }
+  int n_cand = 0;
+  {
+    int local = 0;
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) local += (state[j] & kCandidate) ? 1 : 0;
+    n_cand = block_sum(local, iscratch);
+  }
 
-    if (mode == SelectMode::kTopK && n_cand > 0) {
-      const float topk = head_value(a.select.topk, h);
-      int64_t n_keep = static_cast<int64_t>(floorf(topk * static_cast<float>(n_allowed) + 0.5f));
-      n_keep = n_keep < 1 ? 1 : (n_keep > n_allowed ? n_allowed : n_keep);
-      n_keep = n_keep > n_cand ? static_cast<int64_t>(n_cand) : n_keep;
-      if (n_allowed <= kWarpSize) {
-        // Few blocks (short sequences): one warp ranks every candidate against all others by
-        // (key desc, index asc) and keeps ranks < n_keep, the same set as the search below,
-        // without its 32 CTA-wide reductions.
-        if (threadIdx.x < kWarpSize) {
-          const int j = static_cast<int>(threadIdx.x);
-          const bool cand = j < n_allowed && (state[j] & kCandidate);
-          const uint32_t key = cand ? order_key(score[j]) : 0u;
-          int rank = 0;
-          for (int o = 0; o < n_allowed; ++o) {
-            const bool other_cand = __shfl_sync(0xffffffffu, cand, o);
-            const uint32_t other_key = __shfl_sync(0xffffffffu, key, o);
-            rank += other_cand && (other_key > key || (other_key == key && o < j)) ? 1 : 0;
-          }
-          if (cand && rank < n_keep) state[j] |= kKept;
+  if (mode == SelectMode::kTopK && n_cand > 0) {
+    const int64_t n_keep = topk_keep_count(a, h, n_allowed, n_cand);
+    if (n_allowed <= kWarpSize) {
+      // Few blocks (short sequences): one warp ranks every candidate against all others by
+      // (key desc, index asc) and keeps ranks < n_keep, the same set as the search below,
+      // without its 32 CTA-wide reductions.
+      if (threadIdx.x < kWarpSize) {
+        const int j = static_cast<int>(threadIdx.x);
+        const bool cand = j < n_allowed && (state[j] & kCandidate);
+        const uint32_t key = cand ? order_key(score[j]) : 0u;
+        int rank = 0;
+        for (int o = 0; o < n_allowed; ++o) {
+          const bool other_cand = __shfl_sync(0xffffffffu, cand, o);
+          const uint32_t other_key = __shfl_sync(0xffffffffu, key, o);
+          rank += other_cand && (other_key > key || (other_key == key && o < j)) ? 1 : 0;
         }
-        __syncthreads();
-      } else {
-        const uint32_t threshold = kth_largest_key(score, state, n_allowed, static_cast<int>(n_keep), radix);
-        int above = 0;
-        {
-          int local = 0;
-          for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-            local += ((state[j] & kCandidate) && order_key(score[j]) > threshold) ? 1 : 0;
-          }
-          above = block_sum(local, iscratch);
-        }
-        // Ties at the threshold: the lowest indices first.
-        int ties_taken = 0;
-        for (int64_t base = 0; base < n_allowed; base += kThreads) {
-          const int64_t j = base + threadIdx.x;
-          const bool cand = j < n_allowed && (state[j] & kCandidate);
-          const uint32_t key = cand ? order_key(score[j]) : 0u;
-          int chunk_ties = 0;
-          const int rank = block_exclusive_count(cand && key == threshold, iscratch, chunk_ties);
-          if (cand && (key > threshold || (key == threshold && ties_taken + rank < n_keep - above))) state[j] |= kKept;
-          ties_taken += chunk_ties;
-        }
-        __syncthreads();
+        if (cand && rank < n_keep) state[j] |= kKept;
       }
-    } else if (mode == SelectMode::kCdf && n_cand > 0) {
-      float local_max = -INFINITY;
-      for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-        if (state[j] & kCandidate) local_max = fmaxf(local_max, score[j]);
-      }
-      local_max = warp_max(local_max);
-      if (threadIdx.x % kWarpSize == 0) fscratch[threadIdx.x / kWarpSize] = local_max;
       __syncthreads();
-      float smax = -INFINITY;
-      for (int w = 0; w < kWarps; ++w) smax = fmaxf(smax, fscratch[w]);
-      __syncthreads();
-      // Un-normalised masses e_j = exp(g · (s_j - max)); keep the fewest top blocks with Σe >= cdf·Σe.
-      const float gain = cdf_score_gain(a.q_sim[bh * a.nbq + i], a.select.cdf_sharpen);
-      float local_sum = 0.0f;
-      for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-        if (state[j] & kCandidate) local_sum += expf(gain * (score[j] - smax));
-      }
-      const float total = block_sum(local_sum, fscratch);
-      const float target = head_value(a.select.cdfthreshd, h) * total;
-      uint32_t threshold = 0;  // keeps every candidate when the target is never reached
-      if (total >= target) {
-        for (int bit = 31; bit >= 0; --bit) {
-          const uint32_t trial = threshold | (1u << bit);
-          float mass = 0.0f;
-          for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-            if ((state[j] & kCandidate) && order_key(score[j]) >= trial) mass += expf(gain * (score[j] - smax));
-          }
-          if (block_sum(mass, fscratch) >= target) threshold = trial;
+    } else {
+      const uint32_t threshold = kth_largest_key(score, state, n_allowed, static_cast<int>(n_keep), radix);
+      int above = 0;
+      {
+        int local = 0;
+        for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+          local += ((state[j] & kCandidate) && order_key(score[j]) > threshold) ? 1 : 0;
         }
+        above = block_sum(local, iscratch);
       }
-      for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
-        if ((state[j] & kCandidate) && order_key(score[j]) >= threshold) state[j] |= kKept;
+      // Ties at the threshold: the lowest indices first.
+      int ties_taken = 0;
+      for (int64_t base = 0; base < n_allowed; base += kThreads) {
+        const int64_t j = base + threadIdx.x;
+        const bool cand = j < n_allowed && (state[j] & kCandidate);
+        const uint32_t key = cand ? order_key(score[j]) : 0u;
+        int chunk_ties = 0;
+        const int rank = block_exclusive_count(cand && key == threshold, iscratch, chunk_ties);
+        if (cand && (key > threshold || (key == threshold && ties_taken + rank < n_keep - above))) state[j] |= kKept;
+        ties_taken += chunk_ties;
       }
       __syncthreads();
     }
+  } else if (mode == SelectMode::kCdf && n_cand > 0) {
+    float local_max = -INFINITY;
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+      if (state[j] & kCandidate) local_max = fmaxf(local_max, score[j]);
+    }
+    local_max = warp_max(local_max);
+    if (threadIdx.x % kWarpSize == 0) fscratch[threadIdx.x / kWarpSize] = local_max;
+    __syncthreads();
+    float smax = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) smax = fmaxf(smax, fscratch[w]);
+    __syncthreads();
+    // Un-normalised masses e_j = exp(g · (s_j - max)); keep the fewest top blocks with Σe >= cdf·Σe.
+    const float gain = cdf_score_gain(a.q_sim[bh * a.nbq + i], a.select.cdf_sharpen);
+    float local_sum = 0.0f;
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+      if (state[j] & kCandidate) local_sum += expf(gain * (score[j] - smax));
+    }
+    const float total = block_sum(local_sum, fscratch);
+    const float target = head_value(a.select.cdfthreshd, h) * total;
+    uint32_t threshold = 0;  // keeps every candidate when the target is never reached
+    if (total >= target) {
+      for (int bit = 31; bit >= 0; --bit) {
+        const uint32_t trial = threshold | (1u << bit);
+        float mass = 0.0f;
+        for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+          if ((state[j] & kCandidate) && order_key(score[j]) >= trial) mass += expf(gain * (score[j] - smax));
+        }
+        if (block_sum(mass, fscratch) >= target) threshold = trial;
+      }
+    }
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) {
+      if ((state[j] & kCandidate) && order_key(score[j]) >= threshold) state[j] |= kKept;
+    }
+    __syncthreads();
+  }
 
-    // At least one block: the best candidate (lowest index among equal scores).
-    if (n_cand > 0) {
-      int local_kept = 0;
-      for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) local_kept += (state[j] & kKept) ? 1 : 0;
-      if (block_sum(local_kept, iscratch) == 0 && threadIdx.x == 0) {
-        int64_t best = -1;
-        for (int64_t j = 0; j < n_allowed; ++j) {
-          if ((state[j] & kCandidate) && (best < 0 || score[j] > score[best])) best = j;
-        }
-        state[best] |= kKept;
+  // At least one block: the best candidate (lowest index among equal scores).
+  if (n_cand > 0) {
+    int local_kept = 0;
+    for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) local_kept += (state[j] & kKept) ? 1 : 0;
+    if (block_sum(local_kept, iscratch) == 0 && threadIdx.x == 0) {
+      int64_t best = -1;
+      for (int64_t j = 0; j < n_allowed; ++j) {
+        if ((state[j] & kCandidate) && (best < 0 || score[j] > score[best])) best = j;
       }
-      __syncthreads();
+      state[best] |= kKept;
     }
+    __syncthreads();
   }
 
   // Ascending index list, count, optional mask and statistics.
@@ -476,7 +481,7 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
 // grid z), every K statistic read once for the whole group (the pooled queries are a
 // shared-memory broadcast). The last Q block of a group allows the most K blocks; entries past a
 // row's allowed blocks are scored but never read. Also clears the block counters of the
-// statistics, which select_kernel adds to (in place of a memset call).
+// statistics, which the selection adds to (in place of a memset call).
 template <int kGroup>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
   extern __shared__ float4 q_rows4[];  // [kGroup][D] floats
@@ -506,13 +511,12 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
   }
 }
 
-// Selection of one Q block per CTA: its scores (TopK / CDF) into shared memory, then select_row.
+// TopK / CDF selection of one Q block per CTA: its scores into shared memory, then select_row.
 // With groups of one Q block (a.group == 1) the CTA computes them itself, exactly as score_kernel
 // would for a group of one (no score_kernel launch); else it reads them from its index row.
 __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
   extern __shared__ float score[];  // [nbk], then (scores computed here) q_row[D], then state[nbk] (uint8_t)
-  const bool scored = a.select.mode == SelectMode::kTopK || a.select.mode == SelectMode::kCdf;
-  const bool fused = scored && a.group == 1;
+  const bool fused = a.group == 1;
   const int64_t dim = a.shape.head_dim;
   float* q_row = score + a.nbk;
   uint8_t* state = reinterpret_cast<uint8_t*>(q_row + (fused ? dim : 0));
@@ -533,13 +537,167 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
       score[j] = out[0];
     }
     __syncthreads();
-  } else if (scored) {
+  } else {
     const float* row_scores = reinterpret_cast<const float*>(a.index) + (bh * a.nbq + i) * a.nbk;
     const int64_t n_allowed = allowed_blocks(a, i);
     for (int64_t j = threadIdx.x; j < n_allowed; j += kThreads) score[j] = row_scores[j];
     __syncthreads();  // every score is read before select_row writes the index row
   }
   select_row(a, bh, i, score, state, iscratch, fscratch, radix);
+}
+
+// ---- One warp per Q block row: dense, block mask, and TopK over score_kernel's scores ---------
+// select_kernel's time goes to CTA barriers between dependent steps (latency, not work: session
+// 12); a warp per row synchronizes by shuffles and votes only. Each lane owns the entries
+// j ≡ lane (mod 32) of its row throughout, so only the radix histogram is shared between lanes.
+constexpr int kRowWarps = kThreads / kWarpSize;  // rows per select_rows_kernel CTA
+constexpr int kRadixBins = 256;
+// TopK keeps per warp the order keys (4 bytes), states (1 byte) and a histogram: under the 48 KB of
+// dynamic shared memory that needs no opt-in for 4 warps up to this many K blocks (L = 131072 at
+// block_k = 64); longer rows take select_kernel.
+constexpr int64_t kWarpSelectMaxBlocks = 2048;
+
+// 32-bit words of one warp's TopK slice: keys [nbk], histogram [kRadixBins], states [nbk] bytes.
+__host__ __device__ constexpr int64_t warp_slice_words(int64_t nbk) { return nbk + kRadixBins + ceil_div(nbk, 4); }
+static_assert(kRowWarps * warp_slice_words(kWarpSelectMaxBlocks) * sizeof(uint32_t) <= kDefaultDynamicSmem,
+              "select_rows_kernel launches without a shared-memory opt-in");
+
+// kth_largest_key for one warp over its row (n entries, the lanes' own), histogram in `hist`.
+__device__ uint32_t warp_kth_largest_key(const uint32_t* key, const uint8_t* state, int64_t n, int k, int* hist) {
+  const int lane = threadIdx.x % kWarpSize;
+  uint32_t prefix = 0;
+  int remaining = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int e = lane; e < kRadixBins; e += kWarpSize) hist[e] = 0;
+    __syncwarp();
+    const uint32_t high_mask = shift == 24 ? 0u : ~((1u << (shift + 8)) - 1u);  // the digits already found
+    for (int64_t j = lane; j < n; j += kWarpSize) {
+      if ((state[j] & kCandidate) && ((key[j] ^ prefix) & high_mask) == 0) atomicAdd(&hist[(key[j] >> shift) & 255u], 1);
+    }
+    __syncwarp();
+    // Lane l holds digits 8l .. 8l + 7; the digit wanted has Σ_{e > d} < remaining <= Σ_{e >= d}:
+    // exactly one lane holds it.
+    int c[8];
+    int total = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      c[e] = hist[8 * lane + e];
+      total += c[e];
+    }
+    int from_lane = total;  // Σ over lanes >= this one
+#pragma unroll
+    for (int o = 1; o < kWarpSize; o *= 2) {
+      const int other = __shfl_down_sync(0xffffffffu, from_lane, o);
+      if (lane + o < kWarpSize) from_lane += other;
+    }
+    int above = from_lane - total;
+    const bool holder = from_lane >= remaining && above < remaining;
+    int digit = 0;
+    if (holder) {
+      for (int e = 7; e >= 0; --e) {
+        if (above + c[e] >= remaining) {
+          digit = e;
+          break;
+        }
+        above += c[e];
+      }
+    }
+    const int src = __ffs(__ballot_sync(0xffffffffu, holder)) - 1;
+    digit = __shfl_sync(0xffffffffu, 8 * lane + digit, src);
+    above = __shfl_sync(0xffffffffu, above, src);
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    remaining -= above;
+    __syncwarp();  // every lane has read the histogram before the next pass clears it
+  }
+  return prefix;
+}
+
+// TopK of Q block i of b·Hq row bh (select_row's kTopK rules, the same kept set): marks kKept in
+// the warp's states [0, n_allowed), reading the candidates' scores from the index row.
+__device__ void warp_select_topk(const PredictArgs& a, int64_t bh, int64_t i, int64_t n_allowed, uint32_t* key,
+                                 uint8_t* state, int* hist) {
+  const int lane = threadIdx.x % kWarpSize;
+  const RowRules rules = row_rules(a, bh, i);
+  const float* score = reinterpret_cast<const float*>(a.index) + (bh * a.nbq + i) * a.nbk;
+  // The loads of one trip do not depend on each other (the score is read whether or not it is
+  // used), and unrolled trips keep several in flight: the trips are latency, not work.
+  int local_cand = 0;
+#pragma unroll 8
+  for (int64_t j = lane; j < n_allowed; j += kWarpSize) {
+    const float sc = score[j];
+    const uint8_t st = block_state(a, rules, j);
+    key[j] = order_key(sc);
+    state[j] = st;
+    local_cand += (st & kCandidate) ? 1 : 0;
+  }
+  const int n_cand = __reduce_add_sync(0xffffffffu, local_cand);
+  if (!rules.q_uniform || n_cand == 0) return;  // every allowed block is kept already / no candidate
+  const int64_t n_keep = topk_keep_count(a, bh % a.shape.heads_q, n_allowed, n_cand);
+  const uint32_t threshold = warp_kth_largest_key(key, state, n_allowed, static_cast<int>(n_keep), hist);
+  int local_above = 0;
+  for (int64_t j = lane; j < n_allowed; j += kWarpSize) {
+    local_above += ((state[j] & kCandidate) && key[j] > threshold) ? 1 : 0;
+  }
+  const int above = __reduce_add_sync(0xffffffffu, local_above);
+  // Ties at the threshold: the lowest indices first.
+  const unsigned lanes_below = (1u << lane) - 1u;
+  int ties_taken = 0;
+  for (int64_t base = 0; base < n_allowed; base += kWarpSize) {
+    const int64_t j = base + lane;
+    const bool cand = j < n_allowed && (state[j] & kCandidate);
+    const bool tie = cand && key[j] == threshold;
+    const unsigned ties = __ballot_sync(0xffffffffu, tie);
+    if (cand && (key[j] > threshold || (tie && ties_taken + __popc(ties & lanes_below) < n_keep - above))) {
+      state[j] |= kKept;
+    }
+    ties_taken += __popc(ties);
+  }
+}
+
+// One Q block row per warp (kDense, kBlockMask, and kTopK with the scores in the index rows, at most
+// kWarpSelectMaxBlocks K blocks): the selection, then the index list, count, optional mask and
+// statistics exactly as select_row writes them.
+__global__ void __launch_bounds__(kThreads) select_rows_kernel(PredictArgs a) {
+  extern __shared__ uint32_t slices[];  // kTopK: per warp warp_slice_words(nbk) words
+  wait_for_prior_grids();
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp;
+  if (row >= a.shape.batch * a.shape.heads_q * a.nbq) return;
+  const int64_t bh = row / a.nbq;
+  const int64_t i = row % a.nbq;
+  const int64_t n_allowed = allowed_blocks(a, i);
+  const SelectMode mode = a.select.mode;
+  uint8_t* state = nullptr;
+  if (mode == SelectMode::kTopK) {
+    uint32_t* key = slices + warp * warp_slice_words(a.nbk);
+    int* hist = reinterpret_cast<int*>(key + a.nbk);
+    state = reinterpret_cast<uint8_t*>(hist + kRadixBins);
+    warp_select_topk(a, bh, i, n_allowed, key, state, hist);
+  }
+  __syncwarp();  // every score of the index row is read before the row is overwritten
+  const uint8_t* block_mask = mode == SelectMode::kBlockMask ? a.select.block_mask + row * a.nbk : nullptr;
+  int32_t* index = a.index + row * a.nbk;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  int written = 0;
+  for (int64_t base = 0; base < a.nbk; base += kWarpSize) {
+    const int64_t j = base + lane;
+    bool kept = j < n_allowed;
+    if (kept && mode == SelectMode::kBlockMask) kept = block_mask[j] != 0;
+    if (kept && mode == SelectMode::kTopK) kept = (state[j] & kKept) != 0;
+    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+    if (kept) index[written + __popc(ballot & lanes_below)] = static_cast<int32_t>(j);
+    if (j < a.nbk && a.mask_out != nullptr) a.mask_out[row * a.nbk + j] = kept ? 1 : 0;
+    written += __popc(ballot);
+  }
+  for (int64_t k = written + lane; k < a.nbk; k += kWarpSize) index[k] = -1;
+  if (lane == 0) {
+    a.count[row] = written;
+    if (a.stats != nullptr) {
+      atomicAdd(&a.stats[kStatBlocksKept], static_cast<unsigned long long>(written));
+      atomicAdd(&a.stats[kStatBlocksAllowed], static_cast<unsigned long long>(n_allowed));
+    }
+  }
 }
 
 }  // namespace
@@ -591,6 +749,18 @@ Status predict(const PredictParams& p) {
       case 8: SPARGE_RETURN_IF_ERROR(launch_scores<8>(args, chained, bhq, p.stream)); break;
       default: SPARGE_RETURN_IF_ERROR(launch_scores<kMaxGroup>(args, chained, bhq, p.stream)); break;
     }
+  }
+  // One warp per row wherever the row needs no CTA: dense, block mask, and TopK over score_kernel's
+  // scores up to kWarpSelectMaxBlocks; select_kernel for CDF, rows scoring themselves, longer rows.
+  const SelectMode mode = p.select.mode;
+  if (mode == SelectMode::kDense || mode == SelectMode::kBlockMask ||
+      (mode == SelectMode::kTopK && score_launch && nbk <= kWarpSelectMaxBlocks)) {
+    const size_t slices = mode == SelectMode::kTopK
+                              ? static_cast<size_t>(kRowWarps * warp_slice_words(nbk)) * sizeof(uint32_t)
+                              : 0;
+    const int64_t rows = nbq * bhq;
+    return launch_kernel("predict (rows)", chained, select_rows_kernel,
+                         dim3(static_cast<unsigned>(ceil_div(rows, kRowWarps))), kThreads, slices, p.stream, args);
   }
   const size_t q_row_bytes = scored && group == 1 ? static_cast<size_t>(p.shape.head_dim) * sizeof(float) : 0;
   const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t)) + q_row_bytes;
