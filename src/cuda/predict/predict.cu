@@ -280,6 +280,39 @@ __device__ __forceinline__ int64_t topk_keep_count(const PredictArgs& a, int64_t
   return n_keep > n_cand ? static_cast<int64_t>(n_cand) : n_keep;
 }
 
+// One warp's digit search of a radix selection over a 256-bin histogram: lane l reads bins
+// 8l .. 8l + 7, and the digit d wanted has Σ_{e > d} < remaining <= Σ_{e >= d}. Exactly one lane
+// holds it: that lane returns true with *digit = d and *above = Σ_{e > d}. Every lane must call it.
+__device__ __forceinline__ bool find_digit(const int* hist, int remaining, int* digit, int* above) {
+  const int lane = threadIdx.x % kWarpSize;
+  int c[8];
+  int total = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    c[e] = hist[8 * lane + e];
+    total += c[e];
+  }
+  int from_lane = total;  // Σ over lanes >= this one
+#pragma unroll
+  for (int o = 1; o < kWarpSize; o *= 2) {
+    const int other = __shfl_down_sync(0xffffffffu, from_lane, o);
+    if (lane + o < kWarpSize) from_lane += other;
+  }
+  int a = from_lane - total;
+  if (from_lane < remaining || a >= remaining) return false;
+  int d = 0;
+  for (int e = 7; e >= 0; --e) {
+    if (a + c[e] >= remaining) {
+      d = e;
+      break;
+    }
+    a += c[e];
+  }
+  *digit = 8 * lane + d;
+  *above = a;
+  return true;
+}
+
 // Shared scratch of kth_largest_key: a histogram of one 8-bit digit, the key prefix found so far
 // and how many keys are still to be passed over.
 struct RadixScratch {
@@ -292,7 +325,6 @@ struct RadixScratch {
 // #{key >= T} >= k, found digit by digit (four 8-bit passes over the candidates, most significant
 // first), each pass a shared histogram of the candidates that match the digits found so far.
 __device__ uint32_t kth_largest_key(const float* score, const uint8_t* state, int64_t n, int k, RadixScratch& rs) {
-  const int lane = threadIdx.x % kWarpSize;
   if (threadIdx.x == 0) {
     rs.prefix = 0;
     rs.remaining = k;
@@ -308,33 +340,13 @@ __device__ uint32_t kth_largest_key(const float* score, const uint8_t* state, in
     }
     __syncthreads();
     if (threadIdx.x < kWarpSize) {
-      // Lane l holds digits 8l .. 8l + 7; the digit d wanted has Σ_{e > d} < remaining <= Σ_{e >= d}.
       const int remaining = rs.remaining;
-      int c[8];
-      int total = 0;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        c[e] = rs.hist[8 * lane + e];
-        total += c[e];
-      }
-      int from_lane = total;  // Σ over lanes >= this one
-#pragma unroll
-      for (int o = 1; o < kWarpSize; o *= 2) {
-        const int other = __shfl_down_sync(0xffffffffu, from_lane, o);
-        if (lane + o < kWarpSize) from_lane += other;
-      }
-      int above = from_lane - total;
+      int digit = 0;
+      int above = 0;
+      const bool holder = find_digit(rs.hist, remaining, &digit, &above);
       __syncwarp();  // every lane has read rs.remaining before one lane writes it
-      if (from_lane >= remaining && above < remaining) {
-        int d = 0;
-        for (int e = 7; e >= 0; --e) {
-          if (above + c[e] >= remaining) {
-            d = e;
-            break;
-          }
-          above += c[e];
-        }
-        rs.prefix = prefix | (static_cast<uint32_t>(8 * lane + d) << shift);
+      if (holder) {
+        rs.prefix = prefix | (static_cast<uint32_t>(digit) << shift);
         rs.remaining = remaining - above;
       }
     }
@@ -575,35 +587,10 @@ __device__ uint32_t warp_kth_largest_key(const uint32_t* key, const uint8_t* sta
       if ((state[j] & kCandidate) && ((key[j] ^ prefix) & high_mask) == 0) atomicAdd(&hist[(key[j] >> shift) & 255u], 1);
     }
     __syncwarp();
-    // Lane l holds digits 8l .. 8l + 7; the digit wanted has Σ_{e > d} < remaining <= Σ_{e >= d}:
-    // exactly one lane holds it.
-    int c[8];
-    int total = 0;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      c[e] = hist[8 * lane + e];
-      total += c[e];
-    }
-    int from_lane = total;  // Σ over lanes >= this one
-#pragma unroll
-    for (int o = 1; o < kWarpSize; o *= 2) {
-      const int other = __shfl_down_sync(0xffffffffu, from_lane, o);
-      if (lane + o < kWarpSize) from_lane += other;
-    }
-    int above = from_lane - total;
-    const bool holder = from_lane >= remaining && above < remaining;
     int digit = 0;
-    if (holder) {
-      for (int e = 7; e >= 0; --e) {
-        if (above + c[e] >= remaining) {
-          digit = e;
-          break;
-        }
-        above += c[e];
-      }
-    }
-    const int src = __ffs(__ballot_sync(0xffffffffu, holder)) - 1;
-    digit = __shfl_sync(0xffffffffu, 8 * lane + digit, src);
+    int above = 0;
+    const int src = __ffs(__ballot_sync(0xffffffffu, find_digit(hist, remaining, &digit, &above))) - 1;
+    digit = __shfl_sync(0xffffffffu, digit, src);
     above = __shfl_sync(0xffffffffu, above, src);
     prefix |= static_cast<uint32_t>(digit) << shift;
     remaining -= above;
