@@ -355,6 +355,16 @@ __device__ uint32_t kth_largest_key(const float* score, const uint8_t* state, in
   return rs.prefix;
 }
 
+// The count of Q block row `row` (b·Hq·nbq + i) and its share of the statistics counters; one
+// thread per row calls it after the row's index list.
+__device__ __forceinline__ void record_row(const PredictArgs& a, int64_t row, int written, int64_t n_allowed) {
+  a.count[row] = written;
+  if (a.stats != nullptr) {
+    atomicAdd(&a.stats[kStatBlocksKept], static_cast<unsigned long long>(written));
+    atomicAdd(&a.stats[kStatBlocksAllowed], static_cast<unsigned long long>(n_allowed));
+  }
+}
+
 // TopK / CDF selection, index list and statistics of Q block i of b·Hq row bh, from the scores of
 // its candidates in `score` ([nbk], shared memory). `state` ([nbk], shared) is scratch.
 __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const float* score, uint8_t* state,
@@ -478,13 +488,7 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
     written += chunk;
   }
   for (int64_t k = written + threadIdx.x; k < a.nbk; k += kThreads) a.index[row * a.nbk + k] = -1;
-  if (threadIdx.x == 0) {
-    a.count[row] = written;
-    if (a.stats != nullptr) {
-      atomicAdd(&a.stats[kStatBlocksKept], static_cast<unsigned long long>(written));
-      atomicAdd(&a.stats[kStatBlocksAllowed], static_cast<unsigned long long>(n_allowed));
-    }
-  }
+  if (threadIdx.x == 0) record_row(a, row, written, n_allowed);
 }
 
 // Compressed scores of a group of kGroup consecutive Q blocks (TopK / CDF; fewer in the last
@@ -678,13 +682,7 @@ __global__ void __launch_bounds__(kThreads) select_rows_kernel(PredictArgs a) {
     written += __popc(ballot);
   }
   for (int64_t k = written + lane; k < a.nbk; k += kWarpSize) index[k] = -1;
-  if (lane == 0) {
-    a.count[row] = written;
-    if (a.stats != nullptr) {
-      atomicAdd(&a.stats[kStatBlocksKept], static_cast<unsigned long long>(written));
-      atomicAdd(&a.stats[kStatBlocksAllowed], static_cast<unsigned long long>(n_allowed));
-    }
-  }
+  if (lane == 0) record_row(a, row, written, n_allowed);
 }
 
 }  // namespace
@@ -749,7 +747,7 @@ Status predict(const PredictParams& p) {
     return launch_kernel("predict (rows)", chained, select_rows_kernel,
                          dim3(static_cast<unsigned>(ceil_div(rows, kRowWarps))), kThreads, slices, p.stream, args);
   }
-  const size_t q_row_bytes = scored && group == 1 ? static_cast<size_t>(p.shape.head_dim) * sizeof(float) : 0;
+  const size_t q_row_bytes = group == 1 ? static_cast<size_t>(p.shape.head_dim) * sizeof(float) : 0;
   const size_t smem = static_cast<size_t>(nbk) * (sizeof(float) + sizeof(uint8_t)) + q_row_bytes;
   SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<select_kernel>(smem, "predict: set shared memory"));
   return launch_kernel("predict", chained, select_kernel, dim3(static_cast<unsigned>(nbq), static_cast<unsigned>(bhq)),
