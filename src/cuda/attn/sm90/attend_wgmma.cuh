@@ -30,7 +30,8 @@
 // Softmax: P · 448 is formed directly as its e4m3 code (docs/method.md §2, step 3): two fmas per
 // score, u = sat(1 + (8/126) · (s − m_new)) and 126 · u + 1.5 · 2^23, whose low byte is the code, then
 // byte permutes into the A fragments; no MUFU or conversion per score. l sums the e4m3 values on
-// the tensor core, as P · ones beside P · V (a (64, 8) product with e4m3 ones in shared memory).
+// the tensor core: the last P·V chain has 8 more B rows, e4m3 ones stored after each V^T tile, so
+// its last n-tile is P · ones (no separate wgmma).
 // On a fully visible block the row maximum is max(dot) · scale (bit-identical to max(float(dot) ·
 // scale)) and each dot becomes a float by one integer add (biased_dot, no I2FP); the ping-pong
 // schedule reduces row maxima as trees.
@@ -99,7 +100,6 @@ inline constexpr int kNTile = 8;  // columns of one accumulator n-tile
 inline constexpr int kProducerRegs = 24;
 inline constexpr int kConsumerRegs = 240;
 inline constexpr int kPingPongBarrier0 = 1;  // named barriers 1, 2 (0: __syncthreads)
-inline constexpr int kOnesRowBytes = 64;     // rows of the e4m3 ones tile: one 64-byte swizzle span
 
 template <int kHeadDimPad_, int kBlockK_, bool kPairs_>
 struct Config {
@@ -128,6 +128,8 @@ struct Config {
   // run on the ping-pong schedule only (its per-block skip logic is written there).
   static constexpr bool kOverlap = kPvChunks == 1 && !kPairs;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
+  // The last chunk's chain also writes P's row sums: one more n-tile, from the ones after V^T.
+  static constexpr int kPvRegs = kPvChunkRegs + kNTile / 2;
   // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
   // the turn (P·V always issued, as on every schedule).
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
@@ -151,7 +153,14 @@ struct Config {
   static constexpr int kQBuffers = kWgmmaAttendQBuffers;
   static constexpr int kQBytes = kWgmmaAttendRows * kHeadDimPad;  // (128, D_PAD) int8, rows of D_PAD bytes
   static constexpr int kKBytes = kBlockK * kHeadDimPad;           // (BLOCK_K, D_PAD) int8
-  static constexpr int kVBytes = kHeadDimPad * kBlockK;           // (D_PAD, BLOCK_K) e4m3 = V^T
+  // A stage's V^T: kBlocksPerStep tiles (D_PAD, kVRowBytes) e4m3 as TMA writes them, each followed by
+  // kSumRows rows of e4m3 ones (the B rows of P·V's row-sum columns, see pv_chain), on the swizzle
+  // atom grid.
+  static constexpr int kSumRows = kNTile;
+  static constexpr int kVTileBytes = kHeadDimPad * kVRowBytes;
+  static constexpr int kVTileStride = (kVTileBytes + kSumRows * kVRowBytes + kSwizzleAlign - 1) / kSwizzleAlign * kSwizzleAlign;
+  static constexpr int kVLoadBytes = kBlocksPerStep * kVTileBytes;  // TMA bytes per stage
+  static constexpr int kVBytes = kBlocksPerStep * kVTileStride;
   static constexpr int kQOffset = 0;
   static constexpr int kKOffset = kQOffset + kQBuffers * kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKBytes;
@@ -161,13 +170,9 @@ struct Config {
   // After the mbarriers in their slot: per consumer warp, whether it merges the split work tile of its
   // CTA's first / second piece (set by the piece, read after the tile loop).
   static constexpr int kMergeFlagsOffset = kBarOffset + 512;
-  // The B operand of the row-sum product (P · ones): e4m3 ones, (8, 32) per k-step, read by every
-  // k-step from one 1024-byte slot.
-  static constexpr int kOnesOffset = kBarOffset + 1024;
-  static constexpr int kOnesBytes = 1024;
   // A consumer warp's 16 output rows in a 2-byte type, written by stmatrix, read in 16-byte chunks.
   using ORows = PaddedTile<16, 2 * kHeadDimPad>;
-  static constexpr int kORowsOffset = kOnesOffset + kOnesBytes;
+  static constexpr int kORowsOffset = kBarOffset + 1024;
   // A consumer warp's copy of its work tile's V scales (fp32 [D_PAD], zero past D), copied at the tile's
   // start and read by the epilogue.
   static constexpr int kVScaleOffset = kORowsOffset + kConsumerWarps * ORows::kBytes;
@@ -181,7 +186,7 @@ struct Config {
   static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= kMergeFlagsOffset - kBarOffset &&
                     kMergeFlagsOffset + 2 * kConsumerWarps * 4 <= kBarOffset + 1024,
                 "barriers and merge flags fit their slot");
-  static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK), "host/device smem size agree");
+  static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK, kBlocksPerStep), "host/device smem size agree");
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
   static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
   static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
@@ -196,25 +201,41 @@ struct Config {
 // dot by far more).
 __device__ __forceinline__ float biased_dot(int32_t dot) { return __int_as_float(dot + 0x4B400000); }
 
-// One P·V chain into fresh registers pv (64 × kCols fp32): k-step ks multiplies P fragment pf[ks]
-// (registers) by the V^T tile of descriptor desc_of(ks). The caller fences and commits.
-template <int kCols, int kSteps, typename DescOf>
-__device__ __forceinline__ void pv_chain(float (&pv)[kCols / 2], const uint32_t (&pf)[kSteps][4], DescOf desc_of) {
+// One P·V chain into fresh registers pv[0, kCols / 2) (64 × kCols fp32): k-step ks multiplies P
+// fragment pf[ks] (registers) by the V^T tile of descriptor desc_of(ks). kCols = 72 or 136: the
+// last 8 rows of the B tile are e4m3 ones, so n-tile kCols / 8 − 1 holds the row sums of P beside
+// P·V (pv[kCols / 2 − 4]: row g, pv[kCols / 2 − 2]: row g + 8). The caller fences and commits.
+template <int kCols, int kSteps, int kRegs, typename DescOf>
+__device__ __forceinline__ void pv_chain(float (&pv)[kRegs], const uint32_t (&pf)[kSteps][4], DescOf desc_of) {
+  static_assert(kCols / 2 <= kRegs, "the chain's accumulators fit pv");
+  auto& d = *reinterpret_cast<float(*)[kCols / 2]>(&pv);
 #pragma unroll
   for (int ks = 0; ks < kSteps; ++ks) {
     const uint64_t desc = desc_of(ks);
-    if constexpr (kCols == 128) {
+    if constexpr (kCols == 64) {
       if (ks == 0) {
-        wgmma_m64n128k32_f32_e4m3_rs_first(pv, pf[ks], desc);
+        wgmma_m64n64k32_f32_e4m3_rs_first(d, pf[ks], desc);
       } else {
-        wgmma_m64n128k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
+        wgmma_m64n64k32_f32_e4m3_rs(d, pf[ks], desc, 1);
+      }
+    } else if constexpr (kCols == 72) {
+      if (ks == 0) {
+        wgmma_m64n72k32_f32_e4m3_rs_first(d, pf[ks], desc);
+      } else {
+        wgmma_m64n72k32_f32_e4m3_rs(d, pf[ks], desc, 1);
+      }
+    } else if constexpr (kCols == 128) {
+      if (ks == 0) {
+        wgmma_m64n128k32_f32_e4m3_rs_first(d, pf[ks], desc);
+      } else {
+        wgmma_m64n128k32_f32_e4m3_rs(d, pf[ks], desc, 1);
       }
     } else {
-      static_assert(kCols == 64, "P·V chains of 64 or 128 columns");
+      static_assert(kCols == 136, "P·V chains of 64 or 128 columns, with or without the row sums");
       if (ks == 0) {
-        wgmma_m64n64k32_f32_e4m3_rs_first(pv, pf[ks], desc);
+        wgmma_m64n136k32_f32_e4m3_rs_first(d, pf[ks], desc);
       } else {
-        wgmma_m64n64k32_f32_e4m3_rs(pv, pf[ks], desc, 1);
+        wgmma_m64n136k32_f32_e4m3_rs(d, pf[ks], desc, 1);
       }
     }
   }
@@ -501,7 +522,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   auto k_full = [&](int stage) { return bars + (2 * kQBuffers + stage) * Cfg::kBarBytes; };
   auto v_full = [&](int stage) { return bars + (2 * kQBuffers + kStages + stage) * Cfg::kBarBytes; };
   auto empty = [&](int stage) { return bars + (2 * kQBuffers + 2 * kStages + stage) * Cfg::kBarBytes; };
-  const uint32_t ones_smem = smem + Cfg::kOnesOffset;
   // Tiles of the main loop (kept blocks, or pairs of them) of a work tile with n kept blocks.
   auto steps_of = [](int n) { return kPairs ? (n + 1) / 2 : n; };
 
@@ -522,8 +542,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
     fence_barrier_init();
   }
-  if (thread < Cfg::kOnesBytes / 4) {
-    reinterpret_cast<uint32_t*>(smem_raw + (ones_smem - smem_address(smem_raw)))[thread] = kE4m3OnesX4;
+  // The e4m3 ones after every V^T tile of every stage (TMA never writes them).
+  constexpr int kSumWords = Cfg::kSumRows * Cfg::kVRowBytes / 4;
+  for (int i = thread; i < kStages * Cfg::kBlocksPerStep * kSumWords; i += kWgmmaAttendThreads) {
+    const uint32_t at = v_smem(0) + (i / kSumWords) * Cfg::kVTileStride + Cfg::kVTileBytes + (i % kSumWords) * 4;
+    reinterpret_cast<uint32_t*>(smem_raw + (at - smem_address(smem_raw)))[0] = kE4m3OnesX4;
   }
   // Flag j of consumer warp w (merge_flags(w)[j]), found from the shared base where used (not kept in a register).
   auto merge_flags = [&](int w) {
@@ -566,7 +589,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           const int round = (step0 + i) / kStages;
           if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
           mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
-          mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVBytes);
+          mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVLoadBytes);
           constexpr int kParts = Cfg::kBlocksPerStep;
 #pragma unroll
           for (int part = 0; part < kParts; ++part) {
@@ -575,7 +598,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
             const int key0 = wt.kept[entry] * Cfg::kBlockKeys;
             tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kParts, &params.tmap_k, k_full(stage), 0, key0,
                         static_cast<int>(wt.bhk));
-            tma_load_3d(v_smem(stage) + part * Cfg::kVBytes / kParts, &params.tmap_v, v_full(stage), key0, 0,
+            tma_load_3d(v_smem(stage) + part * Cfg::kVTileStride, &params.tmap_v, v_full(stage), key0, 0,
                         static_cast<int>(wt.bhk));
           }
         }
@@ -984,25 +1007,14 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       }
     };
 
-    // The row sums of a tile's P: P · ones over the k-steps, (64, 8) fp32, every column the row's sum
-    // (lsum[0]: row g, lsum[2]: row g + 8). Issued inside a P·V commit group.
-    auto issue_row_sums = [&](float (&lsum)[4], const uint32_t (&pf)[Cfg::kPvSteps][4]) {
-      const uint64_t ones_desc = wgmma_desc(ones_smem, kOnesRowBytes);
+    // l = l · α + the tile's row sums, from the sum n-tile that ends the last P·V chain (pv_chain:
+    // sums[0] row g, sums[2] row g + 8), after its wait.
+    auto add_row_sums = [&](float (&pv)[Cfg::kPvRegs], const float (&alpha_t)[2]) {
+      float(&sums)[Cfg::kPvRegs - Cfg::kPvChunkRegs] = *reinterpret_cast<float(*)[Cfg::kPvRegs - Cfg::kPvChunkRegs]>(&pv[Cfg::kPvChunkRegs]);
 #pragma unroll
-      for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
-        if (ks == 0) {
-          wgmma_m64n8k32_f32_e4m3_rs_first(lsum, pf[ks], ones_desc);
-        } else {
-          wgmma_m64n8k32_f32_e4m3_rs(lsum, pf[ks], ones_desc, 1);
-        }
-      }
-    };
-    // acc = acc · α + pv for the running row sums: l = l · α + the tile's sum (after its wait).
-    auto add_row_sums = [&](float (&lsum)[4], const float (&alpha_t)[2]) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) wgmma_fence_operand(lsum[e]);
-      l[0] = l[0] * alpha_t[0] + lsum[0];
-      l[1] = l[1] * alpha_t[1] + lsum[2];
+      for (int e = 0; e < Cfg::kPvRegs - Cfg::kPvChunkRegs; ++e) wgmma_fence_operand(sums[e]);
+      l[0] = l[0] * alpha_t[0] + sums[0];
+      l[1] = l[1] * alpha_t[1] + sums[2];
     };
 
     int key0_next[kHalves];  // of the tile whose softmax comes next
@@ -1050,13 +1062,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         softmax_update(warp_skips, m_new, no_skipped_half, mag, sc, s, alpha_out, p_out);
       };
 
-      float pv[Cfg::kORegs];  // P·V of the block in flight, (64, D_PAD) fp32
-      float lsum[4];          // its row sums (issue_row_sums)
+      static_assert(Cfg::kPvChunkRegs == Cfg::kORegs, "one P·V chain");
+      float pv[Cfg::kPvRegs];  // P·V of the block in flight, (64, D_PAD) fp32, and its row sums
       auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
         const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
         wgmma_fence();
-        pv_chain<kHeadDimPad>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
-        issue_row_sums(lsum, pf);
+        pv_chain<kHeadDimPad + kNTile>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
         wgmma_commit();
       };
       auto add_pv = [&](const float (&alpha_t)[2]) {  // acc = acc · α + pv (the method's order), l likewise
@@ -1065,7 +1076,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           wgmma_fence_operand(pv[e]);
           acc[e] = acc[e] * alpha_t[(e % 4) / 2] + pv[e];
         }
-        add_row_sums(lsum, alpha_t);
+        add_row_sums(pv, alpha_t);
       };
 
       // P and α of the block whose P·V is issued next, in two buffers that alternate between steps
@@ -1217,19 +1228,19 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         if (!v_ready) mbarrier_wait(v_full(stage), parity);
         if (!k_ready) wait_k(i + 1);
         named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
-        float pv[Cfg::kPvChunkRegs];  // (64, PV_CHUNK_COLS) fp32
-        float lsum[4];                // the tile's row sums (issue_row_sums)
-        auto issue_pv = [&](int chunk) {
+        float pv[Cfg::kPvRegs];  // (64, PV_CHUNK_COLS) fp32, and the tile's row sums after the last chunk
+        // Chunk c (a std::integral_constant) of P·V; the last chunk's chain also sums the rows of P.
+        auto issue_pv = [&](auto chunk_c) {
+          constexpr int chunk = decltype(chunk_c)::value;
+          constexpr int kCols = Cfg::kPvChunkCols + (chunk == Cfg::kPvChunks - 1 ? kNTile : 0);
           // V^T tiles of kVRowBytes keys (two per tile for pairs); chunk rows start every kVRowBytes bytes.
           constexpr int kStepsPerVTile = Cfg::kVRowBytes / kWgmmaK8Bit;
-          constexpr int kVTileBytes = kHeadDimPad * Cfg::kVRowBytes;
           const uint32_t v_chunk = v_smem(stage) + chunk * Cfg::kPvChunkCols * Cfg::kVRowBytes;
           wgmma_fence();  // in the wgmma's own basic block (else ptxas adds one and serializes)
-          pv_chain<Cfg::kPvChunkCols>(pv, p_frag, [&](int ks) {
-            return wgmma_desc_advance(wgmma_desc(v_chunk + (ks / kStepsPerVTile) * kVTileBytes, Cfg::kVRowBytes),
+          pv_chain<kCols>(pv, p_frag, [&](int ks) {
+            return wgmma_desc_advance(wgmma_desc(v_chunk + (ks / kStepsPerVTile) * Cfg::kVTileStride, Cfg::kVRowBytes),
                                       (ks % kStepsPerVTile) * kWgmmaK8Bit);
           });
-          if (chunk == Cfg::kPvChunks - 1) issue_row_sums(lsum, p_frag);
           wgmma_commit();
         };
         auto add_pv = [&](int chunk) {  // acc = acc · α + pv, the method's order
@@ -1239,23 +1250,26 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
             float& o = acc[chunk * Cfg::kPvChunkRegs + e];
             o = o * alpha[(e % 4) / 2] + pv[e];
           }
-          if (chunk == Cfg::kPvChunks - 1) add_row_sums(lsum, alpha);
+          if (chunk == Cfg::kPvChunks - 1) add_row_sums(pv, alpha);
         };
         // P·V, then S of the next block: no wgmma stays in flight across a divergent branch (ptxas
         // would serialize them); the other warpgroup's turn starts once S is issued.
+        static_assert(Cfg::kPvChunks == 1 || (Cfg::kPvChunks == 2 && !Cfg::kPvBesideS), "one or two chunks");
         if constexpr (Cfg::kPvBesideS) {
-          issue_pv(0);
+          issue_pv(std::integral_constant<int, 0>{});
           if constexpr (has_next) issue_qk(i + 1);
           named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
           wgmma_wait<has_next ? 1 : 0>();  // P·V (S of the next tile may still be in flight)
           fence_p(p_frag);
           add_pv(0);
         } else {
-#pragma unroll
-          for (int chunk = 0; chunk < Cfg::kPvChunks; ++chunk) {
-            issue_pv(chunk);
+          issue_pv(std::integral_constant<int, 0>{});
+          wgmma_wait<0>();
+          add_pv(0);
+          if constexpr (Cfg::kPvChunks == 2) {
+            issue_pv(std::integral_constant<int, 1>{});
             wgmma_wait<0>();
-            add_pv(chunk);
+            add_pv(1);
           }
           if constexpr (has_next) issue_qk(i + 1);
           named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);

@@ -31,20 +31,25 @@ constexpr bool wgmma_attend_covers(int64_t head_dim, int64_t block_q, int64_t bl
 inline constexpr int kWgmmaAttendQBuffers = 2;  // Q tiles: the next work tile's loads while this one runs
 
 // Dynamic shared memory of one CTA: kWgmmaAttendQBuffers Q tiles and kWgmmaAttendStages (K tile,
-// V^T tile), each 1024-byte aligned for the swizzle, the mbarriers, the e4m3 ones, the output rows
-// of 2-byte types on their way to global memory (rows padded by 16 bytes), each consumer warp's copy
-// of the V scales, and 1024 bytes to align the base.
-constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k) {
+// V^T tiles), each 1024-byte aligned for the swizzle, the V^T tiles (blocks_per_tile per stage) each
+// followed by 8 rows of e4m3 ones, the mbarriers, the output rows of 2-byte types on their way to
+// global memory (rows padded by 16 bytes), each consumer warp's copy of the V scales, and 1024 bytes
+// to align the base.
+constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k, int blocks_per_tile) {
   constexpr size_t kAlignSlack = 1024;
+  constexpr size_t kTileAlign = 1024;
   constexpr size_t kBarrierBytes = 1024;
-  constexpr size_t kOnesBytes = 1024;
+  constexpr size_t kSumRows = 8;
   constexpr size_t kRowPad = 16;
   const size_t q_tile = static_cast<size_t>(kWgmmaAttendQBuffers) * kWgmmaAttendRows * head_dim_pad;
-  const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * 2 * block_k * head_dim_pad;
+  const size_t k_tile = static_cast<size_t>(block_k) * head_dim_pad;
+  const size_t v_row = static_cast<size_t>(block_k / blocks_per_tile);
+  const size_t v_tile = (v_row * (head_dim_pad + kSumRows) + kTileAlign - 1) / kTileAlign * kTileAlign;
+  const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * (k_tile + blocks_per_tile * v_tile);
   constexpr size_t kConsumerWarps = kWgmmaAttendRows / 16;
   const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + kRowPad);
   const size_t v_scales = kConsumerWarps * head_dim_pad * sizeof(float);
-  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + kOnesBytes + o_rows + v_scales;
+  return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + o_rows + v_scales;
 }
 
 // How the wgmma kernel is launched, beyond its parameters.
