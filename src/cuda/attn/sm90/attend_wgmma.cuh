@@ -158,7 +158,8 @@ struct Config {
   // atom grid.
   static constexpr int kSumRows = kNTile;
   static constexpr int kVTileBytes = kHeadDimPad * kVRowBytes;
-  static constexpr int kVTileStride = (kVTileBytes + kSumRows * kVRowBytes + kSwizzleAlign - 1) / kSwizzleAlign * kSwizzleAlign;
+  static constexpr int kVTileStride =
+      (kVTileBytes + kSumRows * kVRowBytes + kSwizzleAlign - 1) / kSwizzleAlign * kSwizzleAlign;
   static constexpr int kVLoadBytes = kBlocksPerStep * kVTileBytes;  // TMA bytes per stage
   static constexpr int kVBytes = kBlocksPerStep * kVTileStride;
   static constexpr int kQOffset = 0;
@@ -186,7 +187,8 @@ struct Config {
   static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= kMergeFlagsOffset - kBarOffset &&
                     kMergeFlagsOffset + 2 * kConsumerWarps * 4 <= kBarOffset + 1024,
                 "barriers and merge flags fit their slot");
-  static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK, kBlocksPerStep), "host/device smem size agree");
+  static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK, kBlocksPerStep),
+                "host/device smem size agree");
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
   static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
   static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
@@ -1008,13 +1010,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     };
 
     // l = l · α + the tile's row sums, from the sum n-tile that ends the last P·V chain (pv_chain:
-    // sums[0] row g, sums[2] row g + 8), after its wait.
+    // its first register row g, its third row g + 8), after its wait.
     auto add_row_sums = [&](float (&pv)[Cfg::kPvRegs], const float (&alpha_t)[2]) {
-      float(&sums)[Cfg::kPvRegs - Cfg::kPvChunkRegs] = *reinterpret_cast<float(*)[Cfg::kPvRegs - Cfg::kPvChunkRegs]>(&pv[Cfg::kPvChunkRegs]);
+      constexpr int kSums = Cfg::kPvChunkRegs;  // the sum n-tile's first register
 #pragma unroll
-      for (int e = 0; e < Cfg::kPvRegs - Cfg::kPvChunkRegs; ++e) wgmma_fence_operand(sums[e]);
-      l[0] = l[0] * alpha_t[0] + sums[0];
-      l[1] = l[1] * alpha_t[1] + sums[2];
+      for (int e = kSums; e < Cfg::kPvRegs; ++e) wgmma_fence_operand(pv[e]);
+      l[0] = l[0] * alpha_t[0] + pv[kSums];
+      l[1] = l[1] * alpha_t[1] + pv[kSums + 2];
     };
 
     int key0_next[kHalves];  // of the tile whose softmax comes next
