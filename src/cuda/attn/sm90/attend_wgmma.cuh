@@ -128,8 +128,10 @@ struct Config {
   // run on the ping-pong schedule only (its per-block skip logic is written there).
   static constexpr bool kOverlap = kPvChunks == 1 && !kPairs;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
-  // The last chunk's chain also writes P's row sums: one more n-tile, from the ones after V^T.
-  static constexpr int kPvRegs = kPvChunkRegs + kNTile / 2;
+  // The last chunk's chain also writes P's row sums: kSumRows more columns (one n-tile), from the
+  // kSumRows rows of ones after each V^T tile.
+  static constexpr int kSumRows = kNTile;
+  static constexpr int kPvRegs = kPvChunkRegs + kSumRows / 2;
   // Ping-pong turn that issues P·V and S of the next tile back to back and adds the products after
   // the turn (P·V always issued, as on every schedule).
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
@@ -156,7 +158,6 @@ struct Config {
   // A stage's V^T: kBlocksPerStep tiles (D_PAD, kVRowBytes) e4m3 as TMA writes them, each followed by
   // kSumRows rows of e4m3 ones (the B rows of P·V's row-sum columns, see pv_chain), on the swizzle
   // atom grid.
-  static constexpr int kSumRows = kNTile;
   static constexpr int kVTileBytes = kHeadDimPad * kVRowBytes;
   static constexpr int kVTileStride =
       (kVTileBytes + kSumRows * kVRowBytes + kSwizzleAlign - 1) / kSwizzleAlign * kSwizzleAlign;
@@ -1069,7 +1070,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       auto issue_pv = [&](int stage, const uint32_t (&pf)[Cfg::kPvSteps][4]) {
         const uint64_t v_desc = wgmma_desc(v_smem(stage), kBlockK);
         wgmma_fence();
-        pv_chain<kHeadDimPad + kNTile>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
+        pv_chain<kHeadDimPad + Cfg::kSumRows>(pv, pf, [&](int ks) { return wgmma_desc_advance(v_desc, ks * kWgmmaK8Bit); });
         wgmma_commit();
       };
       auto add_pv = [&](const float (&alpha_t)[2]) {  // acc = acc · α + pv (the method's order), l likewise
@@ -1234,7 +1235,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         // Chunk c (a std::integral_constant) of P·V; the last chunk's chain also sums the rows of P.
         auto issue_pv = [&](auto chunk_c) {
           constexpr int chunk = decltype(chunk_c)::value;
-          constexpr int kCols = Cfg::kPvChunkCols + (chunk == Cfg::kPvChunks - 1 ? kNTile : 0);
+          constexpr int kCols = Cfg::kPvChunkCols + (chunk == Cfg::kPvChunks - 1 ? Cfg::kSumRows : 0);
           // V^T tiles of kVRowBytes keys (two per tile for pairs); chunk rows start every kVRowBytes bytes.
           constexpr int kStepsPerVTile = Cfg::kVRowBytes / kWgmmaK8Bit;
           const uint32_t v_chunk = v_smem(stage) + chunk * Cfg::kPvChunkCols * Cfg::kVRowBytes;
