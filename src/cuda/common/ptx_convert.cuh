@@ -31,7 +31,8 @@ __device__ __forceinline__ uint32_t pack_e4m3x2(float x0, float x1) {
   return __nv_cvt_float2_to_fp8x2(make_float2(x0, x1), __NV_SATFINITE, __NV_E4M3);
 }
 
-// P · 448 of the fp8 P·V modes as its e4m3 code (docs/method.md §2, step 3). With k = scale ·
+// P · 448 of the fp8 P·V modes as its e4m3 code (docs/method.md §2, step 3), as the mma.sync kernel
+// forms it (the Hopper kernel: pack_p_codes below). With k = scale ·
 // kPCodeSlope and c = 1 − kPCodeSlope · m_new, u = sat(s · k + c) is (8 · (s · scale − m_new) + 126) /
 // 126 clamped to [0, 1] (−inf and NaN give 0); the returned float is 1.5 · 2^23 + rne(126 · u), whose
 // low byte is the code (at most 126: 0x7e = 448).
@@ -40,6 +41,22 @@ __device__ __forceinline__ float p_code(float s, float k, float c) {
   float u;
   asm("fma.rn.sat.f32 %0, %1, %2, %3;\n" : "=f"(u) : "f"(s), "f"(k), "f"(c));
   return fmaf(u, static_cast<float>(kPCodeMax), kRoundMagic);
+}
+
+// The same codes on the Hopper kernel, four at a time: x_i = (8 · (s − m_new) + 126) · 2^-24 (one fma
+// per score, see kPCodeSubnormalScale), converted two at a time to fp16 with rn and relu: a value
+// below 2^-14 becomes the subnormal whose bits are rne(8 · (s − m_new) + 126), negatives and −inf
+// become +0, so each 16-bit half is the code (at most 126, since s <= m_new). One byte permute
+// packs the low bytes of the four halves, x0's in the lowest byte: three instructions per four
+// scores where p_code and pack_low_bytes take seven. A NaN x gives the fp16 NaN (PTX ISA: cvt .relu).
+inline constexpr float kPCodeSubnormalScale = 0x1p-24f;  // fp16's subnormal step: bits = value / 2^-24
+__device__ __forceinline__ uint32_t pack_p_codes(float x0, float x1, float x2, float x3) {
+  uint32_t lo, hi, packed;
+  // cvt.f16x2 puts its first source in the upper half: lo = [x0, 0, x2, 0], hi = [x1, 0, x3, 0] bytes.
+  asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;\n" : "=r"(lo) : "f"(x2), "f"(x0));
+  asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;\n" : "=r"(hi) : "f"(x3), "f"(x1));
+  asm("prmt.b32 %0, %1, %2, 0x6240;\n" : "=r"(packed) : "r"(lo), "r"(hi));
+  return packed;
 }
 
 // The low bytes of four floats' bit patterns (p_code's codes), x0's in the lowest byte.

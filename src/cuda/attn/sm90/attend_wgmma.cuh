@@ -27,17 +27,20 @@
 // 4 warps skipped cost more than it saved (removing it: D128 pairs +5.9 % dense, +6.7 % topk 0.5,
 // kernel alone, same run, session 6, with 9 % of the groups skipping in the dense case).
 //
-// Softmax: P · 448 is formed directly as its e4m3 code (docs/method.md §2, step 3): two fmas per
-// score, u = sat(1 + (8/126) · (s − m_new)) and 126 · u + 1.5 · 2^23, whose low byte is the code, then
-// byte permutes into the A fragments; no MUFU or conversion per score. l sums the e4m3 values on
+// Softmax: P · 448 is formed directly as its e4m3 code (docs/method.md §2, step 3): one fma per
+// score, (8 · (s − m_new) + 126) · 2^-24, then per pair of scores one conversion to fp16 with relu
+// (the subnormal whose bits are the code) and per four one byte permute into an A fragment
+// (pack_p_codes); no MUFU per score. Same run, kernel alone, session 22: +4.6-5.5 % at D128, +7.3-7.8 %
+// at D64 against the former two fmas, u = sat(1 + (8/126) · (s − m_new)) and 126 · u + 1.5 · 2^23 (the
+// low byte the code), and three byte permutes per four codes. l sums the e4m3 values on
 // the tensor core: the last P·V chain has 8 more B rows, e4m3 ones stored after each V^T tile, so
 // its last n-tile is P · ones (no separate wgmma).
 // On a fully visible block the row maximum is max(dot) · scale (bit-identical to max(float(dot) ·
 // scale)) and each dot becomes a float by one integer add (biased_dot, no I2FP); the ping-pong
-// schedule reduces row maxima as trees. Not faster: the code in fixed point straight from the dot,
+// schedule reduces row maxima as trees. Slower: the code in fixed point straight from the dot,
 // max(⌊(dot · rn(8 · scale · 2^32) + (126.5 − 8 · m_new) · 2^32) / 2^32⌋, 0), one IMAD.HI with a 64-bit
-// addend and one max per score instead of the add and two fmas (as accurate; kernel alone 24-29 %
-// slower in every case, D64 and D128, session 22: IMAD.HI occupies the FMA pipe several cycles).
+// addend and one max per score instead of the add and the former two fmas (as accurate; kernel alone
+// 24-29 % slower in every case, D64 and D128, session 22: IMAD.HI occupies the FMA pipe several cycles).
 //
 // Key order: K is loaded in natural order, so S column n is key n of the block; lane t holds
 // columns 8j + 2t + {0, 1} of n-tile j. V^T comes from quantize with the keys of every 16-key
@@ -202,7 +205,7 @@ struct Config {
 
 // A Q·K^T dot of a fully visible tile as the float 1.5 · 2^23 + dot (|dot| <= 128 · 128 · 128 < 2^22,
 // so the bits are 0x4B400000 + dot): one integer add instead of an I2FP conversion (a slow pipe).
-// The softmax takes the 1.5 · 2^23 · k back out in p_code's addend, rounded once to fp32: at most
+// The softmax takes the 1.5 · 2^23 · k back out in its fma's addend, rounded once to fp32: at most
 // about 0.75 · scale off in the log2 domain, under one unit of the integer dot (INT8 rounding moves a
 // dot by far more).
 __device__ __forceinline__ float biased_dot(int32_t dot) { return __int_as_float(dot + 0x4B400000); }
@@ -943,7 +946,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       return __all_sync(kFullWarp, all != 0);
     };
 
-    // The codes of the tile (low bytes of s[], p_code) as the A fragments of the P·V k-steps: register
+    // The codes of the tile (s[] scaled as pack_p_codes takes them) as the A fragments of the P·V k-steps: register
     // 2 · half + row of k-step ks holds columns 2t, 2t + 1 of n-tiles 4ks + 2 · half and 4ks + 2 · half + 1
     // of row g (row 0) or g + 8 (row 1). V^T holds the keys of every 16-key group in v_key_slot order,
     // so these are exactly the A bytes lane t needs: no lane exchange.
@@ -956,7 +959,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           for (int row = 0; row < 2; ++row) {
             const float* x0 = s + 4 * (4 * ks + 2 * half) + 2 * row;
             const float* x1 = s + 4 * (4 * ks + 2 * half + 1) + 2 * row;
-            pf[ks][2 * half + row] = pack_low_bytes(x0[0], x0[1], x1[0], x1[1]);
+            pf[ks][2 * half + row] = pack_p_codes(x0[0], x0[1], x1[0], x1[1]);
           }
         }
       }
@@ -974,10 +977,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
     // maxima after it (m_new): α, m and the P fragments (l is updated with acc, from P · ones). A
     // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
-    // so its p are 0. The log2 score minus m_new is s · sc − (mag · sc + m_new), so p_code gets
-    // k = sc · kPCodeSlope and c = 1 − kPCodeSlope · m_new − mag · k (the mag · k of c cancels the one in
-    // s · k up to the rounding of c, see "Scores on the Hopper kernel"); masked s = −∞ gives 0 (m_new =
-    // −∞ only when every s is).
+    // so its p are 0. The log2 score minus m_new is s · sc − (mag · sc + m_new), so s becomes
+    // fma(s, k, c) with k = 8 · sc · 2^-24 and c = (126 − 8 · m_new − mag · 8 · sc) · 2^-24 for pack_p_codes
+    // (the mag · 8 · sc of c cancels the one in s · k up to the rounding of c, see "Scores on the Hopper
+    // kernel"); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
     auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
                               const float (&sc)[2][kHalves], float (&s)[Cfg::kSRegs], float (&alpha_out)[2],
                               uint32_t (&p_out)[Cfg::kPvSteps][4]) {
@@ -993,15 +996,18 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
           for (int hh = 0; hh < kHalves; ++hh) {
             const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
-            k[i_row][hh] = sc[i_row][hh] * kPCodeSlope;
-            c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kPCodeSlope, 1.0f));
+            const float k_code = sc[i_row][hh] * static_cast<float>(kPCodesPerOctave);
+            const float c_code = fmaf(-mag, k_code, fmaf(-m_sub, static_cast<float>(kPCodesPerOctave),
+                                                         static_cast<float>(kPCodeMax)));
+            k[i_row][hh] = k_code * kPCodeSubnormalScale;  // exact (powers of two) in fp32's normal range
+            c[i_row][hh] = c_code * kPCodeSubnormalScale;
           }
         }
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) {
           const int i_row = (e % 4) / 2;
           const int hh = (e / 4) * kNTile / kQuantBlockRows;
-          s[e] = p_code(s[e], k[i_row][hh], c[i_row][hh]);
+          s[e] = fmaf(s[e], k[i_row][hh], c[i_row][hh]);
         }
         p_fragments(s, p_out);
       } else {
