@@ -48,7 +48,7 @@ __device__ __forceinline__ float p_code(float s, float k, float c) {
 // below 2^-14 becomes the subnormal whose bits are rne(8 · (s − m_new) + 126), negatives and −inf
 // become +0, so each 16-bit half is the code (at most 126, since s <= m_new). One byte permute
 // packs the low bytes of the four halves, x0's in the lowest byte: three instructions per four
-// scores where p_code and pack_low_bytes take seven. A NaN x gives the fp16 NaN (PTX ISA: cvt .relu).
+// scores where p_code and pack_low_bytes take seven. A NaN x gives the fp16 NaN 0x7fff (H100, session 22).
 inline constexpr float kPCodeSubnormalScale = 0x1p-24f;  // fp16's subnormal step: bits = value / 2^-24
 __device__ __forceinline__ uint32_t pack_p_codes(float x0, float x1, float x2, float x3) {
   uint32_t lo, hi, packed;
