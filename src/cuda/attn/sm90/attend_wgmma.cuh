@@ -996,11 +996,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
           for (int hh = 0; hh < kHalves; ++hh) {
             const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
-            const float k_code = sc[i_row][hh] * static_cast<float>(kPCodesPerOctave);
-            const float c_code = fmaf(-mag, k_code, fmaf(-m_sub, static_cast<float>(kPCodesPerOctave),
-                                                         static_cast<float>(kPCodeMax)));
-            k[i_row][hh] = k_code * kPCodeSubnormalScale;  // exact (powers of two) in fp32's normal range
-            c[i_row][hh] = c_code * kPCodeSubnormalScale;
+            // The 2^-24 inside the constants: powers of two, so k and c round as (8 · sc, 126 − ...) would.
+            constexpr float kCodeStep = kPCodesPerOctave * kPCodeSubnormalScale;
+            constexpr float kCodeTop = kPCodeMax * kPCodeSubnormalScale;
+            k[i_row][hh] = sc[i_row][hh] * kCodeStep;
+            c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kCodeStep, kCodeTop));
           }
         }
 #pragma unroll
