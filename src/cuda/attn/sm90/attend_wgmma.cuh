@@ -64,6 +64,7 @@
 #include "common/status_macros.h"
 #include "cuda/attn/lane_rows.cuh"
 #include "cuda/attn/sm90/attend_wgmma.h"
+#include "cuda/attn/work_order.h"
 #include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/ptx_convert.cuh"
@@ -94,6 +95,7 @@ struct WgmmaAttendParams {
   int32_t split_ctas = 0;
   int32_t* split_arrivals = nullptr;  // [rem][kSplitWarps]: pieces done per tail tile and consumer warp, zeroed
   float* split_partial = nullptr;     // [2 · split_ctas] slots (layout.h): a piece's m, l and acc per warp
+  CausalOrder causal;                 // with a causal mask: the order of the work tiles (work_order.h)
 };
 
 namespace wgmma_attend {
@@ -156,6 +158,12 @@ struct Config {
   // +1.3 %, B2 L8k +0.7 % on average, against a noise of about 1 %); 2-input on the one-block
   // kernel, where the 3-input form made ptxas spill 8 bytes in <128, 128>.
   static constexpr int kDotMaxArity = kPairs ? 3 : 2;
+  // A warp that skips a pair tile forms its codes too, instead of branching around them: both halves
+  // are skipped, so both subtract +inf and every code is 0 (outputs bit-identical). Without the branch
+  // ptxas interleaves the code fmas with the filter's votes. Same runs, kernel alone (session 23, two
+  // runs): D128 pairs +0.3 to +2.7 % in all nine cases; D64 pairs -1.3 to +0.2 % (issue-bound, where
+  // the skipping warps' codes cost issue slots), so D128 only.
+  static constexpr bool kCodesAlways = kPairs && kHeadDimPad == 128;
   static constexpr int kOTiles = kHeadDimPad / kNTile;
 
   static constexpr int kQBuffers = kWgmmaAttendQBuffers;
@@ -361,8 +369,6 @@ __device__ __forceinline__ void restrict_to_piece(WorkTile& wt, const WgmmaAtten
   wt.n_kept = max(hi - lo, 0);
 }
 
-enum class Slot { kTile, kPiece, kEmpty, kEnd };
-
 // A piece of a split tail work tile (WgmmaAttendParams::split_first): tail tile `tile` (its index
 // from split_first), units [unit_lo, unit_hi) of its split_ctas, partial-result slot `slot`.
 struct Piece {
@@ -382,10 +388,7 @@ __device__ __forceinline__ void piece_ctas(const WgmmaAttendParams& params, int 
 // Slot n of this CTA's sequence of work tiles (bh, q_tile); kEmpty slots are skipped, kEnd ends it.
 // Without a causal mask every work tile costs about the same: CTA c takes tiles c, c + G, c + 2G, ...
 // (G = gridDim.x, tile t = query tile t % q_tiles of head t / q_tiles); the tiles of a split tail come
-// as kPiece slots (with *piece). With one, a query tile costs in proportion to the keys it sees, which
-// grow along the head, so the tiles go in pairs of equal total cost, the j-th longest and the j-th
-// shortest of a head (the longer first), and CTA c takes pairs c, c + G, ...; a head with an odd
-// number of query tiles has one single (an empty slot).
+// as kPiece slots (with *piece). With one, causal_slot (work_order.h) orders them by cost.
 template <bool kSplit>
 __device__ __forceinline__ Slot cta_slot(const WgmmaAttendParams& params, int n, int* bh, int* q_tile, Piece* piece) {
   const int c = static_cast<int>(blockIdx.x);
@@ -416,13 +419,7 @@ __device__ __forceinline__ Slot cta_slot(const WgmmaAttendParams& params, int n,
     }
     return Slot::kPiece;
   }
-  const int pairs_per_head = (q_tiles + 1) / 2;
-  const int pair = c + (n / 2) * grid;
-  if (pair >= pairs_per_head * (params.tiles / q_tiles)) return Slot::kEnd;
-  const int j = pair % pairs_per_head;
-  *bh = pair / pairs_per_head;
-  *q_tile = n % 2 == 0 ? q_tiles - 1 - j : j;
-  return n % 2 == 1 && j == q_tiles - 1 - j ? Slot::kEmpty : Slot::kTile;
+  return causal_slot(params.causal, grid, c, n, bh, q_tile);
 }
 
 // A consumer warp's part of partial-result slot `slot`: chunk i of lane l (4 floats) at [i][l], chunks
@@ -977,7 +974,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
     // maxima after it (m_new): α, m and the P fragments (l is updated with acc, from P · ones). A
     // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
-    // so its p are 0. The log2 score minus m_new is s · sc − (mag · sc + m_new), so s becomes
+    // so its p are 0 (with kCodesAlways a skipping warp runs the code path: both halves subtract +∞, and
+    // m_new = m gives α = exp2(0) = 1). The log2 score minus m_new is s · sc − (mag · sc + m_new), so s becomes
     // fma(s, k, c) with k = 8 · sc · 2^-24 and c = (126 − 8 · m_new − mag · 8 · sc) · 2^-24 for pack_p_codes
     // (the mag · 8 · sc of c cancels the one in s · k up to the rounding of c, see "Scores on the Hopper
     // kernel"); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
@@ -986,7 +984,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
                               uint32_t (&p_out)[Cfg::kPvSteps][4]) {
       alpha_out[0] = 1.0f;
       alpha_out[1] = 1.0f;
-      if (!warp_skips) {
+      if (Cfg::kCodesAlways || !warp_skips) {
         float k[2][kHalves];
         float c[2][kHalves];
 #pragma unroll
@@ -1479,6 +1477,7 @@ Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) 
                       a.o_stride_batch % kElems16b == 0 && a.o_stride_head % kElems16b == 0 &&
                       a.o_stride_token % kElems16b == 0;
   const int64_t grid = std::min<int64_t>(tiles, sms);
+  if (grid > 0) params.causal = causal_order(params.q_tiles, params.tiles / params.q_tiles, static_cast<int>(grid));
   SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlocksPerStep),
                                                   kHeadDimPad, launch));
   const auto launched = params.split_first < params.tiles ? split_kernel : kernel;
