@@ -38,7 +38,7 @@ fi
 BENCH_CASES="${SPARGE_BENCH_CASES:-
 d128_L32k|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5,topk:0.25 --stages --power
 d128_L32k_idle|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5,topk:0.25 --idle-ms 50
-d128_L32k_singles|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5|SPARGE_WGMMA_PAIRS=0
+d128_L32k_singles|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5|SPARGE_WGMMA_TILE_BLOCKS=1
 d128_L32k_pv16|-B 1 -H 16 -L 32768 -D 128 --modes dense,topk:0.5 --pv-precision fp16
 d128_B2_L8k|-B 2 -H 16 -L 8192 -D 128 --modes dense,topk:0.5
 d128_B2_L8k_idle|-B 2 -H 16 -L 8192 -D 128 --modes dense,topk:0.5 --idle-ms 50

@@ -12,7 +12,8 @@ from sparge.testing import structured_qkv
 
 
 def main() -> None:
-    # Lk = 333: the two-launch quantize path, TopK ranked in one warp. Lk = 2420, D = 128: the
+    # Lk = 333: the two-launch quantize path, TopK ranked in one warp, 6 (dense) or 3 (topk 0.5) kept
+    # blocks for the wgmma kernel's tiles of four blocks at D = 64. Lk = 2420, D = 128: the
     # five-launch path, TopK by radix selection over 38 blocks, an odd count of kept blocks
     # (19 at topk 0.5) for the wgmma kernel's pairs of blocks. Then again with the persistent wgmma
     # kernel on one CTA, which runs every work tile (8 and 4) one after the other.

@@ -66,13 +66,26 @@ def _require_pv(pv: str) -> None:
 
 @pytest.fixture(params=["auto", "singles", "mma"])
 def kernel(request, monkeypatch):
-    """Stage 2 kernel choice: "auto" (wgmma on Hopper where it covers the request; block_k 64 at
-    head dims padded to 128 on 128-key tiles of two kept blocks), "singles" (the same with one
-    block per tile, SPARGE_WGMMA_PAIRS=0) and "mma" (the mma.sync kernel of Ampere / Ada, forced
-    on any GPU through SPARGE_CUDA_KERNEL)."""
+    """Stage 2 kernel choice: "auto" (wgmma on Hopper where it covers the request; block_k 64 on
+    tiles of four kept blocks at head dims padded to 64, of two at 128), "singles" (the same with one
+    block per tile, SPARGE_WGMMA_TILE_BLOCKS=1) and "mma" (the mma.sync kernel of Ampere / Ada,
+    forced on any GPU through SPARGE_CUDA_KERNEL)."""
     monkeypatch.setenv("SPARGE_CUDA_KERNEL", "auto" if request.param == "singles" else request.param)
-    monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if request.param == "singles" else "1")
+    _set_tile_blocks(monkeypatch, "singles" if request.param == "singles" else "default")
     return request.param
+
+
+TILE_BLOCKS = {"singles": "1", "pairs": "2", "quads": "4"}
+
+
+def _set_tile_blocks(monkeypatch, tiles: str) -> None:
+    """Blocks per tile of the wgmma kernel at block_k 64: "default" (four at head dims padded to 64,
+    two at 128), "singles", "pairs" or "quads" (SPARGE_WGMMA_TILE_BLOCKS); "block_k128" keeps the
+    default (block_k 128 tiles hold one block)."""
+    if tiles in TILE_BLOCKS:
+        monkeypatch.setenv("SPARGE_WGMMA_TILE_BLOCKS", TILE_BLOCKS[tiles])
+    else:
+        monkeypatch.delenv("SPARGE_WGMMA_TILE_BLOCKS", raising=False)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -107,7 +120,9 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
     implementation: rel-L1 <= 2e-3.
     The wgmma kernel's pairs of blocks (head dims padded to 128) round p of a pair's first block
     relative to the max after the pair, the reference relative to the max after that block: more
-    single-rounding flips, within the same bound; skip decisions still agree exactly.
+    single-rounding flips, within the same bound; skip decisions still agree exactly. With four
+    blocks per tile (head dims padded to 64) three of a tile's four blocks round relative to a later
+    maximum: more flips again, rel-L1 <= 3e-3 (2.04e-3 seen on one seed, session 24).
     fp8_fp16acc: the tensor core sums a 32-key step in its own order and precision before the
     fp16 rounding (the CPU: fp32 in key order, then fp16), so a chunk's fp16 value may differ by
     an ulp (2^-11 relative) per step: rel-L1 <= 3e-3.
@@ -137,7 +152,9 @@ def test_cuda_attend_matches_cpu_backend_on_identical_inputs(seed, kernel, shape
                                            return_lse=True, return_stats=True, **causal_kw)  # fmt: skip
     context = f"{kernel} {shape} {pv} causal={causal} seed={seed}"
     fp16_accum = pv == "fp8_fp16acc"
-    bounds = dict(cos_min=0.99998, rel_l1_max=3e-3) if fp16_accum else dict(cos_min=0.99999, rel_l1_max=2e-3)
+    quads = kernel == "auto" and pv == "fp8" and d <= 64 and _hopper_build() and _fp8_kernel_image()
+    fp8_l1 = 3e-3 if quads else 2e-3
+    bounds = dict(cos_min=0.99998, rel_l1_max=3e-3) if fp16_accum else dict(cos_min=0.99999, rel_l1_max=fp8_l1)
     assert_close_to(o_gpu.cpu(), o_cpu, **bounds, context=context)
     finite = lse_cpu.isfinite()
     assert torch.equal(lse_gpu.cpu().isfinite(), finite), context
@@ -294,19 +311,26 @@ def test_cuda_kernel_choice():
             sparge.attend_kernel(q_shape, pv_precision="fp16")
         os.environ["SPARGE_CUDA_KERNEL"] = "auto"
         if hopper and fp8_image:  # read where the wgmma kernel picks its tile
-            os.environ["SPARGE_WGMMA_PAIRS"] = "yes"
-            with pytest.raises(ValueError, match='SPARGE_WGMMA_PAIRS: expected 0 or 1, got "yes"'):
+            os.environ["SPARGE_WGMMA_TILE_BLOCKS"] = "yes"
+            with pytest.raises(ValueError, match='SPARGE_WGMMA_TILE_BLOCKS: expected 1, 2 or 4, got "yes"'):
+                sparge.attention(*structured_qkv(1, 2, 2, 256, 256, 64, device="cuda"))
+            os.environ["SPARGE_WGMMA_TILE_BLOCKS"] = "4"
+            with pytest.raises(ValueError, match=r'TILE_BLOCKS: expected 1, 2 \(4 only at head dims up to 64\), got "4"'):
                 sparge.attention(*structured_qkv(1, 2, 2, 256, 256, 128, device="cuda"))
     finally:
-        os.environ.pop("SPARGE_WGMMA_PAIRS", None)
+        os.environ.pop("SPARGE_WGMMA_TILE_BLOCKS", None)
         if old is None:
             os.environ.pop("SPARGE_CUDA_KERNEL", None)
         else:
             os.environ["SPARGE_CUDA_KERNEL"] = old
 
 
-@pytest.mark.parametrize("tiles", ["pairs", "singles", "block_k128"])
-@pytest.mark.parametrize("shape", [(2, 6, 2, 1000, 700, 128), (1, 4, 4, 600, 1100, 64)], ids=str)
+@pytest.mark.parametrize(
+    "tiles,shape",
+    [(tiles, (2, 6, 2, 1000, 700, 128)) for tiles in ("pairs", "singles", "block_k128")]
+    + [(tiles, (1, 4, 4, 600, 1100, 64)) for tiles in ("quads", "pairs", "singles", "block_k128")],
+    ids=str,
+)
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 @pytest.mark.parametrize("mode,value", [("dense", None), ("topk", 0.3), ("cdf", 0.9)], ids=str)
 def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, tiles, shape, causal, mode, value):
@@ -321,7 +345,7 @@ def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, 
     if not (_hopper_build() and _fp8_kernel_image()):
         pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
-    monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if tiles == "singles" else "1")
+    _set_tile_blocks(monkeypatch, tiles)
     b, hq, hkv, lq, lk, d = shape
     q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", seed=seed)
     causal_kw = {"is_causal": causal is not None, "causal_alignment": causal or "top_left"}
@@ -347,7 +371,9 @@ def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, 
         run(0)
 
 
-@pytest.mark.parametrize("tiles,d", [("pairs", 128), ("pairs", 64), ("singles", 128), ("block_k128", 128)], ids=str)
+@pytest.mark.parametrize(
+    "tiles,d", [("pairs", 128), ("quads", 64), ("pairs", 64), ("singles", 128), ("block_k128", 128)], ids=str
+)
 @pytest.mark.parametrize("mode,value", [("dense", None), ("topk", 0.3), ("cdf", 0.9)], ids=str)
 def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, value):
     """With the fused op's workspace, the wgmma kernel splits a last round of work tiles that leaves CTAs
@@ -362,7 +388,7 @@ def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, val
     if not (_hopper_build() and _fp8_kernel_image()):
         pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
-    monkeypatch.setenv("SPARGE_WGMMA_PAIRS", "0" if tiles == "singles" else "1")
+    _set_tile_blocks(monkeypatch, tiles)
     b, hq, hkv, lq, lk = 2, 12, 4, 1000, 3500
     q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", seed=seed)
     block_size = (128, 128) if tiles == "block_k128" else (128, 64)

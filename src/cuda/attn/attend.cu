@@ -2,8 +2,9 @@
 // (sm90/attend_wgmma.cuh) on sm_90 where it covers the request, else the mma.sync kernel
 // (sm80/attend_mma.cuh). The environment variable SPARGE_CUDA_KERNEL (auto, mma, wgmma) forces
 // the choice, so that the mma.sync kernel of Ampere / Ada is testable on a Hopper GPU. With
-// block_k = 64 the wgmma kernel runs 128-key tiles made of two kept blocks; SPARGE_WGMMA_PAIRS=0
-// runs one block per 64-key tile instead (for comparison). The wgmma kernel is persistent, one CTA
+// block_k = 64 the wgmma kernel runs tiles made of several kept blocks: four (256 keys) at head dims
+// padded to 64, two (128 keys) at 128; SPARGE_WGMMA_TILE_BLOCKS=1, 2 or 4 (4: head dims padded to 64
+// only) picks the number instead (for comparison). The wgmma kernel is persistent, one CTA
 // per SM; SPARGE_WGMMA_CTAS=n caps its grid at n CTAs (tests: many work tiles per CTA on small
 // problems), and SPARGE_WGMMA_SPLIT=0 keeps it from splitting its last round of work tiles when the
 // caller gave a workspace (for comparison).
@@ -70,8 +71,8 @@ Status dispatch_block_k(const AttendParams& p, const MmaAttendParams& kp, dim3 g
                      std::to_string(p.blocks.block_k));
 }
 
-// SPARGE_WGMMA_PAIRS: whether block_k = 64 runs on 128-key tiles of two kept blocks.
-constexpr const char* kPairsEnv = "SPARGE_WGMMA_PAIRS";
+// SPARGE_WGMMA_TILE_BLOCKS: kept 64-key blocks per tile of the wgmma kernel at block_k = 64.
+constexpr const char* kTileBlocksEnv = "SPARGE_WGMMA_TILE_BLOCKS";
 // SPARGE_WGMMA_SPLIT: whether the wgmma kernel may split its last round of work tiles.
 constexpr const char* kSplitEnv = "SPARGE_WGMMA_SPLIT";
 
@@ -93,6 +94,21 @@ Status wgmma_max_ctas(int* max_ctas) {
   return Status::Ok();
 }
 
+// Blocks per tile at block_k = 64 (see kTileBlocksEnv): 4 at head dims padded to 64, else 2, unless set.
+Status wgmma_tile_blocks(int head_dim_pad, int* blocks) {
+  const char* value = std::getenv(kTileBlocksEnv);
+  const std::string_view v = value != nullptr ? value : "";
+  *blocks = head_dim_pad == 64 ? 4 : 2;
+  if (v.empty()) return Status::Ok();
+  if (v != "1" && v != "2" && !(v == "4" && head_dim_pad == 64)) {
+    return {StatusCode::kInvalidArgument, std::string(kTileBlocksEnv) + ": expected 1, 2" +
+                                              (head_dim_pad == 64 ? " or 4" : " (4 only at head dims up to 64)") +
+                                              ", got \"" + std::string(v) + "\""};
+  }
+  *blocks = v[0] - '0';
+  return Status::Ok();
+}
+
 template <int kHeadDimPad>
 Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
   WgmmaLaunch launch{.batch = static_cast<int>(p.shape.batch), .stream = p.stream};
@@ -106,9 +122,12 @@ Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) 
   }
   switch (p.blocks.block_k) {
     case 64: {
-      bool pairs = false;
-      SPARGE_RETURN_IF_ERROR(env_switch(kPairsEnv, &pairs));
-      if (pairs) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, launch);
+      int blocks = 0;
+      SPARGE_RETURN_IF_ERROR(wgmma_tile_blocks(kHeadDimPad, &blocks));
+      if constexpr (kHeadDimPad == 64) {
+        if (blocks == 4) return launch_wgmma_attend<kHeadDimPad, 256, true>(kp, launch);
+      }
+      if (blocks == 2) return launch_wgmma_attend<kHeadDimPad, 128, true>(kp, launch);
       return launch_wgmma_attend<kHeadDimPad, 64, false>(kp, launch);
     }
     case 128: return launch_wgmma_attend<kHeadDimPad, 128, false>(kp, launch);

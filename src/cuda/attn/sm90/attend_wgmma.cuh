@@ -6,7 +6,8 @@
 // Persistent: one CTA per SM loops over work tiles, a work tile = 128 query rows of one (b, h),
 // inside one prediction Q block (block_q % 128 == 0). Warpgroup 0 produces: per work tile, one
 // thread loads Q into one of two buffers, then the K and V^T tiles of the kept blocks in order into
-// kWgmmaAttendStages stages (with kPairs, two kept 64-key blocks per 128-key tile); the stage ring
+// kWgmmaAttendStages stages (with kMultiBlock, two or four kept 64-key blocks per 128- or 256-key
+// tile); the stage ring
 // runs on across work tiles, so the next work tile's Q, K and V^T land while this one finishes.
 // Warpgroups 1 and 2 consume 64 rows each; warp w of a consumer warpgroup owns rows
 // [16w, 16w + 16) of them, exactly one P·V group of the method.
@@ -109,13 +110,20 @@ inline constexpr int kProducerRegs = 24;
 inline constexpr int kConsumerRegs = 240;
 inline constexpr int kPingPongBarrier0 = 1;  // named barriers 1, 2 (0: __syncthreads)
 
-template <int kHeadDimPad_, int kBlockK_, bool kPairs_>
+template <int kHeadDimPad_, int kBlockK_, bool kMultiBlock_>
 struct Config {
   static constexpr int kHeadDimPad = kHeadDimPad_;
   static constexpr int kBlockK = kBlockK_;  // keys of one tile (one step of the main loop)
-  // kPairs: a 128-key tile holds two kept 64-key blocks, not necessarily adjacent (block_k = 64).
-  static constexpr bool kPairs = kPairs_;
-  static constexpr int kBlockKeys = kPairs ? kBlockK / 2 : kBlockK;  // keys of one index-list entry
+  // kMultiBlock: a tile of kBlockK = 128 (256) keys holds two (four) kept 64-key blocks, not necessarily
+  // adjacent (block_k = 64). Four at D_PAD = 64, where the kernel is issue-bound and a step's fixed
+  // work (index list and K scales, filter votes, turn, acc update) is then spread over 256 keys: same
+  // run, kernel alone (session 24, 11 rounds): dense L32k +7.3 % / +7.0 % (two cases), topk 0.5 +7.1 %,
+  // topk 0.25 +5.6 %, causal +5.5 %, B2 L8k dense +6.8 %, topk 0.5 +5.7 %, B4 L2k dense +1.2 %,
+  // causal +0.0 % (three blocks: +3.1 to +6.4 % at L32k, -0.8 / +3.7 % at B2 L8k, -0.7 / -1.8 % at B4
+  // L2k). At D_PAD = 128 three blocks were 13-15 % slower in every case (ptxas spills ~170 bytes, in
+  // the turn, where S (96 registers) is issued beside acc).
+  static constexpr bool kMultiBlock = kMultiBlock_;
+  static constexpr int kBlockKeys = kMultiBlock ? static_cast<int>(kQuantBlockRows) : kBlockK;  // keys of one index-list entry
   static constexpr int kBlocksPerStep = kBlockK / kBlockKeys;        // index-list entries per tile
   // V^T tiles as TMA writes them: (D_PAD, kVRowBytes), one per kept block.
   static constexpr int kVRowBytes = kBlockKeys;
@@ -129,12 +137,12 @@ struct Config {
   static constexpr int kHalves = kBlockK / kQuantBlockRows;  // 64-key halves of a tile (K scale groups)
   // P·V output columns per wgmma chain: D_PAD, halved when (64, 128) scores and (64, 128) fresh
   // products would not fit the register budget next to the accumulators.
-  static constexpr int kPvChunkCols = kHeadDimPad == 128 && kBlockK == 128 ? 64 : kHeadDimPad;
+  static constexpr int kPvChunkCols = kHeadDimPad == 128 && kBlockK >= 128 ? 64 : kHeadDimPad;
   static constexpr int kPvChunks = kHeadDimPad / kPvChunkCols;
   // Softmax of block i + 1 overlapping P·V of block i: needs (64, D_PAD) fresh products, two P
   // fragments and S next to the accumulators; not within budget for D_PAD = BLOCK_K = 128. Pairs
   // run on the ping-pong schedule only (its per-block skip logic is written there).
-  static constexpr bool kOverlap = kPvChunks == 1 && !kPairs;
+  static constexpr bool kOverlap = kPvChunks == 1 && !kMultiBlock;
   static constexpr int kPvChunkRegs = kPvChunkCols / 2;
   // The last chunk's chain also writes P's row sums: kSumRows more columns (one n-tile), from the
   // kSumRows rows of ones after each V^T tile.
@@ -145,7 +153,8 @@ struct Config {
   // Same run, kernel alone (session 5): D64 pairs +3.6 % dense, +1.9 % topk 0.5. D128 pairs (two
   // 64-column chunks, both in flight with S) lost 0.6 % dense and 3 % at B2 L8k, so they keep
   // waiting for each chunk inside the turn.
-  static constexpr bool kPvBesideS = kPairs && kPvChunks == 1;
+  // Not with 256-key tiles: S (128 registers) in flight beside P·V spills 212 bytes.
+  static constexpr bool kPvBesideS = kMultiBlock && kPvChunks == 1 && kBlockK != 256;
   // The index-list entries of tile i + 2 are loaded during tile i, so the K-scale loads of tile
   // i + 1 do not wait on them. Same run, kernel alone (session 6): D64 pairs +3.1 % dense; D128
   // pairs −3.2 %, so only beside kPvBesideS.
@@ -157,13 +166,13 @@ struct Config {
   // pairs, kernel alone, same run, four runs of session 11: dense L32k +1.4 %, topk 0.5 +1.8 %, causal
   // +1.3 %, B2 L8k +0.7 % on average, against a noise of about 1 %); 2-input on the one-block
   // kernel, where the 3-input form made ptxas spill 8 bytes in <128, 128>.
-  static constexpr int kDotMaxArity = kPairs ? 3 : 2;
+  static constexpr int kDotMaxArity = kMultiBlock ? 3 : 2;
   // A warp that skips a pair tile forms its codes too, instead of branching around them: both halves
   // are skipped, so both subtract +inf and every code is 0 (outputs bit-identical). Without the branch
   // ptxas interleaves the code fmas with the filter's votes. Same runs, kernel alone (session 23, two
   // runs): D128 pairs +0.3 to +2.7 % in all nine cases; D64 pairs -1.3 to +0.2 % (issue-bound, where
   // the skipping warps' codes cost issue slots), so D128 only.
-  static constexpr bool kCodesAlways = kPairs && kHeadDimPad == 128;
+  static constexpr bool kCodesAlways = kMultiBlock && kHeadDimPad == 128;
   static constexpr int kOTiles = kHeadDimPad / kNTile;
 
   static constexpr int kQBuffers = kWgmmaAttendQBuffers;
@@ -196,7 +205,8 @@ struct Config {
   static constexpr int kSmemBytes = 1024 + kVScaleOffset + kConsumerWarps * kVScaleBytes;
 
   static_assert(kHeadDimPad == 64 || kHeadDimPad == 128, "rows of one 64- or 128-byte swizzle span");
-  static_assert(kBlockK == 64 || kBlockK == 128, "V^T rows of one 64- or 128-byte swizzle span");
+  static_assert(kVRowBytes == 64 || kVRowBytes == 128, "V^T rows of one 64- or 128-byte swizzle span");
+  static_assert(kBlockK == 64 || kBlockK == 128 || (kMultiBlock && kBlockK == 256), "tiles of 64, 128 or 256 keys");
   static_assert(kQBytes % kSwizzleAlign == 0 && kKBytes % kSwizzleAlign == 0 && kVBytes % kSwizzleAlign == 0,
                 "every tile starts on the swizzle atom grid");
   static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= kMergeFlagsOffset - kBarOffset &&
@@ -205,8 +215,9 @@ struct Config {
   static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK, kBlocksPerStep),
                 "host/device smem size agree");
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
-  static_assert(!kPairs || (kBlockK == 128 && !kOverlap), "block pairs: 128-key tiles on the ping-pong schedule");
-  static_assert(kBlockK % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
+  static_assert(!kMultiBlock || (kBlockK >= 128 && !kOverlap), "multi-block tiles on the ping-pong schedule");
+  static_assert(kVRowBytes % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
+  static_assert(kSmemBytes <= kMaxDynamicSmemBytes, "within the dynamic shared memory of an sm_90 CTA");
   static_assert(kSplitWarps == kConsumerWarps && kSplitTileRows == kWgmmaAttendRows,
                 "the split scratch of layout.h holds this kernel's work tiles");
 };
@@ -505,13 +516,13 @@ __device__ __forceinline__ void merge_pieces(const WgmmaAttendParams& params, in
 
 // kSplit: the launch splits its last round of work tiles (WgmmaAttendParams::split_first); compiled
 // apart, so that the kernel of every other launch carries none of that code.
-template <int kHeadDimPad, int kBlockK, bool kPairs, bool kSplit>
+template <int kHeadDimPad, int kBlockK, bool kMultiBlock, bool kSplit>
 __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     wgmma_attend_kernel(const __grid_constant__ WgmmaAttendParams params) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // wgmma / setmaxnreg exist on sm_90a only; attend.cu dispatches here only on such builds
 #else
-  using Cfg = Config<kHeadDimPad, kBlockK, kPairs>;
+  using Cfg = Config<kHeadDimPad, kBlockK, kMultiBlock>;
   constexpr int kStages = Cfg::kStages;
   constexpr int kHalves = Cfg::kHalves;
   const MmaAttendParams& p = params.a;
@@ -529,7 +540,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   auto v_full = [&](int stage) { return bars + (2 * kQBuffers + kStages + stage) * Cfg::kBarBytes; };
   auto empty = [&](int stage) { return bars + (2 * kQBuffers + 2 * kStages + stage) * Cfg::kBarBytes; };
   // Tiles of the main loop (kept blocks, or pairs of them) of a work tile with n kept blocks.
-  auto steps_of = [](int n) { return kPairs ? (n + 1) / 2 : n; };
+  auto steps_of = [](int n) { return (n + Cfg::kBlocksPerStep - 1) / Cfg::kBlocksPerStep; };
 
   const int thread = threadIdx.x;
   const int warp = thread / kWarpSize;
@@ -784,14 +795,14 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // Index-list entries of tile i, clamped into the list (a read ahead past the end stays in bounds).
     auto fetch_kept = [&](int i, int (&kb)[kHalves]) {
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) kb[hh] = kept[min(kPairs ? 2 * i + hh : i, n_kept - 1)];
+      for (int hh = 0; hh < kHalves; ++hh) kb[hh] = kept[min(kMultiBlock ? kHalves * i + hh : i, n_kept - 1)];
     };
     auto tile_keys = [&](int i, const int (&kb)[kHalves], int (&k0)[kHalves], float (&ks)[kHalves]) {
 #pragma unroll
       for (int hh = 0; hh < kHalves; ++hh) {
         int block64;  // the half's 64-key block
-        if constexpr (kPairs) {
-          k0[hh] = 2 * i + hh < n_kept ? kb[hh] * Cfg::kBlockKeys : kAbsentKey;
+        if constexpr (kMultiBlock) {
+          k0[hh] = kHalves * i + hh < n_kept ? kb[hh] * Cfg::kBlockKeys : kAbsentKey;
           block64 = kb[hh];
         } else {
           block64 = kb[hh] * kHalves + hh;
@@ -823,7 +834,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < Cfg::kQkSteps; ++kk) {
         const uint32_t step = kk * kWgmmaK8Bit;
-        if constexpr (kBlockK == 128) {
+        if constexpr (kBlockK == 256) {
+          if (kk == 0) {
+            wgmma_m64n256k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
+          } else {
+            wgmma_m64n256k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
+          }
+        } else if constexpr (kBlockK == 128) {
           if (kk == 0) {
             wgmma_m64n128k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
           } else {
@@ -1029,12 +1046,12 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
     int key0_next[kHalves];  // of the tile whose softmax comes next
     float k_scale_next[kHalves];
-    // With kKeptAhead (pairs): the index-list entries of the tile after next, one per lane (lane l:
-    // entry 2j + l % 2 of tile j), shuffled out a step later when that tile's keys are formed. Read
+    // With kKeptAhead (multi-block tiles): the index-list entries of the tile after next, one per lane
+    // (lane l: entry kHalves · j + l % kHalves of tile j), shuffled out a step later when that tile's keys are formed. Read
     // as one warp-uniform value, ptxas moved each entry to a uniform register right after its load,
     // so the warp waited for the load inside the step: 4 % of the D64 pair loop's stall samples and
     // a 5-6 % slower kernel (session 16, bench/RESULTS.md).
-    static_assert(!Cfg::kKeptAhead || kPairs, "the index list is read ahead on pairs only");
+    static_assert(!Cfg::kKeptAhead || kMultiBlock, "the index list is read ahead on multi-block tiles only");
     auto fetch_kept_lane = [&](int i) { return kept[min(kHalves * i + lane % kHalves, n_kept - 1)]; };
     int kept_ahead = 0;
     if (n_kept > 0) {
@@ -1177,12 +1194,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
 
         // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
-        // m_new: the running max after the tile; skip_half: the warp skips that half (a pair's halves
-        // are two blocks, decided in order like the reference; otherwise both halves share one).
+        // m_new: the running max after the tile; skip_half: the warp skips that 64-key part (on
+        // multi-block tiles each part is a block, decided in order like the reference; otherwise all
+        // parts share one).
         float m_new[2];
         bool skip_half[kHalves];
         bool warp_skips = true;
-        if constexpr (kPairs) {
+        if constexpr (kMultiBlock) {
           float m_half[kHalves][2];
 #pragma unroll
           for (int i_row = 0; i_row < 2; ++i_row) {
@@ -1428,14 +1446,14 @@ inline Status plan_split(WgmmaAttendParams* params, int64_t grid, int64_t max_st
 
 }  // namespace wgmma_attend
 
-template <int kHeadDimPad, int kBlockK, bool kPairs>
+template <int kHeadDimPad, int kBlockK, bool kMultiBlock>
 Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) {
   const int batch = launch.batch;
-  using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK, kPairs>;
-  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs, false>;
-  constexpr auto split_kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kPairs, true>;
+  using Cfg = wgmma_attend::Config<kHeadDimPad, kBlockK, kMultiBlock>;
+  constexpr auto kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kMultiBlock, false>;
+  constexpr auto split_kernel = &wgmma_attend::wgmma_attend_kernel<kHeadDimPad, kBlockK, kMultiBlock, true>;
   static const std::string name = "wgmma_attend_kernel<D_PAD=" + std::to_string(kHeadDimPad) + ", TILE_K=" +
-                                  std::to_string(kBlockK) + (kPairs ? ", pairs of 64-key blocks" : "") + ", kFp8>";
+                                  std::to_string(kBlockK) + (kMultiBlock ? ", kept 64-key blocks" : "") + ", kFp8>";
 
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   SPARGE_RETURN_IF_ERROR(wgmma_attend::tensor_map_encoder(&encode));

@@ -19,6 +19,7 @@ inline constexpr int kWgmmaAttendConsumerGroups = 2;
 inline constexpr int kWgmmaAttendThreads = (1 + kWgmmaAttendConsumerGroups) * 128;
 inline constexpr int kWgmmaAttendRows = kWgmmaAttendConsumerGroups * 64;  // query rows per CTA
 inline constexpr int kWgmmaAttendStages = 3;                              // K / V^T pipeline depth
+inline constexpr size_t kMaxDynamicSmemBytes = 227 * 1024;             // per CTA on sm_90
 
 // Whether the wgmma kernel covers this request (head dim padded to 64 or 128, block_q a multiple
 // of 128, block_k 64 or 128, kFp8 P·V (not kFp8Fp16Accum), non-empty keys); the rest runs on the
@@ -66,10 +67,10 @@ struct WgmmaLaunch {
 // of kBlockK keys) on launch.stream for launch.batch sequences: a persistent grid of one CTA per SM
 // of the current device (at most max_ctas where max_ctas > 0), each CTA looping over work tiles of
 // 128 query rows of one (b, h); with scratch and no causal mask, a last round that the work tiles
-// do not fill is split into pieces over the CTAs. kPairs: the 128-key tile holds two kept 64-key
-// blocks (block_k = 64), else one kept block of kBlockK keys. Defined in attend_wgmma.cuh,
+// do not fill is split into pieces over the CTAs. kMultiBlock: the tile of kBlockK = 128 or 256 keys
+// holds two or four kept 64-key blocks (block_k = 64), else one kept block of kBlockK keys. Defined in attend_wgmma.cuh,
 // instantiated under instantiations/attend_wgmma_*.cu. P·V is e4m3.
-template <int kHeadDimPad, int kBlockK, bool kPairs>
+template <int kHeadDimPad, int kBlockK, bool kMultiBlock>
 Status launch_wgmma_attend(const MmaAttendParams& params, const WgmmaLaunch& launch);
 
 }  // namespace sparge::cuda
