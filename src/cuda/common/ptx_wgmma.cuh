@@ -271,4 +271,19 @@ __device__ __forceinline__ void wgmma_m64n256k32_s32_s8_ss_first(int32_t (&d)[12
       : "l"(desc_a), "l"(desc_b), "r"(0));
 }
 
+// One 32-byte k-step of S (64 × kN, s32) = A · B (+ S unless `first`, which only writes S) by the
+// m64nNk32 form above for kN = 64, 128 or 256; `first` is a constant at every call.
+template <int kN, int kRegs>
+__device__ __forceinline__ void wgmma_s32_s8_ss(int32_t (&d)[kRegs], uint64_t desc_a, uint64_t desc_b, bool first) {
+  static_assert(kRegs == kN / 2, "(64, kN) s32 over 128 threads");
+  if constexpr (kN == 256) {
+    first ? wgmma_m64n256k32_s32_s8_ss_first(d, desc_a, desc_b) : wgmma_m64n256k32_s32_s8_ss(d, desc_a, desc_b, 1);
+  } else if constexpr (kN == 128) {
+    first ? wgmma_m64n128k32_s32_s8_ss_first(d, desc_a, desc_b) : wgmma_m64n128k32_s32_s8_ss(d, desc_a, desc_b, 1);
+  } else {
+    static_assert(kN == 64, "S forms of 64, 128 or 256 columns");
+    first ? wgmma_m64n64k32_s32_s8_ss_first(d, desc_a, desc_b) : wgmma_m64n64k32_s32_s8_ss(d, desc_a, desc_b, 1);
+  }
+}
+
 }  // namespace sparge::cuda

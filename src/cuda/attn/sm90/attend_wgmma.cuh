@@ -834,25 +834,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < Cfg::kQkSteps; ++kk) {
         const uint32_t step = kk * kWgmmaK8Bit;
-        if constexpr (kBlockK == 256) {
-          if (kk == 0) {
-            wgmma_m64n256k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
-          } else {
-            wgmma_m64n256k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
-          }
-        } else if constexpr (kBlockK == 128) {
-          if (kk == 0) {
-            wgmma_m64n128k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
-          } else {
-            wgmma_m64n128k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
-          }
-        } else {
-          if (kk == 0) {
-            wgmma_m64n64k32_s32_s8_ss_first(s_acc, q_desc, k_desc);
-          } else {
-            wgmma_m64n64k32_s32_s8_ss(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), 1);
-          }
-        }
+        wgmma_s32_s8_ss<kBlockK>(s_acc, wgmma_desc_advance(q_desc, step), wgmma_desc_advance(k_desc, step), kk == 0);
       }
       wgmma_commit();
     };
