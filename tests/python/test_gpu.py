@@ -372,6 +372,37 @@ def test_wgmma_persistent_grid_size_leaves_results_unchanged(seed, monkeypatch, 
 
 
 @pytest.mark.parametrize(
+    "tiles,shape",
+    [("pairs", (2, 4, 2, 333, 2000, 80)), ("pairs", (1, 3, 3, 200, 300, 128)), ("quads", (2, 4, 4, 333, 4200, 64)),
+     ("quads", (1, 2, 2, 150, 260, 48)), ("singles", (2, 4, 2, 333, 1200, 128))],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("ctas", [None, 7])
+def test_wgmma_output_stores_round_like_the_fp32_output(seed, monkeypatch, tiles, shape, layout, ctas):
+    """fp16 / bf16 outputs leave the wgmma kernel by TMA tile stores (16 rows of a warp in boxes of 64
+    columns, rows past Lq and columns past D outside the tensor map), fp32 ones by per-lane stores:
+    the 2-byte output is the fp32 one rounded to nearest, bit for bit, in both layouts, with head dims
+    padded inside the kernel (48, 80), partial last query tiles and, on 7 CTAs, a split last round (24
+    work tiles, index lists long enough to cut) whose merged tiles take the same epilogue."""
+    if not (_hopper_build() and _fp8_kernel_image()):
+        pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
+    monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
+    _set_tile_blocks(monkeypatch, tiles)
+    if ctas is not None:
+        monkeypatch.setenv("SPARGE_WGMMA_CTAS", str(ctas))
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = structured_qkv(b, hq, hkv, lq, lk, d, device="cuda", layout=layout, seed=seed)
+    block_size = (128, 128) if tiles == "block_k128" else (128, 64)
+    for dtype in (torch.float16, torch.bfloat16):
+        kw = dict(layout=layout, block_size=block_size, topk=0.5)
+        o32 = sparge.attention(q.to(dtype), k.to(dtype), v.to(dtype), output_dtype=torch.float32, **kw)
+        o = sparge.attention(q.to(dtype), k.to(dtype), v.to(dtype), **kw)
+        assert o.dtype == dtype and o.is_contiguous()
+        assert torch.equal(o, o32.to(dtype)), f"{dtype} {tiles} {shape} {layout} ctas={ctas}"
+
+
+@pytest.mark.parametrize(
     "tiles,d", [("pairs", 128), ("quads", 64), ("pairs", 64), ("singles", 128), ("block_k128", 128)], ids=str
 )
 @pytest.mark.parametrize("mode,value", [("dense", None), ("topk", 0.3), ("cdf", 0.9)], ids=str)
@@ -382,9 +413,11 @@ def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, val
     47 CTAs (remainders 2, 20, 4: pieces that end inside a tile, two to four pieces per tile, empty
     pieces of short cdf lists), GQA, a partial last query tile. Against SPARGE_WGMMA_SPLIT=0 on the same grid:
     fp32 output and LSE differ only by rounding (a piece rounds P to e4m3 relative to its own running
-    maximum, and the merge sums in another order) but do differ (the split ran), the split result is
-    reproducible bit for bit, sparge.attend (which allocates the scratch itself) on the stages' outputs
-    gives it too, and a CUDA graph of the op (counter reset included) replays it."""
+    maximum, and the merge sums in another order) but do differ (the split ran) where a tail tile's list
+    spans two or more steps; where every tail tile's list fits one step (short cdf lists on four-block
+    tiles), one piece per tile holds it all and the split result is the unsplit one bit for bit. The
+    split result is reproducible bit for bit, sparge.attend (which allocates the scratch itself) on the
+    stages' outputs gives it too, and a CUDA graph of the op (counter reset included) replays it."""
     if not (_hopper_build() and _fp8_kernel_image()):
         pytest.skip("the wgmma kernel needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("SPARGE_CUDA_KERNEL", "wgmma")
@@ -400,19 +433,22 @@ def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, val
         monkeypatch.setenv("SPARGE_WGMMA_SPLIT", "1" if split else "0")
         return sparge.attention(q, k, v, **kw)
 
+    quantized = sparge.quantize(q, k, v, block_size=block_size)
+    pred = sparge.predict(quantized, **_kwargs(mode, value))
+    blocks_per_step = {"quads": 4, "pairs": 2}.get(tiles, 1)
+    steps = (pred.count.flatten().long() + blocks_per_step - 1) // blocks_per_step  # per work tile, in launch order
     for ctas in (19, 43, 47):
         (o_split, lse_split), (o_whole, lse_whole) = run(ctas, True), run(ctas, False)
         case = f"{ctas} CTAs {tiles} D{d} {mode} seed={seed}"
         split_ran = not (torch.equal(o_split, o_whole) and torch.equal(lse_split, lse_whole))
-        assert split_ran, f"{case}: the last round was not split"
+        tail_steps = int(steps[len(steps) - len(steps) % ctas :].max())
+        assert split_ran == (tail_steps > 1), f"{case}: tail tiles of up to {tail_steps} steps, split output differs: {split_ran}"
         assert relative_l1(o_split, o_whole) < 0.01, case
         assert float((lse_split - lse_whole).abs().max()) < 0.02, case
         assert relative_l1(o_split, ref) < relative_l1(o_whole, ref) + 0.005, case
         assert_equal(run(ctas, True)[0], o_split, f"{case}: split run repeated")
 
     fused = run(19, True)
-    quantized = sparge.quantize(q, k, v, block_size=block_size)
-    pred = sparge.predict(quantized, **_kwargs(mode, value))
     staged = sparge.attend(quantized, pred.index, pred.count, return_lse=True, output_dtype=torch.float32)
     for a, e, name in zip(staged, fused, ("o", "lse")):
         assert_equal(a, e, f"sparge.attend splits as the fused op does: {name} ({tiles} D{d} {mode} seed={seed})")

@@ -1,6 +1,6 @@
 // PTX wrappers for the sm_90 asynchronous copy machinery: mbarriers (init, arrive, expect_tx,
-// parity wait), TMA tile loads (cp.async.bulk.tensor) completing on an mbarrier, named-barrier
-// votes, and the async-proxy fence.
+// parity wait), TMA tile loads (cp.async.bulk.tensor) completing on an mbarrier, TMA tile stores in
+// bulk async-groups, named-barrier votes, and the async-proxy fence.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +80,27 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 }
+
+// 4-D tile store shared → global through the tensor map at generic address `tmap`, in this thread's
+// bulk async-group (commit with bulk_commit_group); elements outside the tensor are not written.
+// The shared source must be visible to the async proxy first (fence_proxy_async_shared).
+__device__ __forceinline__ void tma_store_4d(const void* tmap, uint32_t src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tmap)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// Waits until this thread's committed bulk groups have read their shared sources (the buffers may be
+// written again), not for their global writes.
+__device__ __forceinline__ void bulk_wait_group_read_all() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
+// Waits until this thread's committed bulk groups have completed, global writes included.
+__device__ __forceinline__ void bulk_wait_group_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ void tma_prefetch_descriptor(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");

@@ -82,11 +82,13 @@ struct WgmmaAttendParams {
   CUtensorMap tmap_q;  // Q [B·Hq, Lq, D] int8, box (D_PAD, 128, 1), swizzle D_PAD bytes
   CUtensorMap tmap_k;  // K [B·Hkv, Lk, D] int8, box (D_PAD, BLOCK_K, 1), swizzle D_PAD bytes
   CUtensorMap tmap_v;  // V^T [B·Hkv, D, Lk_pad] e4m3, box (BLOCK_K, D_PAD, 1), swizzle BLOCK_K bytes
+  CUtensorMap tmap_o;  // with kTmaStores: O [B, Hq, Lq, D] 2-byte, box (64, 16, 1, 1), swizzle 128 bytes
   MmaAttendParams a;
   int32_t q_tiles = 0;  // ceil(Lq / 128): work tiles per (b, h)
   int32_t tiles = 0;    // q_tiles · Hq · B
-  // o is fp16 / bf16 with every row on a 16-byte boundary: rows leave through shared memory in
-  // 16-byte stores (else pairs of elements are stored from the accumulator fragments).
+  // o is fp16 / bf16 with every row on a 16-byte boundary (and, with Config::kTmaStores, described by
+  // tmap_o): a warp's 16 rows leave through shared memory, by TMA stores or in 16-byte stores (else
+  // pairs of elements are stored from the accumulator fragments).
   bool o_rows_16b = false;
   // Split tail (no causal mask): the work tiles [split_first, tiles), fewer than the grid, are cut
   // into pieces: each work tile is split_ctas units, CTA c < split_ctas runs units
@@ -195,12 +197,27 @@ struct Config {
   // After the mbarriers in their slot: per consumer warp, whether it merges the split work tile of its
   // CTA's first / second piece (set by the piece, read after the tile loop).
   static constexpr int kMergeFlagsOffset = kBarOffset + 512;
-  // A consumer warp's 16 output rows in a 2-byte type, written by stmatrix, read in 16-byte chunks.
-  using ORows = PaddedTile<16, 2 * kHeadDimPad>;
+  // 2-byte output rows on 16-byte boundaries (o_rows_16b) leave through shared memory: a consumer warp's
+  // 16 rows, written by stmatrix, then stored by TMA (kTmaStores) or read back in 16-byte chunks and
+  // stored in 16-byte stores. TMA stores where ptxas leaves the main loop's registers as they were:
+  // D_PAD = BLOCK_K = 128 (pairs and one 128-key block), kernel alone +0.3 to +1.6 % at L32k and B2 L8k,
+  // +3.4 % at B4 L2k (session 25). In the four-block D64 kernel they cost the split form's main loop nine
+  // spill loads / stores per step (kernel alone −2 %, same session); the D64 and <128, 64> kernels keep the
+  // 16-byte stores.
+  static constexpr bool kTmaStores = kHeadDimPad == 128 && kBlockK == 128;
   static constexpr int kORowsOffset = kBarOffset + 1024;
+  // TMA stores: boxes of 64 columns, rows of 128 bytes, chunk j of row r at chunk j ^ (r % 8) (the
+  // 128-byte swizzle), each box on the swizzle atom grid.
+  static constexpr int kOBoxCols = 64;
+  static constexpr int kOBoxRowBytes = 2 * kOBoxCols;
+  static constexpr int kOBoxes = kHeadDimPad / kOBoxCols;
+  static constexpr int kOBoxBytes = 16 * kOBoxRowBytes;
+  // 16-byte stores: rows padded by 16 bytes (conflict-free 16-byte reads).
+  using ORows = PaddedTile<16, 2 * kHeadDimPad>;
+  static constexpr int kOStageBytes = kTmaStores ? kOBoxes * kOBoxBytes : ORows::kBytes;
   // A consumer warp's copy of its work tile's V scales (fp32 [D_PAD], zero past D), copied at the tile's
   // start and read by the epilogue.
-  static constexpr int kVScaleOffset = kORowsOffset + kConsumerWarps * ORows::kBytes;
+  static constexpr int kVScaleOffset = kORowsOffset + kConsumerWarps * kOStageBytes;
   static constexpr int kVScaleBytes = kHeadDimPad * 4;
   static constexpr int kSmemBytes = 1024 + kVScaleOffset + kConsumerWarps * kVScaleBytes;
 
@@ -218,6 +235,9 @@ struct Config {
   static_assert(!kMultiBlock || (kBlockK >= 128 && !kOverlap), "multi-block tiles on the ping-pong schedule");
   static_assert(kVRowBytes % kVPadTokens == 0, "a V^T tile never straddles the zero padding partially");
   static_assert(kSmemBytes <= kMaxDynamicSmemBytes, "within the dynamic shared memory of an sm_90 CTA");
+  static_assert(!kTmaStores ||
+                    (kORowsOffset % kSwizzleAlign == 0 && kOBoxBytes % kSwizzleAlign == 0 && kHeadDimPad % kOBoxCols == 0),
+                "output boxes on the swizzle atom grid");
   static_assert(kSplitWarps == kConsumerWarps && kSplitTileRows == kWgmmaAttendRows,
                 "the split scratch of layout.h holds this kernel's work tiles");
 };
@@ -672,22 +692,56 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           x1 = l[i_row] == 0.0f ? 0.0f : x1 * vs.y * inv_denom[i_row];
         }
       }
+      // Register m of the stmatrix.x4 step at n-tile dt (even): rows g + 8 · (m % 2), n-tile dt + m / 2.
+      auto stmatrix_word = [&](auto* o_base, int dt, int m) {
+        using T = std::remove_pointer_t<decltype(o_base)>;
+        return pack_output_pair<T>(acc[4 * dt + 2 * m], acc[4 * dt + 2 * m + 1]);
+      };
+      // TMA stores: the warp's 16 rows go to its staging boxes by stmatrix (matrix m of a step: rows
+      // 8 · (m % 2) + [0, 8), n-tile dt + m / 2, swizzled), and one lane stores the boxes with TMA; rows
+      // >= Lq and columns >= D lie outside the tensor map and are not written. The previous tile's store
+      // must have read the boxes before they are written again.
+      auto store_rows_tma = [&](auto* o_base) {
+        using T = std::remove_pointer_t<decltype(o_base)>;
+        const uint32_t boxes = smem + Cfg::kORowsOffset + opaque(consumer_warp) * Cfg::kOStageBytes;
+        const int lane_here = opaque(lane);  // lane- and warp-derived offsets computed here, not kept across the tile loop
+        const int matrix = lane_here / 8;
+        const uint32_t lane_row = boxes + (lane_here % 8 + 8 * (matrix % 2)) * Cfg::kOBoxRowBytes;
+        // Chunk dt % 8 + m / 2 of the box (dt even) lands at (dt % 8) ^ (m / 2) ^ (row % 8).
+        const int chunk_xor = (matrix / 2) ^ (lane_here % 8);
+        if (lane_here == 0) bulk_wait_group_read_all();
+        __syncwarp();
+#pragma unroll
+        for (int dt = 0; dt < Cfg::kOTiles; dt += 2) {
+          const uint32_t r[4] = {stmatrix_word(o_base, dt, 0), stmatrix_word(o_base, dt, 1),
+                                 stmatrix_word(o_base, dt, 2), stmatrix_word(o_base, dt, 3)};
+          constexpr int kChunksPerBox = Cfg::kOBoxRowBytes / kCpAsyncBytes;  // 16-byte chunks of a box row
+          stmatrix_x4(lane_row + (dt / kChunksPerBox) * Cfg::kOBoxBytes + ((dt % kChunksPerBox) ^ chunk_xor) * kCpAsyncBytes, r);
+        }
+        fence_proxy_async_shared();
+        __syncwarp();
+        if (lane_here == 0) {
+#pragma unroll
+          for (int box = 0; box < Cfg::kOBoxes; ++box) {
+            tma_store_4d(&params.tmap_o, boxes + box * Cfg::kOBoxBytes, box * Cfg::kOBoxCols, warp_row0, h, b);
+          }
+          bulk_commit_group();
+        }
+      };
       // 2-byte outputs on 16-byte rows: the warp's 16 rows go to shared memory by stmatrix (matrix m of
       // a step: rows 8 · (m % 2) + [0, 8), n-tile dt + m / 2), come back in 16-byte chunks and leave in
       // 16-byte stores, whole 32-byte sectors (a fragment pair store writes 4 bytes of each of 8 rows).
       auto store_rows_16b = [&](auto* o_base) {
         using T = std::remove_pointer_t<decltype(o_base)>;
         using ORows = typename Cfg::ORows;
-        const uint32_t rows_smem = smem + Cfg::kORowsOffset + consumer_warp * ORows::kBytes;
+        const uint32_t rows_smem = smem + Cfg::kORowsOffset + consumer_warp * Cfg::kOStageBytes;
         const int lane_here = opaque(lane);  // lane-derived offsets computed here, not kept across the tile loop
         const int matrix = lane_here / 8;
         const uint32_t lane_row = rows_smem + ORows::offset(lane_here % 8 + 8 * (matrix % 2), matrix / 2);
 #pragma unroll
         for (int dt = 0; dt < Cfg::kOTiles; dt += 2) {
-          const uint32_t r[4] = {pack_output_pair<T>(acc[4 * dt], acc[4 * dt + 1]),
-                                 pack_output_pair<T>(acc[4 * dt + 2], acc[4 * dt + 3]),
-                                 pack_output_pair<T>(acc[4 * dt + 4], acc[4 * dt + 5]),
-                                 pack_output_pair<T>(acc[4 * dt + 6], acc[4 * dt + 7])};
+          const uint32_t r[4] = {stmatrix_word(o_base, dt, 0), stmatrix_word(o_base, dt, 1),
+                                 stmatrix_word(o_base, dt, 2), stmatrix_word(o_base, dt, 3)};
           stmatrix_x4(lane_row + ORows::offset(0, dt), r);
         }
         __syncwarp();
@@ -707,6 +761,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         }
         __syncwarp();  // the rows are read before the next work tile writes them
       };
+      auto store_rows_staged = [&](auto* o_base) {
+        if constexpr (Cfg::kTmaStores) {
+          store_rows_tma(o_base);
+        } else {
+          store_rows_16b(o_base);
+        }
+      };
       auto store_rows = [&](auto* o_base) {
         using T = std::remove_pointer_t<decltype(o_base)>;
 #pragma unroll
@@ -723,10 +784,10 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       };
       switch (p.o_dtype) {
         case DType::kFloat16:
-          params.o_rows_16b ? store_rows_16b(static_cast<__half*>(p.o)) : store_rows(static_cast<__half*>(p.o));
+          params.o_rows_16b ? store_rows_staged(static_cast<__half*>(p.o)) : store_rows(static_cast<__half*>(p.o));
           break;
         case DType::kBFloat16:
-          params.o_rows_16b ? store_rows_16b(static_cast<__nv_bfloat16*>(p.o))
+          params.o_rows_16b ? store_rows_staged(static_cast<__nv_bfloat16*>(p.o))
                             : store_rows(static_cast<__nv_bfloat16*>(p.o));
           break;
         case DType::kFloat32: store_rows(static_cast<float*>(p.o)); break;
@@ -1350,6 +1411,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     }
   }
 
+  if (Cfg::kTmaStores && params.o_rows_16b && lane == 0) bulk_wait_group_all();  // the stores read the boxes, wrote o
+
   // ---- P·V statistics: one atomic per counter and warp ---------------------------------------------
   if (p.stats != nullptr && lane == 0) {
     auto* stats = reinterpret_cast<unsigned long long*>(p.stats);
@@ -1377,18 +1440,26 @@ inline Status tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000* out) {
   return Status::Ok();
 }
 
-// A 3-D tiled map over an 8-bit tensor (dims innermost first, dim 0 contiguous).
-inline Status encode_map_3d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map, const void* base,
-                            const uint64_t (&dims)[3], const uint64_t (&strides_bytes)[2], const uint32_t (&box)[3],
-                            int swizzle_bytes, const char* what) {
-  const cuuint64_t global_dim[3] = {dims[0], dims[1], dims[2]};
-  const cuuint64_t global_stride[2] = {strides_bytes[0], strides_bytes[1]};
-  const cuuint32_t box_dim[3] = {box[0], box[1], box[2]};
-  const cuuint32_t element_stride[3] = {1, 1, 1};
+// A tiled map of kRank dims (innermost first, dim 0 contiguous) over a tensor of 1- or 2-byte elements.
+template <int kRank>
+Status encode_map(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map, int element_bytes, const void* base,
+                  const uint64_t (&dims)[kRank], const uint64_t (&strides_bytes)[kRank - 1],
+                  const uint32_t (&box)[kRank], int swizzle_bytes, const char* what) {
+  cuuint64_t global_dim[kRank];
+  cuuint64_t global_stride[kRank - 1];
+  cuuint32_t box_dim[kRank];
+  cuuint32_t element_stride[kRank];
+  for (int i = 0; i < kRank; ++i) {
+    global_dim[i] = dims[i];
+    if (i + 1 < kRank) global_stride[i] = strides_bytes[i];
+    box_dim[i] = box[i];
+    element_stride[i] = 1;
+  }
   const CUtensorMapSwizzle swizzle = swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), global_dim, global_stride,
-                            box_dim, element_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUtensorMapDataType type = element_bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16;
+  const CUresult r = encode(map, type, kRank, const_cast<void*>(base), global_dim, global_stride, box_dim,
+                            element_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     return {StatusCode::kCudaError, std::string("cuTensorMapEncodeTiled(") + what + ") failed with " + std::to_string(r)};
   }
@@ -1450,11 +1521,11 @@ Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) 
   constexpr uint32_t kD = kHeadDimPad;
   constexpr uint32_t kK = Cfg::kBlockKeys;  // one TMA box per kept block
   constexpr uint32_t kRows = kWgmmaAttendRows;
-  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_q, a.q, {dim, len_q, bhq},
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map<3>(encode, &params.tmap_q, 1, a.q, {dim, len_q, bhq},
                                                      {dim, dim * len_q}, {kD, kRows, 1}, kHeadDimPad, "Q"));
-  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_k, a.k, {dim, len_k, bhk},
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map<3>(encode, &params.tmap_k, 1, a.k, {dim, len_k, bhk},
                                                      {dim, dim * len_k}, {kD, kK, 1}, kHeadDimPad, "K"));
-  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map_3d(encode, &params.tmap_v, a.v, {len_k_pad, dim, bhk},
+  SPARGE_RETURN_IF_ERROR(wgmma_attend::encode_map<3>(encode, &params.tmap_v, 1, a.v, {len_k_pad, dim, bhk},
                                                      {len_k_pad, len_k_pad * dim}, {kK, kD, 1}, Cfg::kVRowBytes, "V^T"));
 
   static const std::string smem_what = name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize)";
@@ -1473,9 +1544,25 @@ Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) 
   params.q_tiles = static_cast<int32_t>(q_tiles);
   params.tiles = static_cast<int32_t>(tiles);
   constexpr int64_t kElems16b = 8;  // 2-byte elements per 16 bytes
-  params.o_rows_16b = a.o_dtype != DType::kFloat32 && reinterpret_cast<uintptr_t>(a.o) % 16 == 0 &&
-                      a.o_stride_batch % kElems16b == 0 && a.o_stride_head % kElems16b == 0 &&
-                      a.o_stride_token % kElems16b == 0;
+  const bool o_rows_16b = a.o_dtype != DType::kFloat32 && reinterpret_cast<uintptr_t>(a.o) % 16 == 0 &&
+                          a.o_stride_batch % kElems16b == 0 && a.o_stride_head % kElems16b == 0 &&
+                          a.o_stride_token % kElems16b == 0;
+  params.o_rows_16b = o_rows_16b;
+  if (Cfg::kTmaStores && o_rows_16b) {
+    // 2-byte O as [B, Hq, Lq, D] in its strides (a dimension of size 1 may have stride 0: it takes the
+    // row-major one). The map fails to encode only for strides beyond what TMA addresses; the pair
+    // stores take those rows.
+    constexpr uint64_t kOBytes = 2;
+    const uint64_t heads_q = static_cast<uint64_t>(a.heads_q);
+    const uint64_t token_bytes = len_q > 1 ? kOBytes * a.o_stride_token : kOBytes * dim;
+    const uint64_t head_bytes = heads_q > 1 ? kOBytes * a.o_stride_head : token_bytes * len_q;
+    const uint64_t batch_bytes = batch > 1 ? kOBytes * a.o_stride_batch : head_bytes * heads_q;
+    params.o_rows_16b = wgmma_attend::encode_map<4>(encode, &params.tmap_o, kOBytes, a.o,
+                                               {dim, len_q, heads_q, static_cast<uint64_t>(batch)},
+                                               {token_bytes, head_bytes, batch_bytes}, {Cfg::kOBoxCols, 16, 1, 1},
+                                               Cfg::kOBoxRowBytes, "O")
+                       .ok();
+  }
   const int64_t grid = std::min<int64_t>(tiles, sms);
   if (grid > 0) params.causal = causal_order(params.q_tiles, params.tiles / params.q_tiles, static_cast<int>(grid));
   SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlocksPerStep),

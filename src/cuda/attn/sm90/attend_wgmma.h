@@ -34,8 +34,8 @@ inline constexpr int kWgmmaAttendQBuffers = 2;  // Q tiles: the next work tile's
 // Dynamic shared memory of one CTA: kWgmmaAttendQBuffers Q tiles and kWgmmaAttendStages (K tile,
 // V^T tiles), each 1024-byte aligned for the swizzle, the V^T tiles (blocks_per_tile per stage) each
 // followed by 8 rows of e4m3 ones, the mbarriers, the output rows of 2-byte types on their way to
-// global memory (rows padded by 16 bytes), each consumer warp's copy of the V scales, and 1024 bytes
-// to align the base.
+// global memory (TMA boxes of 16 rows by 128 bytes, or rows padded by 16 bytes), each consumer warp's
+// copy of the V scales, and 1024 bytes to align the base.
 constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k, int blocks_per_tile) {
   constexpr size_t kAlignSlack = 1024;
   constexpr size_t kTileAlign = 1024;
@@ -48,7 +48,8 @@ constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k, int bloc
   const size_t v_tile = (v_row * (head_dim_pad + kSumRows) + kTileAlign - 1) / kTileAlign * kTileAlign;
   const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * (k_tile + blocks_per_tile * v_tile);
   constexpr size_t kConsumerWarps = kWgmmaAttendRows / 16;
-  const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + kRowPad);
+  const bool tma_stores = head_dim_pad == 128 && block_k == 128;  // Config::kTmaStores
+  const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + (tma_stores ? 0 : kRowPad));
   const size_t v_scales = kConsumerWarps * head_dim_pad * sizeof(float);
   return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + o_rows + v_scales;
 }
