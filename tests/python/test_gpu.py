@@ -435,7 +435,7 @@ def test_wgmma_split_tail_matches_unsplit(seed, monkeypatch, tiles, d, mode, val
 
     quantized = sparge.quantize(q, k, v, block_size=block_size)
     pred = sparge.predict(quantized, **_kwargs(mode, value))
-    blocks_per_step = {"quads": 4, "pairs": 2}.get(tiles, 1)
+    blocks_per_step = int(TILE_BLOCKS.get(tiles, "1"))  # block_k128: one block per tile
     steps = (pred.count.flatten().long() + blocks_per_step - 1) // blocks_per_step  # per work tile, in launch order
     for ctas in (19, 43, 47):
         (o_split, lse_split), (o_whole, lse_whole) = run(ctas, True), run(ctas, False)

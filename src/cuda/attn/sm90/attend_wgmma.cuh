@@ -204,7 +204,7 @@ struct Config {
   // +3.4 % at B4 L2k (session 25). In the four-block D64 kernel they cost the split form's main loop nine
   // spill loads / stores per step (kernel alone −2 %, same session); the D64 and <128, 64> kernels keep the
   // 16-byte stores.
-  static constexpr bool kTmaStores = kHeadDimPad == 128 && kBlockK == 128;
+  static constexpr bool kTmaStores = wgmma_attend_tma_stores(kHeadDimPad, kBlockK);
   static constexpr int kORowsOffset = kBarOffset + 1024;
   // TMA stores: boxes of 64 columns, rows of 128 bytes, chunk j of row r at chunk j ^ (r % 8) (the
   // 128-byte swizzle), each box on the swizzle atom grid.

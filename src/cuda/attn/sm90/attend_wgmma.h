@@ -31,6 +31,10 @@ constexpr bool wgmma_attend_covers(int64_t head_dim, int64_t block_q, int64_t bl
 
 inline constexpr int kWgmmaAttendQBuffers = 2;  // Q tiles: the next work tile's loads while this one runs
 
+// Whether the kernel for (padded head dim, tile of block_k keys) stores 2-byte output rows by TMA
+// (Config::kTmaStores says why only there); the others store them in 16-byte stores.
+constexpr bool wgmma_attend_tma_stores(int head_dim_pad, int block_k) { return head_dim_pad == 128 && block_k == 128; }
+
 // Dynamic shared memory of one CTA: kWgmmaAttendQBuffers Q tiles and kWgmmaAttendStages (K tile,
 // V^T tiles), each 1024-byte aligned for the swizzle, the V^T tiles (blocks_per_tile per stage) each
 // followed by 8 rows of e4m3 ones, the mbarriers, the output rows of 2-byte types on their way to
@@ -48,8 +52,8 @@ constexpr size_t wgmma_attend_smem_bytes(int head_dim_pad, int block_k, int bloc
   const size_t v_tile = (v_row * (head_dim_pad + kSumRows) + kTileAlign - 1) / kTileAlign * kTileAlign;
   const size_t kv_tiles = static_cast<size_t>(kWgmmaAttendStages) * (k_tile + blocks_per_tile * v_tile);
   constexpr size_t kConsumerWarps = kWgmmaAttendRows / 16;
-  const bool tma_stores = head_dim_pad == 128 && block_k == 128;  // Config::kTmaStores
-  const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + (tma_stores ? 0 : kRowPad));
+  const size_t o_row_pad = wgmma_attend_tma_stores(head_dim_pad, block_k) ? 0 : kRowPad;
+  const size_t o_rows = static_cast<size_t>(kWgmmaAttendRows) * (2 * head_dim_pad + o_row_pad);
   const size_t v_scales = kConsumerWarps * head_dim_pad * sizeof(float);
   return kAlignSlack + q_tile + kv_tiles + kBarrierBytes + o_rows + v_scales;
 }
