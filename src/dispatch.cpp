@@ -327,10 +327,11 @@ Status check(const AttentionParams& p) {
 namespace {
 
 // The stages on params that passed their check (or the check of the fused call that carries them).
-Status run_quantize(QuantizeParams p) {
+// block_stats: see cuda::quantize (the CPU backend always writes the statistics).
+Status run_quantize(QuantizeParams p, bool block_stats = true) {
   p.quant.sm_scale = resolved_sm_scale(p.quant.sm_scale, p.shape.head_dim);
 #if defined(SPARGE_WITH_CUDA)
-  if (p.device == Device::kCUDA) return cuda::quantize(p);
+  if (p.device == Device::kCUDA) return cuda::quantize(p, block_stats);
 #endif
   cpu::quantize(p);
   return Status::Ok();
@@ -379,13 +380,18 @@ Status attention(const AttentionParams& p) {
   const StageBuffers buf = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv);
   const size_t stage_bytes = stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv);
   const size_t scratch = scratch_bytes(p.device, p.shape, p.blocks, p.quant.pv);
+  // Only TopK and CDF selection read the block statistics, and only the spike score the spike keys.
+  const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
+  QuantizedQKV quantize_out = buf.quantized;
+  if (!scored || p.select.block_score != BlockScore::kSpikes) quantize_out.k_spikes = nullptr;
   SPARGE_RETURN_IF_ERROR(run_quantize(QuantizeParams{.device = p.device,
                                                      .stream = p.stream,
                                                      .shape = p.shape,
                                                      .blocks = p.blocks,
                                                      .in = p.in,
                                                      .quant = p.quant,
-                                                     .out = buf.quantized}));
+                                                     .out = quantize_out},
+                                      scored));
   SPARGE_RETURN_IF_ERROR(run_predict(PredictParams{.device = p.device,
                                                    .stream = p.stream,
                                                    .shape = p.shape,

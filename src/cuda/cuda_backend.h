@@ -16,7 +16,9 @@ Status supports_attend(const Shape& shape, const BlockConfig& blocks, const Quan
 // The stage 2 kernel the request runs on: "wgmma" or "mma" (after supports_attend's checks).
 Status attend_kernel(const Shape& shape, const BlockConfig& blocks, const QuantOptions& quant, const char** name);
 
-Status quantize(const QuantizeParams& p);
+// block_stats false: the caller predicts nothing from this output (dense or block-mask selection),
+// so q_pool, q_sim, k_pool, k_sim and k_spikes may be left unwritten or hold scratch.
+Status quantize(const QuantizeParams& p, bool block_stats = true);
 Status predict(const PredictParams& p);
 Status attend(const AttendParams& p);
 

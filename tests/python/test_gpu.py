@@ -202,6 +202,30 @@ def test_cuda_quantize_v_for_the_fp16_accumulator(seed, head_dim):
     assert torch.all(gpu.v_by_key()[..., 333:].float() == 0), "V padding must be zero"
 
 
+@pytest.mark.parametrize("mode", ["dense", "block_mask", "cdf", "topk", "topk_mean"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])  # the rows kernels of 8, 16 and 32 chunks per row
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_fused_quantize_skips_only_unread_statistics(seed, mode, head_dim, dtype):
+    """The fused op quantizes without the block statistics where its selection reads none (dense, block
+    mask) and without the spike keys where the score has none (cdf, mean-score topk): with Lk past the
+    small-problem path, its output and LSE equal those of sparge.quantize (every statistic) → predict →
+    attend bit for bit, GQA and a partial last block included."""
+    q, k, v = structured_qkv(1, 4, 2, 1100, 1500, head_dim, dtype=dtype, device="cuda", seed=seed)
+    kw = {"dense": dict(mode="dense"), "cdf": dict(mode="cdf", cdfthreshd=0.9), "topk": dict(mode="topk", topk=0.4),
+          "topk_mean": dict(mode="topk", topk=0.4, block_score="mean")}.get(mode)  # fmt: skip
+    if mode == "block_mask":
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        kw = dict(mode="block_mask", block_mask=torch.rand(1, 4, 9, 24, generator=gen, device="cuda") < 0.5)
+    pv = _runnable_pv()
+    o, lse = sparge.attention(q, k, v, pv_precision=pv, return_lse=True, **kw)
+    quantized = sparge.quantize(q, k, v, pv_precision=pv)
+    pred = sparge.predict(quantized, **kw)
+    o_stages, lse_stages = sparge.attend(quantized, pred.index, pred.count, return_lse=True)
+    context = f"{mode} D{head_dim} {dtype} seed={seed}"
+    assert_equal(o, o_stages, f"o: {context}")
+    assert_equal(lse, lse_stages, f"lse: {context}")
+
+
 @pytest.mark.parametrize("case", [dict(mode="dense"), dict(mode="topk", topk=0.3), dict(mode="cdf", cdfthreshd=0.95),
                                   dict(mode="topk", topk=0.5, is_causal=True, attention_sink=True),
                                   dict(mode="cdf", cdfthreshd=0.9, is_causal=True, causal_alignment="bottom_right"),

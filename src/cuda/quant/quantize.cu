@@ -16,6 +16,8 @@
 // needs clearing first), register-resident rows kernels (the Q one also does 7), and a v_quant
 // that transposes through shared memory without bank conflicts (by ldmatrix.trans from 2-byte
 // inputs to e4m3): five launches for the stage. Same arithmetic per element as the passes above.
+// Where the caller predicts nothing from the output (quantize's block_stats), the fast rows kernels
+// skip the block statistics.
 // Small problems on the fast path (0 < Lk <= kSmallLenK = 1024, quantize_fast_small), where the
 // launches rather than the bytes cost the time: two launches.
 //   a. kv_head_fast : one CTA per b·Hkv over all its rows: k_mean (1+2), V amax with
@@ -447,8 +449,10 @@ struct RowsFastSmem {
 };
 
 // One CTA's work: prediction block block_index (of nblocks per head row) of head row bh_index
-// (b·H) of Q or K.
-template <bool kIsQ, typename T, int CPR>
+// (b·H) of Q or K. kStats: also the block statistics of the prediction (pool, sim, spikes). Without
+// them (the fused op's dense and block-mask calls) B2 H16 L8k D128 K rows take 30.3 instead of 44.1 µs
+// (with spike keys), Q rows 36.1 instead of 42.4 (bench/RESULTS.md, session 26).
+template <bool kIsQ, bool kStats, typename T, int CPR>
 __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsigned block_index, unsigned bh_index,
                                                         unsigned nblocks, RowsFastSmem<T, CPR>& sm) {
   constexpr int VEC = kVec<T>;
@@ -499,7 +503,7 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
 #pragma unroll
   for (int k = 0; k < VEC; ++k) s_acc[k] = u_acc[k] = 0.0f;
   int nonzero = 0;
-  if (threadIdx.x < kSpikeKeys) {
+  if (kStats && threadIdx.x < kSpikeKeys) {
     spike_norm2[threadIdx.x] = -1.0f;
     spike_row[threadIdx.x] = -1;
   }
@@ -526,30 +530,34 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
         const float y = kIsQ ? raw : raw - km[k];
         vv[k] = y;
         amax = fmaxf(amax, fabsf(y));
-        sumsq += y * y;
-        dot += raw * km[k];
+        if (kStats) sumsq += y * y;
+        if (kIsQ) dot += raw * km[k];
       }
       amax = row_max<CPR>(amax);
-      sumsq = row_sum<CPR>(sumsq);
+      if (kStats) sumsq = row_sum<CPR>(sumsq);
       if (kIsQ) dot = row_sum<CPR>(dot);
-      const float inv_norm = sumsq > 0.0f ? rsqrtf(sumsq) : 0.0f;
       if (r < rows) {
+        if constexpr (kStats) {
+          const float inv_norm = sumsq > 0.0f ? rsqrtf(sumsq) : 0.0f;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          s_acc[k] += vv[k];
-          u_acc[k] += vv[k] * inv_norm;
+          for (int k = 0; k < VEC; ++k) {
+            s_acc[k] += vv[k];
+            u_acc[k] += vv[k] * inv_norm;
+          }
         }
         if (c == 0) {
           row_amax[r] = amax;
-          row_norm2[r] = sumsq;
-          if (sumsq > 0.0f) ++nonzero;
+          if (kStats) {
+            row_norm2[r] = sumsq;
+            if (sumsq > 0.0f) ++nonzero;
+          }
           if (kIsQ && a.lse_shift != nullptr) a.lse_shift[bh * a.len + row0 + r] = a.sm_scale * dot;
         }
       }
     }
     if (threadIdx.x < kTileRows) group_amax[threadIdx.x] = 0.0f;
     __syncthreads();
-    if (!kIsQ && a.spikes != nullptr && threadIdx.x < kWarpSize) {
+    if (kStats && !kIsQ && a.spikes != nullptr && threadIdx.x < kWarpSize) {
       // Top kSpikeKeys (= 2) rows of this tile by (norm desc, row asc), merged with the block's.
       const int lane = threadIdx.x;
       float n0 = lane < rows ? row_norm2[lane] : -2.0f;
@@ -624,6 +632,7 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
     }
     __syncthreads();
   }
+  if constexpr (!kStats) return;
 
   // Column sums over this thread's rows -> per-column totals, each in a fixed order over the RPP
   // partials: entries i < D of the loop below total s of column i, entries D + d total u of column d.
@@ -674,11 +683,11 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
   }
 }
 
-template <bool kIsQ, typename T, int CPR>
+template <bool kIsQ, bool kStats, typename T, int CPR>
 __global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<T, CPR>) quantize_rows_fast_kernel(RowsArgs a) {
   __shared__ RowsFastSmem<T, CPR> sm;
   wait_for_prior_grids();
-  quantize_rows_fast_body<kIsQ, T, CPR>(a, blockIdx.x, blockIdx.y, gridDim.x, sm);
+  quantize_rows_fast_body<kIsQ, kStats, T, CPR>(a, blockIdx.x, blockIdx.y, gridDim.x, sm);
 }
 
 // Small problems: the K rows and the Q rows in one grid of (kpz + nbq, B·Hkv, G) CTAs, G = Hq / Hkv
@@ -695,9 +704,9 @@ __global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<T, CPR>)
   wait_for_prior_grids();
   if (blockIdx.x < kpz) {
     const unsigned block = blockIdx.z * kpz + blockIdx.x;
-    if (block < nbk) quantize_rows_fast_body<false, T, CPR>(ka, block, blockIdx.y, nbk, sm);
+    if (block < nbk) quantize_rows_fast_body<false, true, T, CPR>(ka, block, blockIdx.y, nbk, sm);
   } else {
-    quantize_rows_fast_body<true, T, CPR>(qa, blockIdx.x - kpz, blockIdx.y * gridDim.z + blockIdx.z, nbq, sm);
+    quantize_rows_fast_body<true, true, T, CPR>(qa, blockIdx.x - kpz, blockIdx.y * gridDim.z + blockIdx.z, nbq, sm);
   }
 }
 
@@ -1036,9 +1045,20 @@ Status quantize_fast_small(const QuantizeParams& p, bool chained) {
                        static_cast<unsigned>(nbq));
 }
 
+// The rows kernel of Q (kIsQ) or K, with or without the block statistics.
+template <bool kIsQ, typename T, int CPR>
+Status launch_rows_fast(const RowsArgs& a, bool block_stats, int64_t nblocks, int64_t bh, bool chained,
+                        cudaStream_t stream) {
+  const char* what = kIsQ ? "quantize_rows_fast<Q>" : "quantize_rows_fast<K>";
+  const dim3 grid(static_cast<unsigned>(nblocks), static_cast<unsigned>(bh));
+  const auto kernel = block_stats ? quantize_rows_fast_kernel<kIsQ, true, T, CPR>
+                                  : quantize_rows_fast_kernel<kIsQ, false, T, CPR>;
+  return launch_kernel(what, chained, kernel, grid, kRowsThreads<CPR>, 0, stream, a);
+}
+
 // The whole stage on the fast path (see above for when it applies).
 template <typename T, int CPR>
-Status quantize_fast(const QuantizeParams& p, bool chained) {
+Status quantize_fast(const QuantizeParams& p, bool block_stats, bool chained) {
   if (p.shape.len_k > 0 && p.shape.len_k <= kSmallLenK) return quantize_fast_small<T, CPR>(p, chained);
   constexpr int kRowThreads = kRowsThreads<CPR>;
   const Shape& s = p.shape;
@@ -1064,8 +1084,7 @@ Status quantize_fast(const QuantizeParams& p, bool chained) {
     SPARGE_RETURN_IF_ERROR(launch_kernel("kv_reduce", chained, kv_reduce_kernel, dim3(bhk, ceil_div(d, kWarpSize)),
                                          kThreads, 0, stream, k_sums, v_amax_parts, nbk, s.len_k, d, o.k_mean,
                                          o.v_scale));
-    SPARGE_RETURN_IF_ERROR(launch_kernel("quantize_rows_fast<K>", chained, quantize_rows_fast_kernel<false, T, CPR>,
-                                         dim3(nbk, bhk), kRowThreads, 0, stream, k_rows_args(p)));
+    SPARGE_RETURN_IF_ERROR((launch_rows_fast<false, T, CPR>(k_rows_args(p), block_stats, nbk, bhk, chained, stream)));
     const int64_t len_pad = padded_len_k(s.len_k);
     if (pv_is_fp8(p.quant.pv)) {
       SPARGE_RETURN_IF_ERROR(
@@ -1085,8 +1104,7 @@ Status quantize_fast(const QuantizeParams& p, bool chained) {
   }
   if (q_rows) {
     const RowsArgs qa = q_rows_args(p, s.len_k > 0 && finalize_in_q_rows ? o.v_scale : nullptr);
-    SPARGE_RETURN_IF_ERROR(launch_kernel("quantize_rows_fast<Q>", chained, quantize_rows_fast_kernel<true, T, CPR>,
-                                         dim3(nbq, bhq), kRowThreads, 0, stream, qa));
+    SPARGE_RETURN_IF_ERROR((launch_rows_fast<true, T, CPR>(qa, block_stats, nbq, bhq, chained, stream)));
   }
   return Status::Ok();
 }
@@ -1110,7 +1128,7 @@ int fast_cpr(const QuantizeParams& p) {
 
 }  // namespace
 
-Status quantize(const QuantizeParams& p) {
+Status quantize(const QuantizeParams& p, bool block_stats) {
   const Shape& s = p.shape;
   const QuantizedQKV& o = p.out;
   const cudaStream_t stream = p.stream;
@@ -1124,9 +1142,9 @@ Status quantize(const QuantizeParams& p) {
   return dispatch_dtype(p.in.dtype, "in.dtype", [&](auto type_tag) -> Status {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(type_tag)>>;
     switch (fast_cpr<T>(p)) {
-      case 8: return quantize_fast<T, 8>(p, chained);
-      case 16: return quantize_fast<T, 16>(p, chained);
-      case 32: return quantize_fast<T, 32>(p, chained);
+      case 8: return quantize_fast<T, 8>(p, block_stats, chained);
+      case 16: return quantize_fast<T, 16>(p, block_stats, chained);
+      case 32: return quantize_fast<T, 32>(p, block_stats, chained);
       default: break;
     }
     const T* k = static_cast<const T*>(p.in.k);
