@@ -128,6 +128,8 @@ PREDICT_CASES = [
         ((1, 8, 4, 256, 320, 128), False),
         ((2, 8, 2, 8064, 8192, 64), True),  # groups of 2 Q blocks, the last one short
         ((1, 8, 2, 16384, 32768, 128), True),  # groups of 16
+        ((1, 8, 2, 8192, 8192, 72), True),  # K statistics staged 16 columns at a time, the last stage 8
+        ((1, 8, 2, 8192, 8192, 50), True),  # a head dim not a multiple of 4: not staged
     ],
     ids=str,
 )

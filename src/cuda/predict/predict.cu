@@ -21,6 +21,7 @@
 
 #include "cuda/common/chained_launch.cuh"
 #include "cuda/common/device_utils.cuh"
+#include "cuda/common/ptx_memory.cuh"
 #include "cuda/cuda_backend.h"
 #include "sparge/layout.h"
 
@@ -34,6 +35,11 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kScoreThreads = 128;  // K blocks per score_kernel CTA
 constexpr int kMaxGroup = 16;  // Q blocks per score_kernel thread
 constexpr int kDotRows = 1 + static_cast<int>(kSpikeKeys);  // y rows of a K block: pooled, spike keys
+// score_kernel's staged K statistics: kScoreCols columns of every row of its kScoreThreads K blocks
+// per stage, rows padded to kScorePitch floats (a thread's 16-byte reads of its own row are then
+// conflict-free: consecutive rows start 5 16-byte units apart).
+constexpr int kScoreCols = 16;
+constexpr int kScorePitch = kScoreCols + 4;
 
 enum : uint8_t { kCandidate = 1, kKept = 2 };
 
@@ -55,6 +61,7 @@ struct PredictArgs {
   int64_t nbq;
   int64_t nbk;
   int group;  // Q blocks per score_kernel thread (1: select_kernel scores its own row)
+  bool staged;  // score_kernel stages the K statistics in shared memory (staged_scores)
 };
 
 __device__ __forceinline__ float head_value(HeadParam hp, int64_t h) {
@@ -491,16 +498,110 @@ __device__ void select_row(const PredictArgs& a, int64_t bh, int64_t i, const fl
   if (threadIdx.x == 0) record_row(a, row, written, n_allowed);
 }
 
+// Whether score_kernel can stage the K statistics in 16-byte pieces (any head dim a multiple of 4,
+// 16-byte aligned statistics: the fused op's and sparge.quantize's buffers are).
+bool staged_scores(const PredictParams& p) {
+  auto aligned = [](const float* x) { return reinterpret_cast<uintptr_t>(x) % kCpAsyncBytes == 0; };
+  return p.shape.head_dim % 4 == 0 && aligned(p.stats.k_pool) &&
+         (p.select.block_score != BlockScore::kSpikes || aligned(p.stats.k_spikes));
+}
+
+// Shared memory of score_kernel<kGroup>: the pooled queries, then two stages of staged K statistics.
+size_t score_smem_bytes(int group, const PredictArgs& a) {
+  const int rows = a.select.block_score == BlockScore::kSpikes ? kDotRows : 1;
+  const size_t stages = a.staged ? 2 * static_cast<size_t>(rows) * kScoreThreads * kScorePitch : 0;
+  return sizeof(float) * (static_cast<size_t>(group) * static_cast<size_t>(a.shape.head_dim) + stages);
+}
+
+// ordered_dots for the CTA's kScoreThreads K blocks [j0, j0 + kScoreThreads), thread t for block j0 + t:
+// the kRows rows of every block (k_pool, then the spike keys) come through shared memory kScoreCols
+// columns at a time in two stages (cp.async), loaded as whole 64-byte row pieces; unstaged, each
+// thread read 16 bytes of each of its rows per step, rows 512 bytes apart (D128), so a warp's load
+// touched 32 sectors for 512 bytes. Same fused multiply-adds in the same order (bit-identical).
+// score_kernel<16> with spike keys 95.5 -> 80.0 µs at B1 H16 L32k D128, B2 H16 L8k 22.8 -> 17.8,
+// mean scores 41.0 -> 37.2, D64 103.0 -> 101.4 (bench/RESULTS.md, session 26): now bound by the
+// shared-memory reads of the pooled queries (16 broadcast 16-byte reads per 192 fmas). x:
+// kGroup rows of dim floats in shared memory (rows past the group's hold zeros). Every thread of
+// the CTA calls it (blocks from n_scored on are zeros, their results unused).
+template <int kGroup, int kRows>
+__device__ __forceinline__ void staged_dots(const PredictArgs& a, const float* x, int64_t bhk, int64_t j0,
+                                            int64_t n_scored, float* stage, float (&out)[kGroup][kRows]) {
+  const int64_t dim = a.shape.head_dim;
+  constexpr int kPieces = kScoreCols / 4;  // 16-byte pieces per staged row
+  constexpr int kStageFloats = kRows * kScoreThreads * kScorePitch;
+  const int64_t chunks = (dim + kScoreCols - 1) / kScoreCols;
+  // Thread t copies piece t % kPieces of rows t / kPieces + 32 · i (kScoreThreads / kPieces = 32 rows per
+  // pass): blocks j0 + t / kPieces + 32 · (i % 4) of row kind r = i / 4.
+  static_assert(kScoreThreads / kPieces == 32 && 4 * 32 == kScoreThreads, "four passes of 32 blocks per row kind");
+  const int piece = static_cast<int>(threadIdx.x) % kPieces;
+  const int64_t first = j0 + static_cast<int>(threadIdx.x) / kPieces;
+  const float* pool_src = a.k_pool + (bhk * a.nbk + first) * dim + 4 * piece;
+  const float* spike_src = kRows > 1 ? a.k_spikes + (bhk * a.nbk + first) * kSpikeKeys * dim + 4 * piece : nullptr;
+  const uint32_t dst0 = smem_address(stage + (threadIdx.x / kPieces) * kScorePitch + 4 * piece);
+  auto load = [&](int64_t chunk) {
+    const int64_t d0 = chunk * kScoreCols;
+    const uint32_t dst = dst0 + static_cast<uint32_t>((chunk % 2) * kStageFloats * sizeof(float));
+    const bool in_row = d0 + 4 * piece < dim;
+#pragma unroll
+    for (int i = 0; i < 4 * kRows; ++i) {
+      const int r = i / 4, pass = i % 4;
+      const bool valid = in_row && first + 32 * pass < n_scored;
+      const float* src = r == 0 ? pool_src + 32 * pass * dim : spike_src + ((r - 1) + 32 * pass * kSpikeKeys) * dim;
+      cp_async_16_zfill(dst + static_cast<uint32_t>((r * kScoreThreads + 32 * pass) * kScorePitch * sizeof(float)),
+                        valid ? src + d0 : a.k_pool, valid);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) out[g][r] = 0.0f;
+  }
+  auto add4 = [&](const float* mine, int64_t d, int c) {
+    float4 y4[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) y4[r] = *reinterpret_cast<const float4*>(mine + r * kScoreThreads * kScorePitch + c);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const float4 x4 = *reinterpret_cast<const float4*>(x + g * dim + d);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        out[g][r] = __fmaf_rn(x4.x, y4[r].x, out[g][r]);
+        out[g][r] = __fmaf_rn(x4.y, y4[r].y, out[g][r]);
+        out[g][r] = __fmaf_rn(x4.z, y4[r].z, out[g][r]);
+        out[g][r] = __fmaf_rn(x4.w, y4[r].w, out[g][r]);
+      }
+    }
+  };
+  load(0);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    if (chunk + 1 < chunks) {
+      load(chunk + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const float* mine = stage + (chunk % 2) * kStageFloats + threadIdx.x * kScorePitch;
+    const int64_t d0 = chunk * kScoreCols;
+    const int cols = static_cast<int>(min(static_cast<int64_t>(kScoreCols), dim - d0));
+#pragma unroll 1
+    for (int c = 0; c < cols; c += 4) add4(mine, d0 + c, c);
+    __syncthreads();  // the stage is read before chunk + 2 overwrites it
+  }
+}
+
 // Compressed scores of a group of kGroup consecutive Q blocks (TopK / CDF; fewer in the last
 // group), written as fp32 bits into their rows of the index output, which select_kernel reads
 // back before it overwrites them: one thread per K block (kScoreThreads of them per CTA along
 // grid z), every K statistic read once for the whole group (the pooled queries are a
-// shared-memory broadcast). The last Q block of a group allows the most K blocks; entries past a
-// row's allowed blocks are scored but never read. Also clears the block counters of the
-// statistics, which the selection adds to (in place of a memset call).
+// shared-memory broadcast; the K statistics staged through shared memory where a.staged). The
+// last Q block of a group allows the most K blocks; entries past a row's allowed blocks are
+// scored but never read. Also clears the block counters of the statistics, which the selection
+// adds to (in place of a memset call).
 template <int kGroup>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
-  extern __shared__ float4 q_rows4[];  // [kGroup][D] floats
+  extern __shared__ float4 q_rows4[];  // [kGroup][D] floats, then (a.staged) the stages of staged_dots
   float* q_rows = reinterpret_cast<float*>(q_rows4);
   wait_for_prior_grids();
   if (a.stats != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
@@ -513,13 +614,34 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kGroup;
   const int n_rows = static_cast<int>(min(static_cast<int64_t>(kGroup), a.nbq - i0));
   const int64_t dim = s.head_dim;
-  for (int64_t e = threadIdx.x; e < n_rows * dim; e += kScoreThreads) q_rows[e] = a.q_pool[(bh * a.nbq + i0) * dim + e];
-  __syncthreads();
   const int64_t n_scored = allowed_blocks(a, i0 + n_rows - 1);
-  const int64_t j = static_cast<int64_t>(blockIdx.z) * kScoreThreads + threadIdx.x;
-  if (j >= n_scored) return;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.z) * kScoreThreads;
+  if (j0 >= n_scored) return;  // the whole CTA
+  const int64_t x_floats = (a.staged ? kGroup : n_rows) * dim;
+  for (int64_t e = threadIdx.x; e < x_floats; e += kScoreThreads) {
+    q_rows[e] = e < n_rows * dim ? a.q_pool[(bh * a.nbq + i0) * dim + e] : 0.0f;
+  }
+  __syncthreads();
+  const int64_t j = j0 + threadIdx.x;
   float out[kGroup];
-  block_scores(a, q_rows, n_rows, bhk, j, out);
+  if (a.staged) {
+    float* stage = q_rows + kGroup * dim;
+    if (a.select.block_score == BlockScore::kSpikes) {
+      float dots[kGroup][kDotRows];
+      staged_dots<kGroup, kDotRows>(a, q_rows, bhk, j0, n_scored, stage, dots);
+      if (j >= n_scored) return;
+      spike_scores(a, j, n_rows, dots, out);
+    } else {
+      float dots[kGroup][1];
+      staged_dots<kGroup, 1>(a, q_rows, bhk, j0, n_scored, stage, dots);
+      if (j >= n_scored) return;
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) out[g] = __fmul_rn(dots[g][0], a.sm_scale);
+    }
+  } else {
+    if (j >= n_scored) return;
+    block_scores(a, q_rows, n_rows, bhk, j, out);
+  }
   float* out_rows = reinterpret_cast<float*>(a.index) + (bh * a.nbq + i0) * a.nbk;
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
@@ -699,10 +821,11 @@ int score_group(int64_t nbq, int64_t bhq, int64_t nbk) {
 
 template <int kGroup>
 Status launch_scores(const PredictArgs& args, bool chained, int64_t bhq, cudaStream_t stream) {
-  const size_t q_bytes = static_cast<size_t>(kGroup) * static_cast<size_t>(args.shape.head_dim) * sizeof(float);
+  const size_t smem = score_smem_bytes(kGroup, args);
+  SPARGE_RETURN_IF_ERROR(allow_dynamic_smem<score_kernel<kGroup>>(smem, "predict (scores): set shared memory"));
   const dim3 grid(static_cast<unsigned>(ceil_div(args.nbq, kGroup)), static_cast<unsigned>(bhq),
                   static_cast<unsigned>(ceil_div(args.nbk, kScoreThreads)));
-  return launch_kernel("predict (scores)", chained, score_kernel<kGroup>, grid, kScoreThreads, q_bytes, stream, args);
+  return launch_kernel("predict (scores)", chained, score_kernel<kGroup>, grid, kScoreThreads, smem, stream, args);
 }
 
 Status predict(const PredictParams& p) {
@@ -726,7 +849,7 @@ Status predict(const PredictParams& p) {
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
-                         .group = group};
+                         .group = group, .staged = staged_scores(p)};
   if (score_launch) {
     switch (group) {
       case 2: SPARGE_RETURN_IF_ERROR(launch_scores<2>(args, chained, bhq, p.stream)); break;
