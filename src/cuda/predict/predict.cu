@@ -518,7 +518,7 @@ size_t score_smem_bytes(int group, const PredictArgs& a) {
 // columns at a time in two stages (cp.async), loaded as whole 64-byte row pieces; unstaged, each
 // thread read 16 bytes of each of its rows per step, rows 512 bytes apart (D128), so a warp's load
 // touched 32 sectors for 512 bytes. Same fused multiply-adds in the same order (bit-identical).
-// score_kernel<16> with spike keys 95.5 -> 80.0 µs at B1 H16 L32k D128, B2 H16 L8k 22.8 -> 17.8,
+// score_kernel<16> with spike keys 96.3 -> 80.1 µs at B1 H16 L32k D128, B2 H16 L8k 22.8 -> 17.8,
 // mean scores 41.0 -> 37.2, D64 103.0 -> 101.4 (bench/RESULTS.md, session 26): now bound by the
 // shared-memory reads of the pooled queries (16 broadcast 16-byte reads per 192 fmas). x:
 // kGroup rows of dim floats in shared memory (rows past the group's hold zeros). Every thread of
@@ -530,8 +530,8 @@ __device__ __forceinline__ void staged_dots(const PredictArgs& a, const float* x
   constexpr int kPieces = kScoreCols / 4;  // 16-byte pieces per staged row
   constexpr int kStageFloats = kRows * kScoreThreads * kScorePitch;
   const int64_t chunks = (dim + kScoreCols - 1) / kScoreCols;
-  // Thread t copies piece t % kPieces of rows t / kPieces + 32 · i (kScoreThreads / kPieces = 32 rows per
-  // pass): blocks j0 + t / kPieces + 32 · (i % 4) of row kind r = i / 4.
+  // Pass i of a stage: thread t copies 16-byte piece t % kPieces of row kind r = i / 4 (k_pool, then the
+  // spike keys) of block j0 + t / kPieces + 32 · (i % 4), so four passes cover the CTA's blocks.
   static_assert(kScoreThreads / kPieces == 32 && 4 * 32 == kScoreThreads, "four passes of 32 blocks per row kind");
   const int piece = static_cast<int>(threadIdx.x) % kPieces;
   const int64_t first = j0 + static_cast<int>(threadIdx.x) / kPieces;
