@@ -220,23 +220,41 @@ __device__ void spike_scores(const PredictArgs& a, int64_t j, int n_rows, const 
 // scores"), one thread per K block, in the exact fp32 order of the CPU reference: kMean s·q̄·k̄;
 // kSpikes log(Σ_t exp(s·q̄·k*_t) + (n − m)·exp(s·q̄·k̄')), k̄' the mean of the other n − m keys. With
 // kSpikes every spike row is multiplied (rows t >= m hold zeros and are not used).
+// The scores from the dot products with the rows of K block j: dots_of(dots) fills float[kGroup][1] (kMean:
+// the pooled K row) or float[kGroup][kDotRows] (kSpikes: the pooled K row, then the spike keys).
+template <int kGroup, typename DotsOf>
+__device__ __forceinline__ void scores_from_dots(const PredictArgs& a, int64_t j, int n_rows, DotsOf&& dots_of,
+                                                 float (&out)[kGroup]) {
+  if (a.select.block_score != BlockScore::kSpikes) {
+    float dots[kGroup][1];
+    dots_of(dots);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) out[g] = __fmul_rn(dots[g][0], a.sm_scale);
+    return;
+  }
+  float dots[kGroup][kDotRows];
+  dots_of(dots);
+  spike_scores(a, j, n_rows, dots, out);
+}
+
+// The number of rows of K block j that a dots array of scores_from_dots holds.
+template <typename Dots>
+inline constexpr int kRowsOf = static_cast<int>(std::extent_v<std::remove_reference_t<Dots>, 1>);
+
 template <int kGroup>
 __device__ void block_scores(const PredictArgs& a, const float* q_rows, int n_rows, int64_t bhk, int64_t j,
                              float (&out)[kGroup]) {
   const int64_t dim = a.shape.head_dim;
   const float* k_row = a.k_pool + (bhk * a.nbk + j) * dim;
-  if (a.select.block_score != BlockScore::kSpikes) {
-    float dots[kGroup][1];
-    ordered_dots<kGroup, 1>(q_rows, n_rows, {k_row}, dim, dots);
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) out[g] = __fmul_rn(dots[g][0], a.sm_scale);
-    return;
-  }
   static_assert(kDotRows == 3, "the pooled K row and two spike keys");
-  const float* spikes = a.k_spikes + (bhk * a.nbk + j) * kSpikeKeys * dim;
-  float dots[kGroup][kDotRows];
-  ordered_dots<kGroup, kDotRows>(q_rows, n_rows, {k_row, spikes, spikes + dim}, dim, dots);
-  spike_scores(a, j, n_rows, dots, out);
+  scores_from_dots<kGroup>(a, j, n_rows, [&](auto& dots) {
+    if constexpr (kRowsOf<decltype(dots)> == 1) {
+      ordered_dots<kGroup, 1>(q_rows, n_rows, {k_row}, dim, dots);
+    } else {
+      const float* spikes = a.k_spikes + (bhk * a.nbk + j) * kSpikeKeys * dim;
+      ordered_dots<kGroup, kDotRows>(q_rows, n_rows, {k_row, spikes, spikes + dim}, dim, dots);
+    }
+  }, out);
 }
 
 // The b·Hkv row of the K statistics that b·Hq row bh reads.
@@ -625,19 +643,12 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(PredictArgs a) {
   const int64_t j = j0 + threadIdx.x;
   float out[kGroup];
   if (a.staged) {
+    // Every thread of the CTA stages; those past the allowed blocks score zeros and write nothing.
     float* stage = q_rows + kGroup * dim;
-    if (a.select.block_score == BlockScore::kSpikes) {
-      float dots[kGroup][kDotRows];
-      staged_dots<kGroup, kDotRows>(a, q_rows, bhk, j0, n_scored, stage, dots);
-      if (j >= n_scored) return;
-      spike_scores(a, j, n_rows, dots, out);
-    } else {
-      float dots[kGroup][1];
-      staged_dots<kGroup, 1>(a, q_rows, bhk, j0, n_scored, stage, dots);
-      if (j >= n_scored) return;
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) out[g] = __fmul_rn(dots[g][0], a.sm_scale);
-    }
+    scores_from_dots<kGroup>(a, j, n_rows, [&](auto& dots) {
+      staged_dots<kGroup, kRowsOf<decltype(dots)>>(a, q_rows, bhk, j0, n_scored, stage, dots);
+    }, out);
+    if (j >= n_scored) return;
   } else {
     if (j >= n_scored) return;
     block_scores(a, q_rows, n_rows, bhk, j, out);
