@@ -337,19 +337,25 @@ Status run_quantize(QuantizeParams p, bool block_stats = true) {
   return Status::Ok();
 }
 
-Status run_predict(PredictParams p) {
+// split_counters: the CUDA attention kernel's split counters (the start of its scratch, layout.h) in the
+// fused op's workspace, cleared by predict's last kernel and not again by attend (cuda::predict's
+// ZeroRange); null where the call has no scratch.
+Status run_predict(PredictParams p, void* split_counters = nullptr) {
   p.sm_scale = resolved_sm_scale(p.sm_scale, p.shape.head_dim);
 #if defined(SPARGE_WITH_CUDA)
-  if (p.device == Device::kCUDA) return cuda::predict(p);
+  if (p.device == Device::kCUDA) {
+    const size_t bytes = split_counters != nullptr ? static_cast<size_t>(split_counter_bytes()) : 0;
+    return cuda::predict(p, {.at = split_counters, .bytes = bytes});
+  }
 #endif
   cpu::predict(p);
   return Status::Ok();
 }
 
-Status run_attend(AttendParams p) {
+Status run_attend(AttendParams p, bool split_counters_zeroed = false) {
   p.quant.sm_scale = resolved_sm_scale(p.quant.sm_scale, p.shape.head_dim);
 #if defined(SPARGE_WITH_CUDA)
-  if (p.device == Device::kCUDA) return cuda::attend(p);
+  if (p.device == Device::kCUDA) return cuda::attend(p, split_counters_zeroed);
 #endif
   cpu::attend(p);
   return Status::Ok();
@@ -384,6 +390,7 @@ Status attention(const AttentionParams& p) {
   const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
   QuantizedQKV quantize_out = buf.quantized;
   if (!scored || p.select.block_score != BlockScore::kSpikes) quantize_out.k_spikes = nullptr;
+  void* attend_scratch = scratch > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr;
   SPARGE_RETURN_IF_ERROR(run_quantize(QuantizeParams{.device = p.device,
                                                      .stream = p.stream,
                                                      .shape = p.shape,
@@ -401,7 +408,8 @@ Status attention(const AttentionParams& p) {
                                                    .select = p.select,
                                                    .stats = buf.quantized,
                                                    .out = buf.index,
-                                                   .stats_out = p.stats_out}));
+                                                   .stats_out = p.stats_out},
+                                      attend_scratch));
   return run_attend(AttendParams{.device = p.device,
                                  .stream = p.stream,
                                  .shape = p.shape,
@@ -416,8 +424,9 @@ Status attention(const AttentionParams& p) {
                                  .o_strides = p.o_strides,
                                  .lse = p.lse,
                                  .stats_out = p.stats_out,
-                                 .workspace = scratch > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr,
-                                 .workspace_bytes = scratch});
+                                 .workspace = attend_scratch,
+                                 .workspace_bytes = scratch},
+                    attend_scratch != nullptr);
 }
 
 bool cuda_backend_built() {

@@ -118,10 +118,10 @@ Status chained_launches(bool* on) {
   return Status::Ok();
 }
 
-Status attend(const AttendParams& p) {
+Status attend(const AttendParams& p, bool counters_zeroed) {
   Arch arch;
   SPARGE_RETURN_IF_ERROR(device_arch(arch));
-  return launch_attend(p, arch);
+  return launch_attend(p, arch, counters_zeroed);
 }
 
 }  // namespace sparge::cuda

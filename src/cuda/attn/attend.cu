@@ -110,8 +110,8 @@ Status wgmma_tile_blocks(int head_dim_pad, int* blocks) {
 }
 
 template <int kHeadDimPad>
-Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) {
-  WgmmaLaunch launch{.batch = static_cast<int>(p.shape.batch), .stream = p.stream};
+Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp, bool counters_zeroed) {
+  WgmmaLaunch launch{.batch = static_cast<int>(p.shape.batch), .stream = p.stream, .counters_zeroed = counters_zeroed};
   SPARGE_RETURN_IF_ERROR(wgmma_max_ctas(&launch.max_ctas));
   SPARGE_RETURN_IF_ERROR(chained_launches(&launch.chained));
   bool split = false;
@@ -136,10 +136,10 @@ Status dispatch_wgmma_block_k(const AttendParams& p, const MmaAttendParams& kp) 
                      std::to_string(p.blocks.block_k));
 }
 
-Status dispatch_wgmma_head_dim(const AttendParams& p, const MmaAttendParams& kp) {
+Status dispatch_wgmma_head_dim(const AttendParams& p, const MmaAttendParams& kp, bool counters_zeroed) {
   switch (head_dim_pad(p.shape.head_dim)) {
-    case 64: return dispatch_wgmma_block_k<64>(p, kp);
-    case 128: return dispatch_wgmma_block_k<128>(p, kp);
+    case 64: return dispatch_wgmma_block_k<64>(p, kp, counters_zeroed);
+    case 128: return dispatch_wgmma_block_k<128>(p, kp, counters_zeroed);
   }
   return unsupported("shape.head_dim: no wgmma attention kernel for " + std::to_string(p.shape.head_dim));
 }
@@ -268,7 +268,7 @@ Status attend_supports(const Shape& shape, const BlockConfig& blocks, const Quan
   return Status::Ok();
 }
 
-Status launch_attend(const AttendParams& p, const Arch& arch) {
+Status launch_attend(const AttendParams& p, const Arch& arch, bool counters_zeroed) {
   static_assert(kStatPvSkipped == kStatPvUnits + 1, "the two P·V counters are cleared with one memset");
   if (p.stats_out != nullptr) {
     SPARGE_CUDA_TRY(cudaMemsetAsync(p.stats_out + kStatPvUnits, 0, 2 * sizeof(int64_t), p.stream),
@@ -313,7 +313,7 @@ Status launch_attend(const AttendParams& p, const Arch& arch) {
                            .k_groups = static_cast<int32_t>(k_scale_groups(s.len_k, g))};
   bool wgmma = false;
   SPARGE_RETURN_IF_ERROR(use_wgmma(s, p.blocks, p.quant.pv, arch, &wgmma));
-  if (wgmma) return dispatch_wgmma_head_dim(p, kp);
+  if (wgmma) return dispatch_wgmma_head_dim(p, kp, counters_zeroed);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.len_q, kMmaAttendRows)), static_cast<unsigned>(s.heads_q),
                   static_cast<unsigned>(s.batch));
   return dispatch_head_dim(p, kp, grid);

@@ -25,7 +25,8 @@ Status attend_kernel_name(const Shape& shape, const BlockConfig& blocks, const Q
 
 // Launches stage 2 on p.stream. p is validated, attend_supports() returned ok, all pointers are
 // device pointers. Never allocates, never synchronizes. Writes o (and lse, and stats_out's
-// kStatPvUnits / kStatPvSkipped slots when those pointers are set).
-Status launch_attend(const AttendParams& p, const Arch& arch);
+// kStatPvUnits / kStatPvSkipped slots when those pointers are set). counters_zeroed: see
+// cuda::attend (cuda_backend.h).
+Status launch_attend(const AttendParams& p, const Arch& arch, bool counters_zeroed = false);
 
 }  // namespace sparge::cuda

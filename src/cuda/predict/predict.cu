@@ -62,7 +62,16 @@ struct PredictArgs {
   int64_t nbk;
   int group;  // Q blocks per score_kernel thread (1: select_kernel scores its own row)
   bool staged;  // score_kernel stages the K statistics in shared memory (staged_scores)
+  uint32_t* zero;   // [zero_words], set to 0 by the selection kernel's first CTA (predict's ZeroRange), or null
+  int64_t zero_words;
 };
+
+// The selection kernels (the call's last) clear predict's ZeroRange: the first CTA's threads, after the
+// wait for the earlier grids (which may still have read it).
+__device__ __forceinline__ void clear_zero_range(const PredictArgs& a) {
+  if (a.zero == nullptr || blockIdx.x != 0 || blockIdx.y != 0) return;
+  for (int64_t w = threadIdx.x; w < a.zero_words; w += blockDim.x) a.zero[w] = 0u;
+}
 
 __device__ __forceinline__ float head_value(HeadParam hp, int64_t h) {
   return hp.per_head != nullptr ? hp.per_head[h] : hp.value;
@@ -673,6 +682,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(PredictArgs a) {
   __shared__ RadixScratch radix;
   __shared__ float fscratch[kWarps];
   wait_for_prior_grids();
+  clear_zero_range(a);
   const int64_t bh = blockIdx.y;
   const int64_t i = blockIdx.x;
   if (fused) {
@@ -784,6 +794,7 @@ __device__ void warp_select_topk(const PredictArgs& a, int64_t bh, int64_t i, in
 __global__ void __launch_bounds__(kThreads) select_rows_kernel(PredictArgs a) {
   extern __shared__ uint32_t slices[];  // kTopK: per warp warp_slice_words(nbk) words
   wait_for_prior_grids();
+  clear_zero_range(a);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp;
@@ -839,7 +850,7 @@ Status launch_scores(const PredictArgs& args, bool chained, int64_t bhq, cudaStr
   return launch_kernel("predict (scores)", chained, score_kernel<kGroup>, grid, kScoreThreads, smem, stream, args);
 }
 
-Status predict(const PredictParams& p) {
+Status predict(const PredictParams& p, ZeroRange zero) {
   const auto [nbq, nbk] = block_counts(p.shape, p.blocks);
   unsigned long long* stats = reinterpret_cast<unsigned long long*>(p.stats_out);
   const int64_t bhq = p.shape.batch * p.shape.heads_q;
@@ -852,7 +863,10 @@ Status predict(const PredictParams& p) {
   if (stats != nullptr && !score_launch) {  // else score_kernel clears them
     SPARGE_CUDA_TRY(cudaMemsetAsync(stats + kStatBlocksKept, 0, 2 * sizeof(int64_t), p.stream), "predict: clear stats");
   }
-  if (!launches) return Status::Ok();
+  if (!launches) {
+    if (zero.bytes > 0) SPARGE_CUDA_TRY(cudaMemsetAsync(zero.at, 0, zero.bytes, p.stream), "predict: clear ZeroRange");
+    return Status::Ok();
+  }
   bool chained = false;
   SPARGE_RETURN_IF_ERROR(chained_launches(&chained));
   const PredictArgs args{.shape = p.shape, .blocks = p.blocks, .causal = p.causal, .sm_scale = p.sm_scale,
@@ -860,7 +874,8 @@ Status predict(const PredictParams& p) {
                          .k_pool = p.stats.k_pool, .k_sim = p.stats.k_sim, .k_spikes = p.stats.k_spikes,
                          .index = p.out.index,
                          .count = p.out.count, .mask_out = p.mask_out, .stats = stats, .nbq = nbq, .nbk = nbk,
-                         .group = group, .staged = staged_scores(p)};
+                         .group = group, .staged = staged_scores(p), .zero = static_cast<uint32_t*>(zero.at),
+                         .zero_words = static_cast<int64_t>(zero.bytes / sizeof(uint32_t))};
   if (score_launch) {
     switch (group) {
       case 2: SPARGE_RETURN_IF_ERROR(launch_scores<2>(args, chained, bhq, p.stream)); break;

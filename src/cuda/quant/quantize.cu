@@ -683,11 +683,15 @@ __device__ __forceinline__ void quantize_rows_fast_body(const RowsArgs& a, unsig
   }
 }
 
+// The K rows run their CTAs in reverse order (last head row, last block first): kv_stats has just read
+// K and V in launch order, so the rows of the last heads are the ones still in L2.
 template <bool kIsQ, bool kStats, typename T, int CPR>
 __global__ void __launch_bounds__(kRowsThreads<CPR>, kRowsMinBlocks<T, CPR>) quantize_rows_fast_kernel(RowsArgs a) {
   __shared__ RowsFastSmem<T, CPR> sm;
   wait_for_prior_grids();
-  quantize_rows_fast_body<kIsQ, kStats, T, CPR>(a, blockIdx.x, blockIdx.y, gridDim.x, sm);
+  const unsigned block = kIsQ ? blockIdx.x : gridDim.x - 1 - blockIdx.x;
+  const unsigned row = kIsQ ? blockIdx.y : gridDim.y - 1 - blockIdx.y;
+  quantize_rows_fast_body<kIsQ, kStats, T, CPR>(a, block, row, gridDim.x, sm);
 }
 
 // Small problems: the K rows and the Q rows in one grid of (kpz + nbq, B·Hkv, G) CTAs, G = Hq / Hkv
@@ -787,12 +791,17 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// kv_reduce's CTA: 32 channels × kReduceWarps partials. A few loads per warp in flight at once: the
+// kernel is the loads' latency (8 warps per CTA: 5.9 µs at B2 H16 L8k, 12 % achieved occupancy, and 10.4
+// µs at L32k with 64 CTAs; bench/RESULTS.md, session 26).
+constexpr int kReduceWarps = 32;
+
 // k_mean from the block sums (zeros when sums is null) and the V amax from the per-block amax:
-// 32 channels × 8 partials per CTA, reduced in a fixed order.
-__global__ void __launch_bounds__(kThreads)
+// 32 channels × kReduceWarps partials per CTA, reduced in a fixed order.
+__global__ void __launch_bounds__(kReduceWarps * kWarpSize)
     kv_reduce_kernel(const float* sums, const float* amax_parts, int64_t nblocks, int64_t len, int64_t head_dim,
                      float* mean, float* amax) {
-  __shared__ float part[2][kWarps][kWarpSize];
+  __shared__ float part[2][kReduceWarps][kWarpSize];
   wait_for_prior_grids();
   const int64_t bh = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -800,8 +809,8 @@ __global__ void __launch_bounds__(kThreads)
   float s = 0.0f, m = 0.0f;
   if (d < head_dim) {
     // Unrolled so that the loads of several blocks are in flight (the sums keep their order).
-#pragma unroll 8
-    for (int64_t j = warp; j < nblocks; j += kWarps) {
+#pragma unroll 4
+    for (int64_t j = warp; j < nblocks; j += kReduceWarps) {
       const int64_t at = (bh * nblocks + j) * head_dim + d;
       if (sums != nullptr) s += sums[at];
       m = fmaxf(m, amax_parts[at]);
@@ -812,7 +821,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (warp == 0 && d < head_dim) {
     float t = 0.0f, tm = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kReduceWarps; ++w) {
       t += part[0][w][lane];
       tm = fmaxf(tm, part[1][w][lane]);
     }
@@ -1082,7 +1091,7 @@ Status quantize_fast(const QuantizeParams& p, bool block_stats, bool chained) {
                                          kThreads, 0, stream, k, p.in.k_strides, v, p.in.v_strides, s.heads_kv,
                                          s.len_k, p.blocks.block_k, k_sums, v_amax_parts));
     SPARGE_RETURN_IF_ERROR(launch_kernel("kv_reduce", chained, kv_reduce_kernel, dim3(bhk, ceil_div(d, kWarpSize)),
-                                         kThreads, 0, stream, k_sums, v_amax_parts, nbk, s.len_k, d, o.k_mean,
+                                         kReduceWarps * kWarpSize, 0, stream, k_sums, v_amax_parts, nbk, s.len_k, d, o.k_mean,
                                          o.v_scale));
     SPARGE_RETURN_IF_ERROR((launch_rows_fast<false, T, CPR>(k_rows_args(p), block_stats, nbk, bhk, chained, stream)));
     const int64_t len_pad = padded_len_k(s.len_k);

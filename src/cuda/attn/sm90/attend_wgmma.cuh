@@ -1474,7 +1474,7 @@ inline constexpr int64_t kMaxPieces = 16;
 
 // Decides whether the last round of `grid` CTAs splits (WgmmaAttendParams::split_first), for index
 // lists of at most max_steps steps; if so, points the params into the scratch and clears its counters
-// on the stream. Where the last round leaves at least half of the CTAs idle, and at D_PAD = 128 at least
+// on the stream (unless launch.counters_zeroed). Where the last round leaves at least half of the CTAs idle, and at D_PAD = 128 at least
 // a quarter: kernel alone, same run (session 25), B2 H16 L8k D128 (68 tiles left for 132 CTAs) dense
 // +1.5 % / +2.5 %, topk 0.5 +0.2 %, B4 L2k (100 left) +1.2 %, H24 L8k (84 left) +1.2 %, but D64 B2 L8k
 // -0.4 % (bench/RESULTS.md; session 17 had seen no gain at B2 L8k with the costlier D128 epilogue).
@@ -1494,9 +1494,11 @@ inline Status plan_split(WgmmaAttendParams* params, int64_t grid, int64_t max_st
   params->split_ctas = static_cast<int32_t>(ctas);
   params->split_arrivals = static_cast<int32_t*>(launch.scratch);
   params->split_partial = reinterpret_cast<float*>(static_cast<char*>(launch.scratch) + split_counter_bytes());
-  SPARGE_CUDA_TRY(cudaMemsetAsync(launch.scratch, 0, static_cast<size_t>(rem * kSplitWarps) * sizeof(int32_t),
-                                  launch.stream),
-                  "wgmma attention: cudaMemsetAsync(split counters)");
+  if (!launch.counters_zeroed) {
+    SPARGE_CUDA_TRY(cudaMemsetAsync(launch.scratch, 0, static_cast<size_t>(rem * kSplitWarps) * sizeof(int32_t),
+                                    launch.stream),
+                    "wgmma attention: cudaMemsetAsync(split counters)");
+  }
   return Status::Ok();
 }
 

@@ -66,6 +66,7 @@ struct WgmmaLaunch {
   size_t scratch_bytes = 0;  // its bytes; nullptr / too small: no split
   cudaStream_t stream = nullptr;
   bool chained = false;      // chained to the stream's previous kernel (cuda/common/chained_launch.cuh)
+  bool counters_zeroed = false;  // scratch's split counters are zero already (cuda::attend)
 };
 
 // Builds the tensor maps of Q, K and V^T and launches the kernel for one (padded head dim, tile
