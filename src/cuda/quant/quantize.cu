@@ -792,8 +792,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // kv_reduce's CTA: 32 channels × kReduceWarps partials. A few loads per warp in flight at once: the
-// kernel is the loads' latency (8 warps per CTA: 5.9 µs at B2 H16 L8k, 12 % achieved occupancy, and 10.4
-// µs at L32k with 64 CTAs; bench/RESULTS.md, session 26).
+// kernel is the loads' latency. With 8 warps per CTA: 4.0 µs at B2 H16 L8k D128 (12 % achieved
+// occupancy), 10.3 µs at B1 H16 L32k D128 (64 CTAs); with 32: 3.5 and 6.0 µs (bench/RESULTS.md, session 27).
 constexpr int kReduceWarps = 32;
 
 // k_mean from the block sums (zeros when sums is null) and the V amax from the per-block amax:
@@ -1091,8 +1091,8 @@ Status quantize_fast(const QuantizeParams& p, bool block_stats, bool chained) {
                                          kThreads, 0, stream, k, p.in.k_strides, v, p.in.v_strides, s.heads_kv,
                                          s.len_k, p.blocks.block_k, k_sums, v_amax_parts));
     SPARGE_RETURN_IF_ERROR(launch_kernel("kv_reduce", chained, kv_reduce_kernel, dim3(bhk, ceil_div(d, kWarpSize)),
-                                         kReduceWarps * kWarpSize, 0, stream, k_sums, v_amax_parts, nbk, s.len_k, d, o.k_mean,
-                                         o.v_scale));
+                                         kReduceWarps * kWarpSize, 0, stream, k_sums, v_amax_parts, nbk, s.len_k, d,
+                                         o.k_mean, o.v_scale));
     SPARGE_RETURN_IF_ERROR((launch_rows_fast<false, T, CPR>(k_rows_args(p), block_stats, nbk, bhk, chained, stream)));
     const int64_t len_pad = padded_len_k(s.len_k);
     if (pv_is_fp8(p.quant.pv)) {

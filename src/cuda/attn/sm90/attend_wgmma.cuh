@@ -1474,10 +1474,11 @@ inline constexpr int64_t kMaxPieces = 16;
 
 // Decides whether the last round of `grid` CTAs splits (WgmmaAttendParams::split_first), for index
 // lists of at most max_steps steps; if so, points the params into the scratch and clears its counters
-// on the stream (unless launch.counters_zeroed). Where the last round leaves at least half of the CTAs idle, and at D_PAD = 128 at least
-// a quarter: kernel alone, same run (session 25), B2 H16 L8k D128 (68 tiles left for 132 CTAs) dense
-// +1.5 % / +2.5 %, topk 0.5 +0.2 %, B4 L2k (100 left) +1.2 %, H24 L8k (84 left) +1.2 %, but D64 B2 L8k
-// -0.4 % (bench/RESULTS.md; session 17 had seen no gain at B2 L8k with the costlier D128 epilogue).
+// on the stream (unless launch.counters_zeroed). Where the last round leaves at least half of the CTAs
+// idle, and at D_PAD = 128 at least a quarter: kernel alone, same run (session 25), B2 H16 L8k D128 (68
+// tiles left for 132 CTAs) dense +1.5 % / +2.5 %, topk 0.5 +0.2 %, B4 L2k (100 left) +1.2 %, H24 L8k (84
+// left) +1.2 %, but D64 B2 L8k -0.4 % (bench/RESULTS.md; session 17 had seen no gain at B2 L8k with the
+// costlier D128 epilogue).
 inline Status plan_split(WgmmaAttendParams* params, int64_t grid, int64_t max_steps, int head_dim_pad,
                          const WgmmaLaunch& launch) {
   params->split_first = params->tiles;
