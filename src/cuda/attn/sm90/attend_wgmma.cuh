@@ -1110,26 +1110,89 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
     };
 
+    // Steps 1-3 of the method for a tile whose S is complete in s_acc (waited for, operands fenced):
+    // scores, the P·V filter per warp (and per kept block of a multi-block tile) and the online softmax
+    // update, into the tile's α and P fragments; updates m and the skip count. With probe_i >= 0 the barriers
+    // of tile probe_i's V^T and (with probe_next) tile probe_i + 1's K are probed after the filter, before the
+    // codes, into v_ready and k_ready (the ping-pong schedule's turn waits only on a failed probe).
+    auto tile_softmax = [&](const int (&key0)[kHalves], const float (&k_scale_half)[kHalves], float (&alpha)[2],
+                            uint32_t (&p_frag)[Cfg::kPvSteps][4], int probe_i, bool probe_next, bool& v_ready,
+                            bool& k_ready) {
+      // A fully visible tile keeps the dots and their scale apart: the row maximum of the scores is
+      // max(dot) · scale exactly (the scale is >= 0 and rounding is monotonic), and p is one fma below.
+      float s[Cfg::kSRegs];
+      float sc[2][kHalves];
+      float mx[2][kHalves];
+      const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
+
+      // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
+      // m_new: the running max after the tile; skip_half: the warp skips that 64-key part (on
+      // multi-block tiles each part is a block, decided in order like the reference; otherwise all
+      // parts share one).
+      float m_new[2];
+      bool skip_half[kHalves];
+      bool warp_skips = true;
+      if constexpr (kMultiBlock) {
+        float m_half[kHalves][2];
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) {
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) {
+            m_half[hh][i_row] = mx[i_row][hh] * sc[i_row][hh];
+#pragma unroll
+            for (int mask = 1; mask < kQuadLanes; mask *= 2) {
+              m_half[hh][i_row] = fmaxf(m_half[hh][i_row], __shfl_xor_sync(kFullWarp, m_half[hh][i_row], mask));
+            }
+          }
+          m_new[i_row] = m[i_row];
+        }
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) {
+          skip_half[hh] = warp_negligible(m_new, m_half[hh]);
+          if (!skip_half[hh]) {
+#pragma unroll
+            for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
+          }
+          warp_skips = warp_skips && skip_half[hh];
+          skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
+        }
+      } else {
+        float m_blk[2];
+        tile_row_max(mx, sc, m_blk);
+#pragma unroll
+        for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
+        warp_skips = warp_negligible(m, m_blk);
+#pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
+        skipped += warp_active && warp_skips;
+      }
+
+      // The turn needs V^T of this tile and K of the next: their barriers are probed now, so the probes'
+      // latency passes during the exponentials, and the turn blocks only on a failed probe (kernel
+      // alone, same run, session 8: +0.5 % dense L32k, +1.3 % topk 0.5, +1.5 % causal, +0.4 % D64; the
+      // two blocking waits took ~160 cycles of a ~2700-cycle tile when both tiles had long landed).
+      if (probe_i >= 0) {
+        v_ready = mbarrier_test_wait(v_full(stage_of(probe_i)), parity_of(probe_i));
+        k_ready = !probe_next || test_k(probe_i + 1);
+      }
+
+      // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
+      // Both blocks of a pair use the max after the pair, so p of the first is rounded to e4m3
+      // relative to that max (the reference rounds it relative to the max after the first block,
+      // then scales by α of the second).
+      softmax_update(warp_skips, m_new, skip_half, mag, sc, s, alpha, p_frag);
+    };
+
     if constexpr (Cfg::kOverlap) {
       // ---- overlapped schedule: this warpgroup's turn issues S of block i + 1 and P·V of block i;
       // the softmax of block i + 1 runs while P·V of block i is in flight. No divergent branch may
       // be crossed by an in-flight wgmma (ptxas would serialize), so P·V is always issued: a
       // warpgroup whose 4 warps all skip multiplies P = 0 (acc · 1 + 0 leaves acc unchanged).
-      // Softmax of the block in s_acc (complete): P fragments and α of the block; updates m and the
-      // skip count.
+      // Softmax of the block in s_acc (complete): P fragments and α of the block (no barrier probes).
       auto softmax = [&](const int (&k0)[kHalves], const float (&k_scale_half)[kHalves],
                          uint32_t (&p_out)[Cfg::kPvSteps][4], float (&alpha_out)[2]) {
-        float s[Cfg::kSRegs];
-        float sc[2][kHalves];
-        float mx[2][kHalves];
-        const float mag = tile_scores(k0, k_scale_half, s, sc, mx);
-        float m_blk[2];
-        tile_row_max(mx, sc, m_blk);
-        const bool warp_skips = warp_negligible(m, m_blk);
-        skipped += warp_active && warp_skips;
-        const float m_new[2] = {fmaxf(m[0], m_blk[0]), fmaxf(m[1], m_blk[1])};
-        const bool no_skipped_half[kHalves] = {};
-        softmax_update(warp_skips, m_new, no_skipped_half, mag, sc, s, alpha_out, p_out);
+        bool unused_ready[2];
+        tile_softmax(k0, k_scale_half, alpha_out, p_out, -1, false, unused_ready[0], unused_ready[1]);
       };
 
       static_assert(Cfg::kPvChunkRegs == Cfg::kORegs, "one P·V chain");
@@ -1229,69 +1292,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
 
-        // A fully visible tile keeps the dots and their scale apart: the row maximum of the scores is
-        // max(dot) · scale exactly (the scale is >= 0 and rounding is monotonic), and p is one fma below.
-        float s[Cfg::kSRegs];
-        float sc[2][kHalves];
-        float mx[2][kHalves];
-        const float mag = tile_scores(key0, k_scale_half, s, sc, mx);
-
-        // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
-        // m_new: the running max after the tile; skip_half: the warp skips that 64-key part (on
-        // multi-block tiles each part is a block, decided in order like the reference; otherwise all
-        // parts share one).
-        float m_new[2];
-        bool skip_half[kHalves];
-        bool warp_skips = true;
-        if constexpr (kMultiBlock) {
-          float m_half[kHalves][2];
-#pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) {
-#pragma unroll
-            for (int hh = 0; hh < kHalves; ++hh) {
-              m_half[hh][i_row] = mx[i_row][hh] * sc[i_row][hh];
-#pragma unroll
-              for (int mask = 1; mask < kQuadLanes; mask *= 2) {
-                m_half[hh][i_row] = fmaxf(m_half[hh][i_row], __shfl_xor_sync(kFullWarp, m_half[hh][i_row], mask));
-              }
-            }
-            m_new[i_row] = m[i_row];
-          }
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) {
-            skip_half[hh] = warp_negligible(m_new, m_half[hh]);
-            if (!skip_half[hh]) {
-#pragma unroll
-              for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
-            }
-            warp_skips = warp_skips && skip_half[hh];
-            skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
-          }
-        } else {
-          float m_blk[2];
-          tile_row_max(mx, sc, m_blk);
-#pragma unroll
-          for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m[i_row], m_blk[i_row]);
-          warp_skips = warp_negligible(m, m_blk);
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) skip_half[hh] = warp_skips;
-          skipped += warp_active && warp_skips;
-        }
-
-        // The turn needs V^T of this tile and K of the next: their barriers are probed now, so the probes'
-        // latency passes during the exponentials, and the turn blocks only on a failed probe (kernel
-        // alone, same run, session 8: +0.5 % dense L32k, +1.3 % topk 0.5, +1.5 % causal, +0.4 % D64; the
-        // two blocking waits took ~160 cycles of a ~2700-cycle tile when both tiles had long landed).
-        const bool v_ready = mbarrier_test_wait(v_full(stage), parity);
-        const bool k_ready = !has_next || test_k(i + 1);
-
-        // ---- 3. online softmax update (a skipping warp: P = 0, α = 1) --------------------------------
-        // Both blocks of a pair use the max after the pair, so p of the first is rounded to e4m3
-        // relative to that max (the reference rounds it relative to the max after the first block,
-        // then scales by α of the second).
+        bool v_ready = false;
+        bool k_ready = false;
         float alpha[2];
         uint32_t p_frag[Cfg::kPvSteps][4];
-        softmax_update(warp_skips, m_new, skip_half, mag, sc, s, alpha, p_frag);
+        tile_softmax(key0, k_scale_half, alpha, p_frag, i, has_next, v_ready, k_ready);
 
         // ---- 4. this warpgroup's turn: P·V of the block (fresh registers, then acc = acc · α + pv, the
         // method's order, per chunk of output columns) and S of the next block -------------------------
