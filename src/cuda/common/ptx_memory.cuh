@@ -109,6 +109,15 @@ __device__ __forceinline__ int opaque(int x) {
   return x;
 }
 
+// Zero from an instruction the compiler keeps where it is written: a plain `= 0` in a rarely taken
+// branch was moved onto the common path (a skipping warp's P fragments in the wgmma kernel: 16 CS2R in
+// every step of the D64 four-block kernel, bench/RESULTS.md session 29).
+__device__ __forceinline__ uint32_t opaque_zero() {
+  uint32_t z;
+  asm volatile("mov.b32 %0, 0;\n" : "=r"(z));
+  return z;
+}
+
 // Asynchronously fills a PaddedTile at shared address `base` with kThreads threads:
 // source(row, chunk, valid) returns the global address of the chunk and sets valid = false for
 // chunks to zero-fill (then the returned address must still be dereferenceable memory).

@@ -1068,11 +1068,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           s[e] = fmaf(s[e], k[i_row][hh], c[i_row][hh]);
         }
         p_fragments(s, p_out);
-      } else {
+      } else {  // opaque_zero: else these zeros were formed on every step (D64 dense +1.2 %, session 29)
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
+          for (int e = 0; e < 4; ++e) p_out[ks][e] = opaque_zero();
         }
       }
     };
