@@ -43,19 +43,22 @@ __device__ __forceinline__ float p_code(float s, float k, float c) {
   return fmaf(u, static_cast<float>(kPCodeMax), kRoundMagic);
 }
 
-// The same codes on the Hopper kernel, four at a time: x_i = (8 · (s − m_new) + 126) · 2^-24 (one fma
-// per score, see kPCodeSubnormalScale), converted two at a time to fp16 with rn and relu: a value
-// below 2^-14 becomes the subnormal whose bits are rne(8 · (s − m_new) + 126), negatives and −inf
-// become +0, so each 16-bit half is the code (at most 126, since s <= m_new). One byte permute
-// packs the low bytes of the four halves, x0's in the lowest byte: three instructions per four
-// scores where p_code and pack_low_bytes take seven. A NaN x gives the fp16 NaN 0x7fff (H100, session 22).
-inline constexpr float kPCodeSubnormalScale = 0x1p-24f;  // fp16's subnormal step: bits = value / 2^-24
+// The same codes on the Hopper kernel, four at a time: x_i = 8 · (s − m_new) + 126 (one fma per
+// score), each rounded to the nearest integer (ties to even) and saturated to [0, 255], two at a
+// time into bytes: negatives, −inf and NaN become 0, so each byte is the code (at most 126, since
+// s <= m_new), x0's in the lowest byte. ptxas fuses each cvt.rni.s32.f32 pair with its
+// cvt.pack.sat.u8 into one F2IP.U8.F32: two instructions per four scores, where fp16 conversions
+// with relu and a byte permute took three.
 __device__ __forceinline__ uint32_t pack_p_codes(float x0, float x1, float x2, float x3) {
-  uint32_t lo, hi, packed;
-  // cvt.f16x2 puts its first source in the upper half: lo = [x0, 0, x2, 0], hi = [x1, 0, x3, 0] bytes.
-  asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;\n" : "=r"(lo) : "f"(x2), "f"(x0));
-  asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;\n" : "=r"(hi) : "f"(x3), "f"(x1));
-  asm("prmt.b32 %0, %1, %2, 0x6240;\n" : "=r"(packed) : "r"(lo), "r"(hi));
+  int32_t i0, i1, i2, i3;
+  asm("cvt.rni.s32.f32 %0, %1;\n" : "=r"(i0) : "f"(x0));
+  asm("cvt.rni.s32.f32 %0, %1;\n" : "=r"(i1) : "f"(x1));
+  asm("cvt.rni.s32.f32 %0, %1;\n" : "=r"(i2) : "f"(x2));
+  asm("cvt.rni.s32.f32 %0, %1;\n" : "=r"(i3) : "f"(x3));
+  uint32_t hi, packed;
+  // cvt.pack puts its first source in byte 1, its second in byte 0 and the low half of its third above.
+  asm("cvt.pack.sat.u8.s32.b32 %0, %1, %2, 0;\n" : "=r"(hi) : "r"(i3), "r"(i2));
+  asm("cvt.pack.sat.u8.s32.b32 %0, %1, %2, %3;\n" : "=r"(packed) : "r"(i1), "r"(i0), "r"(hi));
   return packed;
 }
 

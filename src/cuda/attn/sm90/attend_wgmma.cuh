@@ -1036,7 +1036,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
     // so its p are 0 (with kCodesAlways a skipping warp runs the code path: both halves subtract +∞, and
     // m_new = m gives α = exp2(0) = 1). The log2 score minus m_new is s · sc − (mag · sc + m_new), so s becomes
-    // fma(s, k, c) with k = 8 · sc · 2^-24 and c = (126 − 8 · m_new − mag · 8 · sc) · 2^-24 for pack_p_codes
+    // fma(s, k, c) with k = 8 · sc and c = 126 − 8 · m_new − mag · 8 · sc for pack_p_codes
     // (the mag · 8 · sc of c cancels the one in s · k up to the rounding of c, see "Scores on the Hopper
     // kernel"); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
     auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
@@ -1054,11 +1054,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
           for (int hh = 0; hh < kHalves; ++hh) {
             const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
-            // The 2^-24 inside the constants: powers of two, so k and c round as (8 · sc, 126 − ...) would.
-            constexpr float kCodeStep = kPCodesPerOctave * kPCodeSubnormalScale;
-            constexpr float kCodeTop = kPCodeMax * kPCodeSubnormalScale;
-            k[i_row][hh] = sc[i_row][hh] * kCodeStep;
-            c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kCodeStep, kCodeTop));
+            k[i_row][hh] = sc[i_row][hh] * static_cast<float>(kPCodesPerOctave);
+            c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kPCodesPerOctave, kPCodeMax));
           }
         }
 #pragma unroll
