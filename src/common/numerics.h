@@ -102,8 +102,8 @@ inline float e4m3_to_float(uint8_t c) { return e4m3_table()[c]; }
 // code clamp(rne(8 · x + 126), 0, 126), read as e4m3 (docs/method.md §2, step 3). Within each
 // power of two the codes step linearly in x: 2^x · 448 to within −8.0 % / +6.5 % for x >= −14.75 (the
 // linear steps alone −3.9 % / +2.0 %; rounding 2^x · 448 to e4m3 alone: ±6.25 %).
-// A NaN x gives 0, as the mma.sync kernel's saturating fma does (the Hopper kernel gives a NaN code,
-// docs/method.md §2, "Scores on the Hopper kernel").
+// A NaN x gives 0, as the mma.sync kernel's saturating fma and the Hopper kernel's saturating
+// conversion do (docs/method.md §2, "Scores on the Hopper kernel").
 inline float p8_from_code(float x) {
   const float t = static_cast<float>(kPCodesPerOctave) * x + static_cast<float>(kPCodeMax);
   const float code = std::nearbyint(std::fmin(std::fmax(t, 0.0f), static_cast<float>(kPCodeMax)));

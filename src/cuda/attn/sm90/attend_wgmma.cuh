@@ -29,11 +29,12 @@
 // kernel alone, same run, session 6, with 9 % of the groups skipping in the dense case).
 //
 // Softmax: P · 448 is formed directly as its e4m3 code (docs/method.md §2, step 3): one fma per
-// score, (8 · (s − m_new) + 126) · 2^-24, then per pair of scores one conversion to fp16 with relu
-// (the subnormal whose bits are the code) and per four one byte permute into an A fragment
-// (pack_p_codes); no MUFU per score. Same run, kernel alone, session 22: +4.6-5.5 % at D128, +7.3-7.8 %
-// at D64 against the former two fmas, u = sat(1 + (8/126) · (s − m_new)) and 126 · u + 1.5 · 2^23 (the
-// low byte the code), and three byte permutes per four codes. l sums the e4m3 values on
+// score, 8 · (s − m_new) + 126, then per pair of scores one F2IP (rounded to an integer, saturated to
+// a byte, packed) into an A fragment (pack_p_codes); no MUFU per score. Same run, kernel alone,
+// session 22: +4.6-5.5 % at D128, +7.3-7.8 % at D64 for one fma, a conversion to fp16 with relu per
+// two and a byte permute per four against the former two fmas and three permutes per four; session 30:
+// the F2IPs instead of the fp16 conversions and the permute (bit-identical), D64 +2.7 % dense, +3.2 %
+// topk 0.5, D128 L32k dense +1.7 %. l sums the e4m3 values on
 // the tensor core: the last P·V chain has 8 more B rows, e4m3 ones stored after each V^T tile, so
 // its last n-tile is P · ones (no separate wgmma).
 // On a fully visible block the row maximum is max(dot) · scale (bit-identical to max(float(dot) ·
