@@ -39,6 +39,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// An arrival on the mbarrier once every cp.async this thread issued before has landed, without
+// raising the barrier's expected count (init the barrier with one arrival more for it).
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
 // Four 8x8 b16 matrices (8 rows of 16 bytes each). Lanes 8m .. 8m+7 give the row addresses of
 // matrix m; lane l receives, in r[m], bytes 4·(l%4) .. 4·(l%4)+3 of row l/4 of matrix m.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

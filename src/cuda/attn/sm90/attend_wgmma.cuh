@@ -158,10 +158,6 @@ struct Config {
   // waiting for each chunk inside the turn.
   // Not with 256-key tiles: S (128 registers) in flight beside P·V spills 212 bytes.
   static constexpr bool kPvBesideS = kMultiBlock && kPvChunks == 1 && kBlockK != 256;
-  // The index-list entries of tile i + 2 are loaded during tile i, so the K-scale loads of tile
-  // i + 1 do not wait on them. Same run, kernel alone (session 6): D64 pairs +3.1 % dense; D128
-  // pairs −3.2 %, so only beside kPvBesideS.
-  static constexpr bool kKeptAhead = kPvBesideS;
   // Row maxima as pairwise trees (on the int32 dots where the block is fully visible): +2% on the
   // ping-pong-only D128/bk128, −1% to −4% on the overlap path (same run), so there only.
   static constexpr bool kTreeMax = !kOverlap;
@@ -195,6 +191,16 @@ struct Config {
   static constexpr int kBarOffset = kVOffset + kStages * kVBytes;
   // mbarriers: q_full[kQBuffers], q_empty[kQBuffers], k_full[kStages], v_full[kStages], empty[kStages]
   static constexpr int kBarBytes = 8;
+  // After the mbarriers in their slot, per stage, written by the producer before the stage's K barrier
+  // completes: the first key of each 64-key part of the tile (int32 [4], kAbsentKey for a missing
+  // block of a multi-block tile) and the part's K scales ([part][lane group] fp32: group t is lane
+  // t's columns 8j + 2t, 8j + 2t + 1; one group per part where the granularity has no lane groups).
+  // The consumers read a tile's keys and scales from here instead of the index list and k_scale:
+  // D64 four-block main loop 82 instructions per step shorter, D128 pairs 36 (session 30).
+  static constexpr int kKeyGroups = 4;
+  static constexpr int kTileKeysOffset = kBarOffset + 128;
+  static constexpr int kTileKeysScaleOffset = 16;
+  static constexpr int kTileKeysBytes = kTileKeysScaleOffset + kHalves * kKeyGroups * 4;
   // After the mbarriers in their slot: per consumer warp, whether it merges the split work tile of its
   // CTA's first / second piece (set by the piece, read after the tile loop).
   static constexpr int kMergeFlagsOffset = kBarOffset + 512;
@@ -227,9 +233,13 @@ struct Config {
   static_assert(kBlockK == 64 || kBlockK == 128 || (kMultiBlock && kBlockK == 256), "tiles of 64, 128 or 256 keys");
   static_assert(kQBytes % kSwizzleAlign == 0 && kKBytes % kSwizzleAlign == 0 && kVBytes % kSwizzleAlign == 0,
                 "every tile starts on the swizzle atom grid");
-  static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= kMergeFlagsOffset - kBarOffset &&
+  static_assert((2 * kQBuffers + 3 * kStages) * kBarBytes <= kTileKeysOffset - kBarOffset &&
+                    kTileKeysOffset + kStages * kTileKeysBytes <= kMergeFlagsOffset &&
                     kMergeFlagsOffset + 2 * kConsumerWarps * 4 <= kBarOffset + 1024,
-                "barriers and merge flags fit their slot");
+                "barriers, tile keys and merge flags fit their slot");
+  static_assert(kHalves <= kTileKeysScaleOffset / 4 && k_scale_group(kQuantBlockRows, QuantGranularity::kPerThread) ==
+                                                             kKeyGroups,
+                "a tile's first keys fit before its scales; four K lane groups per 64 keys");
   static_assert(kSmemBytes == wgmma_attend_smem_bytes(kHeadDimPad, kBlockK, kBlocksPerStep),
                 "host/device smem size agree");
   static_assert(kPvChunkCols * kVRowBytes % kSwizzleAlign == 0, "P·V chunks start on the swizzle atom grid");
@@ -560,6 +570,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   auto k_full = [&](int stage) { return bars + (2 * kQBuffers + stage) * Cfg::kBarBytes; };
   auto v_full = [&](int stage) { return bars + (2 * kQBuffers + kStages + stage) * Cfg::kBarBytes; };
   auto empty = [&](int stage) { return bars + (2 * kQBuffers + 2 * kStages + stage) * Cfg::kBarBytes; };
+  auto tile_keys_smem = [&](int stage) { return smem + Cfg::kTileKeysOffset + stage * Cfg::kTileKeysBytes; };
+  auto tile_keys_ptr = [&](int stage) { return smem_raw + (tile_keys_smem(stage) - smem_address(smem_raw)); };
   // Tiles of the main loop (kept blocks, or pairs of them) of a work tile with n kept blocks.
   auto steps_of = [](int n) { return (n + Cfg::kBlocksPerStep - 1) / Cfg::kBlocksPerStep; };
 
@@ -574,7 +586,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       mbarrier_init(q_empty(buf), Cfg::kConsumerWarps);
     }
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(k_full(s), 1);
+      mbarrier_init(k_full(s), 2);  // the TMA's expect_tx and the tile keys' cp.async
       mbarrier_init(v_full(s), 1);
       mbarrier_init(empty(s), Cfg::kConsumerWarps);
     }
@@ -595,10 +607,49 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   wait_for_prior_grids();      // the set-up above touches shared memory only
   __syncthreads();
 
+  // The tile keys of tile i (Config: kTileKeysOffset) into stage, from the index-list entries kb of its
+  // TMA boxes (kBlocksPerStep of them; entry kb[part] = kept[min(kBlocksPerStep · i + part, n_kept − 1)]):
+  // each part's first key by a store, its K scales by cp.async (16 bytes where a part's four lane groups
+  // are contiguous and aligned; zeros for a part past Lk, e.g. the second half of a 128-key block), then
+  // an arrival on the stage's K barrier once they landed. Few instructions: the producer warp shares its
+  // SMSP with two consumer warps.
+  const bool lane_groups = p.granularity == QuantGranularity::kPerThread;
+  const bool scales_16b = lane_groups && (reinterpret_cast<uintptr_t>(p.k_scale) % kCpAsyncBytes) == 0;
+  const int k_blocks = static_cast<int>((p.len_k + kQuantBlockRows - 1) / kQuantBlockRows);
+  auto write_tile_keys = [&](int stage, int i, int n_kept, const int (&kb)[Cfg::kBlocksPerStep],
+                             const float* k_scale_head) {
+    int keys[4] = {};
+#pragma unroll
+    for (int hh = 0; hh < kHalves; ++hh) {
+      int block64;
+      if constexpr (kMultiBlock) {
+        block64 = kb[hh];  // a missing block reads its tile's last (finite) one
+        keys[hh] = kHalves * i + hh < n_kept ? block64 * Cfg::kBlockKeys : kAbsentKey;
+      } else {
+        block64 = kb[0] * kHalves + hh;
+        keys[hh] = block64 * static_cast<int>(kQuantBlockRows);
+      }
+      const bool valid = block64 < k_blocks;
+      const float* src = k_scale_head + (valid ? block64 * (lane_groups ? Cfg::kKeyGroups : 1) : 0);
+      const uint32_t dst = tile_keys_smem(stage) + Cfg::kTileKeysScaleOffset + hh * Cfg::kKeyGroups * 4;
+      if (scales_16b) {
+        cp_async_16_zfill(dst, src, valid);
+      } else {
+        cp_async_4_zfill(dst, src, valid);
+        if (lane_groups) {
+#pragma unroll
+          for (int grp = 1; grp < Cfg::kKeyGroups; ++grp) cp_async_4_zfill(dst + 4 * grp, src + grp, valid);
+        }
+      }
+    }
+    *reinterpret_cast<int4*>(tile_keys_ptr(stage)) = make_int4(keys[0], keys[1], keys[2], keys[3]);
+    cp_async_mbarrier_arrive_noinc(k_full(stage));
+  };
+
   if (warpgroup == 0) {
     // ---- producer: per work tile r of the CTA, Q into buffer r % kQBuffers, then K / V^T of tile i
-    // (kept block i, or kept blocks 2i and 2i + 1) into stage (step0 + i) % kStages, step0 counting
-    // the steps of the CTA's earlier work tiles -------------------------------------------------------
+    // (kept block i, or kept blocks 2i and 2i + 1) and its tile keys into stage (step0 + i) % kStages,
+    // step0 counting the steps of the CTA's earlier work tiles -----------------------------------------
     setmaxnreg_dec<kProducerRegs>();
     if (thread == 0) {
       tma_prefetch_descriptor(&params.tmap_q);
@@ -622,18 +673,22 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         mbarrier_arrive_expect_tx(q_full(buf), Cfg::kQBytes);
         tma_load_3d(q_smem(buf), &params.tmap_q, q_full(buf), 0, wt.row0, static_cast<int>(wt.bh));
         const int n_steps = steps_of(wt.n_kept);
+        const float* k_scale_head = p.k_scale + wt.bhk * p.k_groups;  // [k_groups]
         for (int i = 0; i < n_steps; ++i) {
           const int stage = (step0 + i) % kStages;
           const int round = (step0 + i) / kStages;
           if (round > 0) mbarrier_wait(empty(stage), (round - 1) & 1);
+          constexpr int kParts = Cfg::kBlocksPerStep;
+          int kb[kParts];  // a lone last block of a pair also fills the second half (finite data; it is masked)
+#pragma unroll
+          for (int part = 0; part < kParts; ++part) kb[part] = wt.kept[min(kParts * i + part, wt.n_kept - 1)];
+          // Before the expect_tx arrival (a release), which orders the keys' plain stores before the phase.
+          write_tile_keys(stage, i, wt.n_kept, kb, k_scale_head);
           mbarrier_arrive_expect_tx(k_full(stage), Cfg::kKBytes);
           mbarrier_arrive_expect_tx(v_full(stage), Cfg::kVLoadBytes);
-          constexpr int kParts = Cfg::kBlocksPerStep;
 #pragma unroll
           for (int part = 0; part < kParts; ++part) {
-            // A lone last block of a pair also fills the second half (finite data; it is masked).
-            const int entry = min(kParts * i + part, wt.n_kept - 1);
-            const int key0 = wt.kept[entry] * Cfg::kBlockKeys;
+            const int key0 = kb[part] * Cfg::kBlockKeys;
             tma_load_3d(k_smem(stage) + part * Cfg::kKBytes / kParts, &params.tmap_k, k_full(stage), 0, key0,
                         static_cast<int>(wt.bhk));
             tma_load_3d(v_smem(stage) + part * Cfg::kVTileStride, &params.tmap_v, v_full(stage), key0, 0,
@@ -826,7 +881,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     const int b = wt.b;
     const int64_t bh = wt.bh;
     const int64_t bhk = wt.bhk;
-    const int32_t* kept = wt.kept;
     const int n_kept = wt.n_kept;
     const int n_steps = steps_of(n_kept);
     auto stage_of = [&](int i) { return (step0 + i) % kStages; };
@@ -843,45 +897,19 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     const int col_end_min = min(col_end[0], col_end[1]);
     const float pvthreshd = head_pvthreshd(p, h);
 
-    // First key (kAbsentKey for the missing second block of a pair) and this lane's K scale of each
-    // 64-key half of tile i, from the index list and k_scale, loaded a tile ahead. A half starts on a
-    // multiple of 64, so lane t's columns 8j + 2t, 8j + 2t + 1 share one group in every granularity:
-    // k_scale_group(key0 + 2t) = (key0 / 64) · groups_per_block + lane_group, in 32-bit arithmetic
-    // (instead of the 64-bit k_scale_group of the key: dense attend −8 %, kernel alone, session 6).
-    // An absent half reads a scale of the pair's list (finite; all its columns are masked). The
-    // overlap kernels keep the 64-bit lookup: the 32-bit one made ptxas spill ~300 bytes in <128, 64>.
-    const float* k_scale_head = p.k_scale + bhk * p.k_groups;  // [k_groups]
-    const bool per_thread_k = p.granularity == QuantGranularity::kPerThread;
-    const int k_groups_per_block = per_thread_k ? static_cast<int>(k_scale_group(kQuantBlockRows, p.granularity)) : 1;
-    const int k_lane_group = per_thread_k ? static_cast<int>(k_scale_group(2 * t, p.granularity)) : 0;
-    // Index-list entries of tile i, clamped into the list (a read ahead past the end stays in bounds).
-    auto fetch_kept = [&](int i, int (&kb)[kHalves]) {
-#pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) kb[hh] = kept[min(kMultiBlock ? kHalves * i + hh : i, n_kept - 1)];
-    };
-    auto tile_keys = [&](int i, const int (&kb)[kHalves], int (&k0)[kHalves], float (&ks)[kHalves]) {
+    // First key (kAbsentKey for a missing block of a multi-block tile) and this lane's K scale of each
+    // 64-key part of tile i, from the stage's tile keys (after its K barrier completed). A part starts on
+    // a multiple of 64, so lane t's columns 8j + 2t, 8j + 2t + 1 share one group in every granularity.
+    const int k_lane_group = p.granularity == QuantGranularity::kPerThread ? t : 0;
+    auto read_tile_keys = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
+      const uint8_t* at = tile_keys_ptr(stage_of(i));
+      const int32_t* keys = reinterpret_cast<const int32_t*>(at);
+      const float* scales = reinterpret_cast<const float*>(at + Cfg::kTileKeysScaleOffset) + k_lane_group;
 #pragma unroll
       for (int hh = 0; hh < kHalves; ++hh) {
-        int block64;  // the half's 64-key block
-        if constexpr (kMultiBlock) {
-          k0[hh] = kHalves * i + hh < n_kept ? kb[hh] * Cfg::kBlockKeys : kAbsentKey;
-          block64 = kb[hh];
-        } else {
-          block64 = kb[hh] * kHalves + hh;
-          k0[hh] = block64 * static_cast<int>(kQuantBlockRows);
-        }
-        if constexpr (Cfg::kOverlap) {
-          const int key = k0[hh] + 2 * t;
-          ks[hh] = key < p.len_k ? k_scale_head[k_scale_group(key, p.granularity)] : 0.0f;
-        } else {
-          ks[hh] = k_scale_head[block64 * k_groups_per_block + k_lane_group];
-        }
+        k0[hh] = keys[hh];
+        ks[hh] = scales[hh * Cfg::kKeyGroups];
       }
-    };
-    auto load_tile = [&](int i, int (&k0)[kHalves], float (&ks)[kHalves]) {
-      int kb[kHalves];
-      fetch_kept(i, kb);
-      tile_keys(i, kb, k0, ks);
     };
 
     const uint64_t q_desc = wgmma_desc(q_smem(buf) + consumer_group * kWgmmaM * kHeadDimPad, kHeadDimPad);
@@ -1085,21 +1113,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       l[1] = l[1] * alpha_t[1] + pv[kSums + 2];
     };
 
-    int key0_next[kHalves];  // of the tile whose softmax comes next
-    float k_scale_next[kHalves];
-    // With kKeptAhead (multi-block tiles): the index-list entries of the tile after next, one per lane
-    // (lane l: entry kHalves · j + l % kHalves of tile j), shuffled out a step later when that tile's keys are formed. Read
-    // as one warp-uniform value, ptxas moved each entry to a uniform register right after its load,
-    // so the warp waited for the load inside the step: 4 % of the D64 pair loop's stall samples and
-    // a 5-6 % slower kernel (session 16, bench/RESULTS.md).
-    static_assert(!Cfg::kKeptAhead || kMultiBlock, "the index list is read ahead on multi-block tiles only");
-    auto fetch_kept_lane = [&](int i) { return kept[min(kHalves * i + lane % kHalves, n_kept - 1)]; };
-    int kept_ahead = 0;
-    if (n_kept > 0) {
-      load_tile(0, key0_next, k_scale_next);
-      if constexpr (Cfg::kKeptAhead) kept_ahead = fetch_kept_lane(1);
-    }
-
     // This warpgroup's first turn of the tile: S of its first step (K landed), issued in turn.
     auto first_turn = [&] {
       wait_k(0);
@@ -1218,9 +1231,6 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
                       uint32_t (&p_nxt)[Cfg::kPvSteps][4], float (&alpha_nxt)[2]) {
         constexpr bool has_next = decltype(has_next_c)::value;
         const int stage = stage_of(i);
-        int key0_b[kHalves];  // block i + 1, whose softmax comes next (loads land during the turn)
-        float k_scale_b[kHalves];
-        if constexpr (has_next) load_tile(i + 1, key0_b, k_scale_b);
         mbarrier_wait(v_full(stage), parity_of(i));
         if constexpr (has_next) wait_k(i + 1);
         named_barrier_sync(my_turn, 2 * kWarpgroupThreads);
@@ -1231,6 +1241,9 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           wgmma_wait<1>();  // S of block i + 1
 #pragma unroll
           for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
+          int key0_b[kHalves];  // block i + 1, whose softmax comes next
+          float k_scale_b[kHalves];
+          read_tile_keys(i + 1, key0_b, k_scale_b);
           softmax(key0_b, k_scale_b, p_nxt, alpha_nxt);
         }
         wgmma_wait<0>();  // P·V of block i
@@ -1243,10 +1256,13 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
       if (n_kept > 0) {
         first_turn();
+        int key0_first[kHalves];
+        float k_scale_first[kHalves];
+        read_tile_keys(0, key0_first, k_scale_first);
         wgmma_wait<0>();
 #pragma unroll
         for (int e = 0; e < Cfg::kSRegs; ++e) wgmma_fence_operand(s_acc[e]);
-        softmax(key0_next, k_scale_next, p_a, alpha_a);
+        softmax(key0_first, k_scale_first, p_a, alpha_a);
         int i = 0;
         for (; i + 2 < n_kept; i += 2) {
           step(i, std::true_type{}, p_a, alpha_a, p_b, alpha_b);
@@ -1266,24 +1282,9 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         constexpr bool has_next = decltype(has_next_c)::value;
         const int stage = stage_of(i);
         const uint32_t parity = parity_of(i);
-        int key0[kHalves];
+        int key0[kHalves];  // K of this tile landed before its S was issued
         float k_scale_half[kHalves];
-#pragma unroll
-        for (int hh = 0; hh < kHalves; ++hh) {
-          key0[hh] = key0_next[hh];
-          k_scale_half[hh] = k_scale_next[hh];
-        }
-        if constexpr (has_next) {
-          if constexpr (Cfg::kKeptAhead) {
-            int kb[kHalves];
-#pragma unroll
-            for (int hh = 0; hh < kHalves; ++hh) kb[hh] = __shfl_sync(kFullWarp, kept_ahead, hh);
-            tile_keys(i + 1, kb, key0_next, k_scale_next);
-            kept_ahead = fetch_kept_lane(i + 2);
-          } else {
-            load_tile(i + 1, key0_next, k_scale_next);
-          }
-        }
+        read_tile_keys(i, key0, k_scale_half);
 
         // ---- 1. S of this block (issued in the previous turn) --------------------------------------
         wgmma_wait<0>();
