@@ -588,7 +588,9 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(k_full(s), 2);  // the TMA's expect_tx and the tile keys' cp.async
       mbarrier_init(v_full(s), 1);
-      mbarrier_init(empty(s), Cfg::kConsumerWarps);
+      // Every consumer thread releases the stage (its own reads of the tile keys; racecheck counts an
+      // arrival as releasing the arriving thread's accesses only).
+      mbarrier_init(empty(s), Cfg::kConsumerWarps * kWarpSize);
     }
     fence_barrier_init();
   }
@@ -1249,8 +1251,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
         wgmma_wait<0>();  // P·V of block i
         fence_p(p_cur);
         add_pv(alpha_cur);
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+        mbarrier_arrive(empty(stage));  // this thread no longer reads the stage
       };
 
       mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
@@ -1349,8 +1350,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           if constexpr (has_next) issue_qk(i + 1);
           named_barrier_arrive(other_turn, 2 * kWarpgroupThreads);
         }
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(empty(stage));  // this warp no longer reads the stage
+        mbarrier_arrive(empty(stage));  // this thread no longer reads the stage
       };
 
       mbarrier_wait(q_full(buf), (r / kQBuffers) & 1);
