@@ -7,8 +7,8 @@
 // inside one prediction Q block (block_q % 128 == 0). Warpgroup 0 produces: per work tile, one
 // thread loads Q into one of two buffers, then the K and V^T tiles of the kept blocks in order into
 // kWgmmaAttendStages stages (with kMultiBlock, two or four kept 64-key blocks per 128- or 256-key
-// tile); the stage ring
-// runs on across work tiles, so the next work tile's Q, K and V^T land while this one finishes.
+// tile), each stage with its tile keys (first keys and K scales, Config::kTileKeysOffset); the stage
+// ring runs on across work tiles, so the next work tile's Q, K and V^T land while this one finishes.
 // Warpgroups 1 and 2 consume 64 rows each; warp w of a consumer warpgroup owns rows
 // [16w, 16w + 16) of them, exactly one P·V group of the method.
 //
