@@ -571,7 +571,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   auto v_full = [&](int stage) { return bars + (2 * kQBuffers + kStages + stage) * Cfg::kBarBytes; };
   auto empty = [&](int stage) { return bars + (2 * kQBuffers + 2 * kStages + stage) * Cfg::kBarBytes; };
   auto tile_keys_smem = [&](int stage) { return smem + Cfg::kTileKeysOffset + stage * Cfg::kTileKeysBytes; };
-  auto tile_keys_ptr = [&](int stage) { return smem_raw + (tile_keys_smem(stage) - smem_address(smem_raw)); };
+  auto smem_ptr = [&](uint32_t addr) { return smem_raw + (addr - smem_address(smem_raw)); };  // generic pointer
+  auto tile_keys_ptr = [&](int stage) { return smem_ptr(tile_keys_smem(stage)); };
   // Tiles of the main loop (kept blocks, or pairs of them) of a work tile with n kept blocks.
   auto steps_of = [](int n) { return (n + Cfg::kBlocksPerStep - 1) / Cfg::kBlocksPerStep; };
 
@@ -598,11 +599,11 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   constexpr int kSumWords = Cfg::kSumRows * Cfg::kVRowBytes / 4;
   for (int i = thread; i < kStages * Cfg::kBlocksPerStep * kSumWords; i += kWgmmaAttendThreads) {
     const uint32_t at = v_smem(0) + (i / kSumWords) * Cfg::kVTileStride + Cfg::kVTileBytes + (i % kSumWords) * 4;
-    reinterpret_cast<uint32_t*>(smem_raw + (at - smem_address(smem_raw)))[0] = kE4m3OnesX4;
+    reinterpret_cast<uint32_t*>(smem_ptr(at))[0] = kE4m3OnesX4;
   }
   // Flag j of consumer warp w (merge_flags(w)[j]), found from the shared base where used (not kept in a register).
   auto merge_flags = [&](int w) {
-    return reinterpret_cast<uint32_t*>(smem_raw + (smem + Cfg::kMergeFlagsOffset - smem_address(smem_raw))) + 2 * w;
+    return reinterpret_cast<uint32_t*>(smem_ptr(smem + Cfg::kMergeFlagsOffset)) + 2 * w;
   };
   if (kSplit && thread < 2 * Cfg::kConsumerWarps) merge_flags(0)[thread] = 0;
   fence_proxy_async_shared();  // the ones are read by wgmma (async proxy)
@@ -617,7 +618,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   // SMSP with two consumer warps.
   const bool lane_groups = p.granularity == QuantGranularity::kPerThread;
   const bool scales_16b = lane_groups && (reinterpret_cast<uintptr_t>(p.k_scale) % kCpAsyncBytes) == 0;
-  const int k_blocks = static_cast<int>((p.len_k + kQuantBlockRows - 1) / kQuantBlockRows);
+  const int k_blocks = static_cast<int>(ceil_div(p.len_k, kQuantBlockRows));
   auto write_tile_keys = [&](int stage, int i, int n_kept, const int (&kb)[Cfg::kBlocksPerStep],
                              const float* k_scale_head) {
     int keys[4] = {};
