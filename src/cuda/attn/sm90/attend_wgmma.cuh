@@ -610,51 +610,51 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
   wait_for_prior_grids();      // the set-up above touches shared memory only
   __syncthreads();
 
-  // The tile keys of tile i (Config: kTileKeysOffset) into stage, from the index-list entries kb of its
-  // TMA boxes (kBlocksPerStep of them; entry kb[part] = kept[min(kBlocksPerStep · i + part, n_kept − 1)]):
-  // each part's first key by a store, its K scales by cp.async (16 bytes where a part's four lane groups
-  // are contiguous and aligned; zeros for a part past Lk, e.g. the second half of a 128-key block), then
-  // an arrival on the stage's K barrier once they landed. Few instructions: the producer warp shares its
-  // SMSP with two consumer warps.
-  const bool lane_groups = p.granularity == QuantGranularity::kPerThread;
-  const bool scales_16b = lane_groups && (reinterpret_cast<uintptr_t>(p.k_scale) % kCpAsyncBytes) == 0;
-  const int k_blocks = static_cast<int>(ceil_div(p.len_k, kQuantBlockRows));
-  auto write_tile_keys = [&](int stage, int i, int n_kept, const int (&kb)[Cfg::kBlocksPerStep],
-                             const float* k_scale_head) {
-    int keys[4] = {};
-#pragma unroll
-    for (int hh = 0; hh < kHalves; ++hh) {
-      int block64;
-      if constexpr (kMultiBlock) {
-        block64 = kb[hh];  // a missing block reads its tile's last (finite) one
-        keys[hh] = kHalves * i + hh < n_kept ? block64 * Cfg::kBlockKeys : kAbsentKey;
-      } else {
-        block64 = kb[0] * kHalves + hh;
-        keys[hh] = block64 * static_cast<int>(kQuantBlockRows);
-      }
-      const bool valid = block64 < k_blocks;
-      const float* src = k_scale_head + (valid ? block64 * (lane_groups ? Cfg::kKeyGroups : 1) : 0);
-      const uint32_t dst = tile_keys_smem(stage) + Cfg::kTileKeysScaleOffset + hh * Cfg::kKeyGroups * 4;
-      if (scales_16b) {
-        cp_async_16_zfill(dst, src, valid);
-      } else {
-        cp_async_4_zfill(dst, src, valid);
-        if (lane_groups) {
-#pragma unroll
-          for (int grp = 1; grp < Cfg::kKeyGroups; ++grp) cp_async_4_zfill(dst + 4 * grp, src + grp, valid);
-        }
-      }
-    }
-    *reinterpret_cast<int4*>(tile_keys_ptr(stage)) = make_int4(keys[0], keys[1], keys[2], keys[3]);
-    cp_async_mbarrier_arrive_noinc(k_full(stage));
-  };
-
   if (warpgroup == 0) {
     // ---- producer: per work tile r of the CTA, Q into buffer r % kQBuffers, then K / V^T of tile i
     // (kept block i, or kept blocks 2i and 2i + 1) and its tile keys into stage (step0 + i) % kStages,
     // step0 counting the steps of the CTA's earlier work tiles -----------------------------------------
     setmaxnreg_dec<kProducerRegs>();
     if (thread == 0) {
+      // The tile keys of tile i (Config: kTileKeysOffset) into stage, from the index-list entries kb of its
+      // TMA boxes (kBlocksPerStep of them; entry kb[part] = kept[min(kBlocksPerStep · i + part, n_kept − 1)]):
+      // each part's first key by a store, its K scales by cp.async (16 bytes where a part's four lane groups
+      // are contiguous and aligned; zeros for a part past Lk, e.g. the second half of a 128-key block), then
+      // an arrival on the stage's K barrier once they landed. Few instructions: the producer warp shares its
+      // SMSP with two consumer warps.
+      const bool lane_groups = p.granularity == QuantGranularity::kPerThread;
+      const bool scales_16b = lane_groups && (reinterpret_cast<uintptr_t>(p.k_scale) % kCpAsyncBytes) == 0;
+      const int k_blocks = static_cast<int>(ceil_div(p.len_k, kQuantBlockRows));
+      auto write_tile_keys = [&](int stage, int i, int n_kept, const int (&kb)[Cfg::kBlocksPerStep],
+                                 const float* k_scale_head) {
+        int keys[4] = {};
+    #pragma unroll
+        for (int hh = 0; hh < kHalves; ++hh) {
+          int block64;
+          if constexpr (kMultiBlock) {
+            block64 = kb[hh];  // a missing block reads its tile's last (finite) one
+            keys[hh] = kHalves * i + hh < n_kept ? block64 * Cfg::kBlockKeys : kAbsentKey;
+          } else {
+            block64 = kb[0] * kHalves + hh;
+            keys[hh] = block64 * static_cast<int>(kQuantBlockRows);
+          }
+          const bool valid = block64 < k_blocks;
+          const float* src = k_scale_head + (valid ? block64 * (lane_groups ? Cfg::kKeyGroups : 1) : 0);
+          const uint32_t dst = tile_keys_smem(stage) + Cfg::kTileKeysScaleOffset + hh * Cfg::kKeyGroups * 4;
+          if (scales_16b) {
+            cp_async_16_zfill(dst, src, valid);
+          } else {
+            cp_async_4_zfill(dst, src, valid);
+            if (lane_groups) {
+    #pragma unroll
+              for (int grp = 1; grp < Cfg::kKeyGroups; ++grp) cp_async_4_zfill(dst + 4 * grp, src + grp, valid);
+            }
+          }
+        }
+        *reinterpret_cast<int4*>(tile_keys_ptr(stage)) = make_int4(keys[0], keys[1], keys[2], keys[3]);
+        cp_async_mbarrier_arrive_noinc(k_full(stage));
+      };
+
       tma_prefetch_descriptor(&params.tmap_q);
       tma_prefetch_descriptor(&params.tmap_k);
       tma_prefetch_descriptor(&params.tmap_v);
