@@ -628,7 +628,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       auto write_tile_keys = [&](int stage, int i, int n_kept, const int (&kb)[Cfg::kBlocksPerStep],
                                  const float* k_scale_head) {
         int keys[4] = {};
-    #pragma unroll
+#pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) {
           int block64;
           if constexpr (kMultiBlock) {
@@ -646,7 +646,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           } else {
             cp_async_4_zfill(dst, src, valid);
             if (lane_groups) {
-    #pragma unroll
+#pragma unroll
               for (int grp = 1; grp < Cfg::kKeyGroups; ++grp) cp_async_4_zfill(dst + 4 * grp, src + grp, valid);
             }
           }
