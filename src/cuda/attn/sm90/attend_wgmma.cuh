@@ -109,6 +109,10 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 inline constexpr unsigned kFullWarp = 0xffffffffu;
 inline constexpr int kQuadLanes = 4;
 inline constexpr int kNTile = 8;  // columns of one accumulator n-tile
+// Registers per thread after setmaxnreg; the pool is the launch's 168 · 384. The producer warpgroup's
+// 24 hold thread 0's loop only: one instruction more on its other threads' path made ptxas spill,
+// in the consumers' code too (bench/RESULTS.md, session 35); 40 / 232 compiles that spill-free, but
+// the D128 kernels ran 0.6-1.2 % slower on 232.
 inline constexpr int kProducerRegs = 24;
 inline constexpr int kConsumerRegs = 240;
 inline constexpr int kPingPongBarrier0 = 1;  // named barriers 1, 2 (0: __syncthreads)
