@@ -332,7 +332,11 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
     C++ core. Returns (o, lse or None, stats or None). :func:`sparge.attention` calls it directly on
     plain eager tensors (see is_plain_eager) whose arguments it has checked itself, with
     ``reuse_workspace`` (see _workspace): never for the registered op, whose calls may run where
-    torch routes allocations to a private pool it tracks (CUDA graph trees of torch.compile)."""
+    torch routes allocations to a private pool it tracks (CUDA graph trees of torch.compile).
+
+    Few Python frames and torch queries from here to the binding: after an idle host every distinct
+    step of a call runs many times slower than warm (cold caches), and each one before the first
+    kernel launch delays it (bench/RESULTS.md, sessions 36-37)."""
     batch, heads_q, _, len_q, _, head_dim = shape
     device = q.device
     o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
@@ -342,10 +346,14 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
         if stats is not None:
             stats.zero_()  # the core writes the counters of non-empty problems only
         return o, lse, stats
-    ws_bytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, _size_device(device))
-    # Over-allocated: launch_attention aligns the address (_aligned_addr).
-    nbytes = ws_bytes + _C.WORKSPACE_ALIGN
-    workspace = _workspace(nbytes, device) if reuse_workspace else torch.empty(nbytes, dtype=torch.uint8, device=device)
+    on_cpu = q.is_cpu
+    align = _C.WORKSPACE_ALIGN
+    # Over-allocated by `align` bytes: the core gets the first aligned address in it.
+    nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 0 if on_cpu else 1) + align
+    if reuse_workspace and not on_cpu and nbytes <= WORKSPACE_CACHE_BYTES:
+        workspace = _workspace(nbytes, device)
+    else:
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
     launch_attention(
         q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
         simthreshd1_per_head, pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd,
@@ -360,12 +368,12 @@ _workspaces: dict[tuple[int, int], Tensor] = {}
 
 
 def _workspace(nbytes: int, device: torch.device) -> Tensor:
-    """A uint8 workspace of at least ``nbytes`` on ``device`` for an eager call. On CUDA, one of at most
-    WORKSPACE_CACHE_BYTES is kept per (device, current stream) and reused, which saves an
+    """A uint8 workspace of at least ``nbytes`` (at most WORKSPACE_CACHE_BYTES) on CUDA ``device``
+    for an eager call: one is kept per (device, current stream) and reused, which saves an
     allocation per small call (a third of the Python time of one): calls that share it run in the
     order of their stream, so none overlaps another's use of it. Not while a CUDA graph is being
     captured (the graph keeps the addresses it captured, so those come from its own pool)."""
-    if device.type != "cuda" or nbytes > WORKSPACE_CACHE_BYTES or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     index = device.index if device.index is not None else torch._C._cuda_getDevice()
     key = (index, torch._C._cuda_getCurrentRawStream(index))
@@ -382,20 +390,30 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
                      simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, smooth_k, granularity,
                      pv):  # fmt: skip
     """The C++ call of run_attention into the buffers it allocated: o, lse and stats (None when not
-    asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes."""
+    asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes. Strides, addresses
+    and the device dispatch are inline (see run_attention)."""
+    align = _C.WORKSPACE_ALIGN
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), o.stride()
+    if layout == LAYOUT_NHD:
+        strides = (sq[0], sq[2], sq[1]), (sk[0], sk[2], sk[1]), (sv[0], sv[2], sv[1]), (so[0], so[2], so[1])
+    else:
+        strides = sq[:3], sk[:3], sv[:3], so[:3]
     # Positional, in the order of the binding (src/python/bindings.cpp): keywords cost more per call.
-    _call_core(
-        q, _C.attention,
+    args = (
         shape, (block_q, block_k), causal,
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODES[q.dtype],
-        _hnd_strides(q, layout), _hnd_strides(k, layout), _hnd_strides(v, layout),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODES[q.dtype], strides[0], strides[1], strides[2],
         scale, smooth_k, granularity, pv,
         mode, block_score, topk, _addr(topk_per_head), cdfthreshd, _addr(cdfthreshd_per_head), simthreshd1,
         _addr(simthreshd1_per_head), select_flags, _addr(block_mask),
         pvthreshd, _addr(pvthreshd_per_head),
-        o.data_ptr(), DTYPE_CODES[o.dtype], _hnd_strides(o, layout), _addr(lse), _addr(stats),
-        _aligned_addr(workspace), workspace.numel() - _C.WORKSPACE_ALIGN,
+        o.data_ptr(), DTYPE_CODES[o.dtype], strides[3], 0 if lse is None else lse.data_ptr(),
+        0 if stats is None else stats.data_ptr(),
+        -(-workspace.data_ptr() // align) * align, workspace.numel() - align,
     )  # fmt: skip
+    if q.is_cpu:
+        _C.attention(0, 0, *args)
+    else:
+        _call_cuda(q.get_device(), _C.attention, *args)
 
 
 attention = torch.library.custom_op("sparge::attention", mutates_args=())(_attention_impl)

@@ -522,8 +522,12 @@ def _attention_fast(q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, p
     q_size, k_size = q.shape, k.shape
     if len(q_size) != 4 or len(k_size) != 4 or v.shape != k_size:
         return None
-    batch, heads_q, len_q, head_dim = _ops._hnd_sizes(q_size, layout_code)
-    k_batch, heads_kv, len_k, k_dim = _ops._hnd_sizes(k_size, layout_code)
+    if layout_code == _ops.LAYOUT_NHD:
+        batch, len_q, heads_q, head_dim = q_size
+        k_batch, len_k, heads_kv, k_dim = k_size
+    else:
+        batch, heads_q, len_q, head_dim = q_size
+        k_batch, heads_kv, len_k, k_dim = k_size
     if (k_batch != batch or k_dim != head_dim or heads_kv == 0 or heads_q % heads_kv != 0
             or not 1 <= head_dim <= _C.MAX_HEAD_DIM or batch * heads_q * len_q == 0
             or q.stride()[3] != 1 or k.stride()[3] != 1 or v.stride()[3] != 1):  # fmt: skip
