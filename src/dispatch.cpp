@@ -308,7 +308,10 @@ size_t workspace_size(const AttentionParams& p) {
          scratch_bytes(p.device, p.shape, p.blocks, p.quant.pv);
 }
 
-Status check(const AttentionParams& p) {
+namespace {
+
+// check(AttentionParams) without the output (o, o_dtype, o_strides): what attention_begin reads.
+Status check_begin(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check_device(p.device));
   SPARGE_RETURN_IF_ERROR(check_shape(p.shape));
   SPARGE_RETURN_IF_ERROR(check_blocks(p.blocks));
@@ -317,11 +320,17 @@ Status check(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check_quant(p.quant));
   SPARGE_RETURN_IF_ERROR(check_selection(p.select, p.device, p.shape.heads_q));
   SPARGE_RETURN_IF_ERROR(check_pvthreshd(p.pvthreshd, p.device, p.shape.heads_q));
-  SPARGE_RETURN_IF_ERROR(check_output(p.o, p.o_dtype, p.o_strides, p.shape));
   if (!is_empty(p.shape)) {
     SPARGE_RETURN_IF_ERROR(check_workspace(p.workspace, p.workspace_bytes, workspace_size(p), true));
   }
   return check_cuda_support(p.device, p.shape, p.blocks, &p.quant);
+}
+
+}  // namespace
+
+Status check(const AttentionParams& p) {
+  SPARGE_RETURN_IF_ERROR(check_begin(p));
+  return check_output(p.o, p.o_dtype, p.o_strides, p.shape);
 }
 
 namespace {
@@ -378,19 +387,30 @@ Status attend(const AttendParams& params) {
   return run_attend(params);
 }
 
-// One check covers the three stages: it validates everything their checks would, the stage
-// buffers being carved from the checked workspace (the checks cost microseconds per call).
-Status attention(const AttentionParams& p) {
-  SPARGE_RETURN_IF_ERROR(check(p));
-  if (is_empty(p.shape)) return Status::Ok();
-  const StageBuffers buf = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv);
+namespace {
+
+// The fused op's stage buffers, carved from the checked workspace.
+struct FusedBuffers {
+  StageBuffers stage;
+  void* attend_scratch;  // the CUDA attention kernel's scratch (null where it has none)
+  size_t scratch_bytes;
+};
+
+FusedBuffers fused_buffers(const AttentionParams& p) {
   const size_t stage_bytes = stage_buffers_size(p.shape, p.blocks, p.quant.granularity, p.quant.pv);
   const size_t scratch = scratch_bytes(p.device, p.shape, p.blocks, p.quant.pv);
+  return {.stage = carve_stage_buffers(p.workspace, p.shape, p.blocks, p.quant.granularity, p.quant.pv),
+          .attend_scratch = scratch > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr,
+          .scratch_bytes = scratch};
+}
+
+// Stages 0 and 1 of the fused op on checked params.
+Status run_begin(const AttentionParams& p) {
+  const FusedBuffers buf = fused_buffers(p);
   // Only TopK and CDF selection read the block statistics, and only the spike score the spike keys.
   const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
-  QuantizedQKV quantize_out = buf.quantized;
+  QuantizedQKV quantize_out = buf.stage.quantized;
   if (!scored || p.select.block_score != BlockScore::kSpikes) quantize_out.k_spikes = nullptr;
-  void* attend_scratch = scratch > 0 ? static_cast<char*>(p.workspace) + stage_bytes : nullptr;
   SPARGE_RETURN_IF_ERROR(run_quantize(QuantizeParams{.device = p.device,
                                                      .stream = p.stream,
                                                      .shape = p.shape,
@@ -399,34 +419,62 @@ Status attention(const AttentionParams& p) {
                                                      .quant = p.quant,
                                                      .out = quantize_out},
                                       scored));
-  SPARGE_RETURN_IF_ERROR(run_predict(PredictParams{.device = p.device,
-                                                   .stream = p.stream,
-                                                   .shape = p.shape,
-                                                   .blocks = p.blocks,
-                                                   .causal = p.causal,
-                                                   .sm_scale = p.quant.sm_scale,
-                                                   .select = p.select,
-                                                   .stats = buf.quantized,
-                                                   .out = buf.index,
-                                                   .stats_out = p.stats_out},
-                                      attend_scratch));
+  return run_predict(PredictParams{.device = p.device,
+                                   .stream = p.stream,
+                                   .shape = p.shape,
+                                   .blocks = p.blocks,
+                                   .causal = p.causal,
+                                   .sm_scale = p.quant.sm_scale,
+                                   .select = p.select,
+                                   .stats = buf.stage.quantized,
+                                   .out = buf.stage.index,
+                                   .stats_out = p.stats_out},
+                     buf.attend_scratch);
+}
+
+// Stage 2 of the fused op on checked params, after run_begin.
+Status run_finish(const AttentionParams& p) {
+  const FusedBuffers buf = fused_buffers(p);
   return run_attend(AttendParams{.device = p.device,
                                  .stream = p.stream,
                                  .shape = p.shape,
                                  .blocks = p.blocks,
                                  .causal = p.causal,
                                  .quant = p.quant,
-                                 .quantized = buf.quantized,
-                                 .index = buf.index,
+                                 .quantized = buf.stage.quantized,
+                                 .index = buf.stage.index,
                                  .pvthreshd = p.pvthreshd,
                                  .o = p.o,
                                  .o_dtype = p.o_dtype,
                                  .o_strides = p.o_strides,
                                  .lse = p.lse,
                                  .stats_out = p.stats_out,
-                                 .workspace = attend_scratch,
-                                 .workspace_bytes = scratch},
-                    attend_scratch != nullptr);
+                                 .workspace = buf.attend_scratch,
+                                 .workspace_bytes = buf.scratch_bytes},
+                    buf.attend_scratch != nullptr);
+}
+
+}  // namespace
+
+// One check covers the three stages: it validates everything their checks would, the stage
+// buffers being carved from the checked workspace (the checks cost microseconds per call).
+Status attention(const AttentionParams& p) {
+  SPARGE_RETURN_IF_ERROR(check(p));
+  if (is_empty(p.shape)) return Status::Ok();
+  SPARGE_RETURN_IF_ERROR(run_begin(p));
+  return run_finish(p);
+}
+
+Status attention_begin(const AttentionParams& p) {
+  SPARGE_RETURN_IF_ERROR(check_begin(p));
+  if (is_empty(p.shape)) return Status::Ok();
+  return run_begin(p);
+}
+
+Status attention_finish(const AttentionParams& p) {
+  SPARGE_RETURN_IF_ERROR(check(p));
+  if (is_empty(p.shape)) return Status::Ok();
+  return run_finish(p);
 }
 
 bool cuda_backend_built() {

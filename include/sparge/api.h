@@ -31,6 +31,14 @@ size_t attend_workspace_size(const AttendParams& p);
 Status attention(const AttentionParams& p);
 size_t workspace_size(const AttentionParams& p);
 
+// attention() in two calls, for a caller that creates the output only once the first kernels are
+// queued (the torch layer does, so that the GPU starts while the host allocates it).
+// attention_begin runs quantize and predict and reads neither o nor lse (they may be null; its check
+// is check(p) without the output); attention_finish, on the same params with o (and lse) set, runs
+// attend. In between, the workspace and stats_out belong to the call.
+Status attention_begin(const AttentionParams& p);
+Status attention_finish(const AttentionParams& p);
+
 // Whether the CUDA backend was compiled in, and for which architectures (e.g. "90a;89;80").
 bool cuda_backend_built();
 const char* cuda_architectures();

@@ -20,6 +20,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("sparge needs PyTorch (>= 2.4): pip install torch") from e
 
 from . import _C, _ops  # noqa: F401  (_ops registers torch.ops.sparge.*)
+from ._ops import release_workspace_cache
 from .api import (
     Prediction,
     QuantizedQKV,
@@ -102,6 +103,7 @@ __all__ = [
     "predict",
     "predict_blocks",
     "quantize",
+    "release_workspace_cache",
     "scaled_dot_product_attention",
     "__version__",
 ]

@@ -40,6 +40,7 @@ GRAN_PER_BLOCK, GRAN_PER_WARP, GRAN_PER_THREAD = 0, 1, 2
 PV_FP8, PV_FP16, PV_FP8_FP16ACC = 0, 1, 2
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+PART_WHOLE, PART_BEGIN, PART_FINISH = 0, 1, 2  # _C.attention's part: attention, attention_begin, attention_finish
 SELECT_SINK = 1  # select_flags bits: Selection::attention_sink, Selection::cdf_sharpen
 SELECT_CDF_SHARPEN = 2
 V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16, PV_FP8_FP16ACC: torch.float8_e4m3fn}
@@ -339,47 +340,79 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
     kernel launch delays it (bench/RESULTS.md, sessions 36-37)."""
     batch, heads_q, _, len_q, _, head_dim = shape
     device = q.device
-    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
-    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
     stats = torch.empty(_C.STAT_COUNT, dtype=torch.int64, device=device) if return_stats else None
     if batch * heads_q * len_q == 0:
         if stats is not None:
             stats.zero_()  # the core writes the counters of non-empty problems only
-        return o, lse, stats
+        lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
+        return _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device), lse, stats
     on_cpu = q.is_cpu
     align = _C.WORKSPACE_ALIGN
     # Over-allocated by `align` bytes: the core gets the first aligned address in it.
     nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 0 if on_cpu else 1) + align
-    if reuse_workspace and not on_cpu and nbytes <= WORKSPACE_CACHE_BYTES:
+    if reuse_workspace and not on_cpu:
         workspace = _workspace(nbytes, device)
     else:
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    launch_attention(
-        q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
-        simthreshd1_per_head, pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd,
-        causal, scale, block_q, block_k, select_flags, smooth_k, granularity, pv,
-    )  # fmt: skip
+    settings = (block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head, layout, mode,
+                block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags,
+                smooth_k, granularity, pv)  # fmt: skip
+    if on_cpu or nbytes <= WORKSPACE_CACHE_MIN_BYTES:
+        o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
+        lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
+        launch_attention(q, k, v, shape, o, lse, stats, workspace, *settings)
+        return o, lse, stats
+    # A large CUDA call in two core calls, so that quantize and predict are queued before the outputs
+    # exist: with the workspace kept (_workspace), the GPU starts before the host's first allocation,
+    # which after an idle host costs ~0.1 ms (bench/RESULTS.md, session 37). Small calls stay one
+    # core call: the second costs more host time than the GPU work it would overlap.
+    launch_attention(q, k, v, shape, None, None, stats, workspace, *settings, PART_BEGIN)
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
+    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
+    launch_attention(q, k, v, shape, o, lse, stats, workspace, *settings, PART_FINISH)
     return o, lse, stats
 
 
-# CUDA workspaces up to this size are kept per (device, stream) and reused by later calls.
-WORKSPACE_CACHE_BYTES = 1 << 22
+# CUDA workspaces of up to 1 / WORKSPACE_CACHE_FRACTION of the device's memory (at least
+# WORKSPACE_CACHE_MIN_BYTES) are kept per (device, stream) and reused by later calls.
+WORKSPACE_CACHE_FRACTION = 256
+WORKSPACE_CACHE_MIN_BYTES = 1 << 22
 _workspaces: dict[tuple[int, int], Tensor] = {}
+_workspace_limits: dict[int, int] = {}
+
+
+def workspace_cache_limit(index: int) -> int:
+    """Bytes of the largest workspace kept for reuse on CUDA device ``index``."""
+    limit = _workspace_limits.get(index)
+    if limit is None:
+        memory = torch.cuda.get_device_properties(index).total_memory
+        limit = _workspace_limits[index] = max(WORKSPACE_CACHE_MIN_BYTES, memory // WORKSPACE_CACHE_FRACTION)
+    return limit
+
+
+def release_workspace_cache() -> None:
+    """Drops the workspaces that :func:`sparge.attention` keeps for reuse per (device, stream), up to
+    1/256 of each device's memory; their memory returns to torch's caching allocator."""
+    _workspaces.clear()
 
 
 def _workspace(nbytes: int, device: torch.device) -> Tensor:
-    """A uint8 workspace of at least ``nbytes`` (at most WORKSPACE_CACHE_BYTES) on CUDA ``device``
-    for an eager call: one is kept per (device, current stream) and reused, which saves an
-    allocation per small call (a third of the Python time of one): calls that share it run in the
-    order of their stream, so none overlaps another's use of it. Not while a CUDA graph is being
-    captured (the graph keeps the addresses it captured, so those come from its own pool)."""
+    """A uint8 workspace of at least ``nbytes`` on CUDA ``device`` for an eager call. One of at most
+    workspace_cache_limit bytes is kept per (device, current stream) and reused: a small call saves
+    an allocation (a third of its Python time), and a large one starts its first kernels without one.
+    Calls that share it run in the order of their stream, so none overlaps another's use of it. Not
+    while a CUDA graph is being captured (the graph keeps the addresses it captured, so those come
+    from its own pool)."""
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     index = device.index if device.index is not None else torch._C._cuda_getDevice()
+    limit = workspace_cache_limit(index)
+    if nbytes > limit:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
     key = (index, torch._C._cuda_getCurrentRawStream(index))
     workspace = _workspaces.get(key)
     if workspace is None or workspace.numel() < nbytes:
-        size = min(WORKSPACE_CACHE_BYTES, 1 << (nbytes - 1).bit_length())  # fewer regrowths
+        size = min(limit, 1 << (nbytes - 1).bit_length())  # fewer regrowths
         workspace = torch.empty(size, dtype=torch.uint8, device=device)
         _workspaces[key] = workspace
     return workspace
@@ -388,12 +421,14 @@ def _workspace(nbytes: int, device: torch.device) -> Tensor:
 def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
                      simthreshd1_per_head, pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd,
                      simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, smooth_k, granularity,
-                     pv):  # fmt: skip
+                     pv, part=PART_WHOLE):  # fmt: skip
     """The C++ call of run_attention into the buffers it allocated: o, lse and stats (None when not
-    asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes. Strides, addresses
-    and the device dispatch are inline (see run_attention)."""
+    asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes. ``part``: the whole
+    op, its first part (quantize, predict; o and lse not read, may be None) or its second (attend).
+    Strides, addresses and the device dispatch are inline (see run_attention)."""
     align = _C.WORKSPACE_ALIGN
-    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), o.stride()
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    so = (0, 0, 0, 0) if o is None else o.stride()
     if layout == LAYOUT_NHD:
         strides = (sq[0], sq[2], sq[1]), (sk[0], sk[2], sk[1]), (sv[0], sv[2], sv[1]), (so[0], so[2], so[1])
     else:
@@ -406,9 +441,9 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
         mode, block_score, topk, _addr(topk_per_head), cdfthreshd, _addr(cdfthreshd_per_head), simthreshd1,
         _addr(simthreshd1_per_head), select_flags, _addr(block_mask),
         pvthreshd, _addr(pvthreshd_per_head),
-        o.data_ptr(), DTYPE_CODES[o.dtype], strides[3], 0 if lse is None else lse.data_ptr(),
-        0 if stats is None else stats.data_ptr(),
-        -(-workspace.data_ptr() // align) * align, workspace.numel() - align,
+        0 if o is None else o.data_ptr(), 0 if o is None else DTYPE_CODES[o.dtype], strides[3],
+        0 if lse is None else lse.data_ptr(), 0 if stats is None else stats.data_ptr(),
+        -(-workspace.data_ptr() // align) * align, workspace.numel() - align, part,
     )  # fmt: skip
     if q.is_cpu:
         _C.attention(0, 0, *args)

@@ -277,19 +277,20 @@ def _per_call_us(cases: dict[str, Case], device: torch.device, calls: int,
 
 
 def _core_call(q, k, v) -> Callable[[], None]:
-    """A callable that repeats only the C++ call of ``sparge.attention(q, k, v)``
-    (``_ops.launch_attention``: binding and core, no checks, no allocation), into the buffers of
-    the first call, which it records and keeps alive."""
+    """A callable that repeats only the C++ calls of ``sparge.attention(q, k, v)``
+    (``_ops.launch_attention``, its two parts: binding and core, no checks, no allocation), into the
+    buffers of the first call, which it records and keeps alive."""
     launch = _ops.launch_attention
     recorded = []
 
-    def record(*args):
-        recorded.append(args)
-        launch(*args)
+    def record(*args, **kwargs):
+        recorded.append((args, kwargs))
+        launch(*args, **kwargs)
 
     def call():
         if recorded:
-            launch(*recorded[0])
+            for args, kwargs in recorded:
+                launch(*args, **kwargs)
             return
         _ops.launch_attention = record
         try:

@@ -21,6 +21,7 @@
 
 #include <array>
 #include <cstdint>
+#include <string>
 
 #include "sparge/api.h"
 
@@ -196,8 +197,11 @@ void attention(int device, Addr stream, const ShapeArg& shape, const BlocksArg& 
                int block_score, double topk, Addr topk_per_head, double cdfthreshd, Addr cdfthreshd_per_head,
                double simthreshd1, Addr simthreshd1_per_head, int select_flags, Addr block_mask, double pvthreshd,
                Addr pvthreshd_per_head, Addr o, int o_dtype, const StridesArg& o_strides, Addr lse, Addr stats_out,
-               Addr workspace, size_t workspace_bytes) {
-  run(&sparge::attention,
+               Addr workspace, size_t workspace_bytes, int part) {
+  constexpr sparge::Status (*kParts[])(const sparge::AttentionParams&) = {
+      &sparge::attention, &sparge::attention_begin, &sparge::attention_finish};
+  if (part < 0 || part > 2) throw nb::value_error(("part: expected 0, 1 or 2, got " + std::to_string(part)).c_str());
+  run(kParts[part],
       sparge::AttentionParams{.device = static_cast<sparge::Device>(device),
                               .stream = to_stream(stream),
                               .shape = to_shape(shape),
@@ -286,8 +290,9 @@ NB_MODULE(_C, m) {
         nb::arg("cdfthreshd"), nb::arg("cdfthreshd_per_head"), nb::arg("simthreshd1"), nb::arg("simthreshd1_per_head"),
         nb::arg("select_flags"), nb::arg("block_mask"), nb::arg("pvthreshd"), nb::arg("pvthreshd_per_head"),
         nb::arg("o"), nb::arg("o_dtype"), nb::arg("o_strides"), nb::arg("lse"), nb::arg("stats_out"),
-        nb::arg("workspace"), nb::arg("workspace_bytes"),
-        "quantize → predict → attend in one call, with a caller-provided workspace.");
+        nb::arg("workspace"), nb::arg("workspace_bytes"), nb::arg("part") = 0,
+        "quantize → predict → attend in one call (part 0), with a caller-provided workspace; part 1 runs "
+        "sparge::attention_begin (o and lse unread), part 2 sparge::attention_finish.");
 
   m.attr("STAT_BLOCKS_KEPT") = static_cast<int>(sparge::kStatBlocksKept);
   m.attr("STAT_BLOCKS_ALLOWED") = static_cast<int>(sparge::kStatBlocksAllowed);

@@ -62,6 +62,49 @@ TEST_F(ApiContract, ValidRequestSucceeds) {
   EXPECT_TRUE(status.ok()) << status.message();
 }
 
+// attention_begin + attention_finish compute what attention does, bit for bit; begin reads neither o nor
+// lse (null there, and o's fields invalid), and finish checks the output like attention.
+TEST_F(ApiContract, TwoCallsEqualOneCall) {
+  for (const Causal causal : {Causal::kNone, Causal::kBottomRight}) {
+    SCOPED_TRACE(static_cast<int>(causal));
+    std::vector<float> lse_one(static_cast<size_t>(shape.batch * shape.heads_q * shape.len_q));
+    std::vector<float> lse_two(lse_one.size(), -1.0f);
+    int64_t stats_one[kStatCount] = {};
+    int64_t stats_two[kStatCount] = {};
+    AttentionParams p = valid();
+    p.causal = causal;
+    p.lse = lse_one.data();
+    p.stats_out = stats_one;
+    ASSERT_TRUE(attention(p).ok());
+    const std::vector<float> one = o.values();
+
+    o.fill(0.0f);
+    AttentionParams begin = p;
+    begin.o = nullptr;
+    begin.o_dtype = static_cast<DType>(9);
+    begin.lse = nullptr;
+    begin.stats_out = stats_two;
+    const Status begun = attention_begin(begin);
+    ASSERT_TRUE(begun.ok()) << begun.message();
+    AttentionParams finish = p;
+    finish.lse = lse_two.data();
+    finish.stats_out = stats_two;
+    const Status finished = attention_finish(finish);
+    ASSERT_TRUE(finished.ok()) << finished.message();
+    EXPECT_EQ(o.values(), one);
+    EXPECT_EQ(lse_two, lse_one);
+    for (int i = 0; i < kStatCount; ++i) EXPECT_EQ(stats_two[i], stats_one[i]) << "stat " << i;
+  }
+  AttentionParams no_output = valid();
+  no_output.o = nullptr;
+  const Status status = attention_finish(no_output);
+  EXPECT_EQ(status.code(), kInvalid);
+  EXPECT_EQ(status.message().rfind("o: ", 0), 0u) << status.message();
+  AttentionParams bad_input = valid();
+  bad_input.in.k = nullptr;
+  EXPECT_EQ(attention_begin(bad_input).message().rfind("in.k: ", 0), 0u);
+}
+
 TEST_F(ApiContract, NullPointers) {
   expect_rejected([](AttentionParams& p) { p.in.q = nullptr; }, kInvalid, "in.q");
   expect_rejected([](AttentionParams& p) { p.in.k = nullptr; }, kInvalid, "in.k");

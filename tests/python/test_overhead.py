@@ -86,7 +86,7 @@ def test_positional_core_call_matches_the_binding_names(monkeypatch):
                     topk=0.25, topk_per_head=0, cdfthreshd=0.75, cdfthreshd_per_head=0, simthreshd1=-0.5,
                     simthreshd1_per_head=0, select_flags=_ops.SELECT_SINK, block_mask=0, pvthreshd=7.0,
                     pvthreshd_per_head=0, o=o.data_ptr(), o_dtype=_ops.DTYPE_CODES[torch.float32], o_strides=hnd(o),
-                    lse=lse.data_ptr(), stats_out=0)  # fmt: skip
+                    lse=lse.data_ptr(), stats_out=0, part=_ops.PART_WHOLE)  # fmt: skip
     assert {name: call[name] for name in expected} == expected
     assert call["workspace"] % _C.WORKSPACE_ALIGN == 0 and call["workspace_bytes"] >= _C.workspace_size(
         expected["shape"], expected["blocks"], expected["granularity"], expected["pv"])
@@ -254,6 +254,51 @@ def test_cuda_small_workspaces_are_reused_per_stream(seed):
     graph.replay()
     assert_equal(captured, first_small, f"graph replay, seed={seed}")
 
+
+
+@pytest.mark.gpu
+def test_cuda_workspace_cache_limit_and_release(monkeypatch, seed):
+    """Workspaces up to 1/256 of the device memory are kept (a large call's first kernels then need no
+    allocation), larger ones are not; release_workspace_cache drops them; results never change."""
+    index = torch.cuda.current_device()
+    memory = torch.cuda.get_device_properties(index).total_memory
+    assert _ops.workspace_cache_limit(index) == max(1 << 22, memory // 256)
+    key = (index, torch.cuda.current_stream().cuda_stream)
+    x = structured_qkv(1, 8, 8, 4096, 4096, 128, device="cuda", seed=seed)
+    nbytes = _C.workspace_size((1, 8, 8, 4096, 4096, 128), (128, 64), _ops.GRAN_PER_THREAD, _ops.PV_FP8, 1)
+    assert 1 << 22 < nbytes < _ops.workspace_cache_limit(index)
+    sparge.release_workspace_cache()
+    first = sparge.attention(*x)
+    assert _ops._workspaces[key].numel() >= nbytes
+    sparge.release_workspace_cache()
+    assert not _ops._workspaces
+    monkeypatch.setitem(_ops._workspace_limits, index, nbytes // 2)
+    assert_equal(sparge.attention(*x), first, f"uncached workspace, seed={seed}")
+    assert key not in _ops._workspaces
+    monkeypatch.undo()
+    assert_equal(sparge.attention(*x), first, f"cached again, seed={seed}")
+    assert key in _ops._workspaces
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [dict(), dict(is_causal=True, return_lse=True, return_sparsity=True, layout="NHD")],
+                         ids=["defaults", "causal,lse,stats,nhd"])
+def test_cuda_large_calls_run_in_two_core_calls(monkeypatch, seed, kwargs):
+    """Over WORKSPACE_CACHE_MIN_BYTES of workspace a CUDA call queues quantize and predict (part 1, no
+    output) before it allocates the output and runs attend (part 2); the result is the one-call result
+    bit for bit. Smaller calls make one core call."""
+    q, k, v = structured_qkv(1, 4, 2, 700, 900, 64, device="cuda", seed=seed, layout=kwargs.get("layout", "HND"))
+    parts = []
+    real = _C.attention
+    monkeypatch.setattr(_C, "attention", lambda *args: parts.append(args[-1]) or real(*args))
+    whole = sparge.attention(q, k, v, **kwargs)
+    assert parts == [_ops.PART_WHOLE]
+    monkeypatch.setattr(_ops, "WORKSPACE_CACHE_MIN_BYTES", 0)
+    split = sparge.attention(q, k, v, **kwargs)
+    assert parts == [_ops.PART_WHOLE, _ops.PART_BEGIN, _ops.PART_FINISH]
+    whole, split = (x if isinstance(x, tuple) else (x,) for x in (whole, split))
+    for i, (a, b) in enumerate(zip(whole, split)):
+        assert_equal(a, b, f"output {i}, {kwargs}, seed={seed}")
 
 
 def test_bench_core_call_repeats_only_the_cpp_call(monkeypatch):
