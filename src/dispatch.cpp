@@ -405,8 +405,7 @@ FusedBuffers fused_buffers(const AttentionParams& p) {
 }
 
 // Stages 0 and 1 of the fused op on checked params.
-Status run_begin(const AttentionParams& p) {
-  const FusedBuffers buf = fused_buffers(p);
+Status run_begin(const AttentionParams& p, const FusedBuffers& buf) {
   // Only TopK and CDF selection read the block statistics, and only the spike score the spike keys.
   const bool scored = p.select.mode == SelectMode::kTopK || p.select.mode == SelectMode::kCdf;
   QuantizedQKV quantize_out = buf.stage.quantized;
@@ -433,8 +432,7 @@ Status run_begin(const AttentionParams& p) {
 }
 
 // Stage 2 of the fused op on checked params, after run_begin.
-Status run_finish(const AttentionParams& p) {
-  const FusedBuffers buf = fused_buffers(p);
+Status run_finish(const AttentionParams& p, const FusedBuffers& buf) {
   return run_attend(AttendParams{.device = p.device,
                                  .stream = p.stream,
                                  .shape = p.shape,
@@ -461,20 +459,21 @@ Status run_finish(const AttentionParams& p) {
 Status attention(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check(p));
   if (is_empty(p.shape)) return Status::Ok();
-  SPARGE_RETURN_IF_ERROR(run_begin(p));
-  return run_finish(p);
+  const FusedBuffers buf = fused_buffers(p);
+  SPARGE_RETURN_IF_ERROR(run_begin(p, buf));
+  return run_finish(p, buf);
 }
 
 Status attention_begin(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check_begin(p));
   if (is_empty(p.shape)) return Status::Ok();
-  return run_begin(p);
+  return run_begin(p, fused_buffers(p));
 }
 
 Status attention_finish(const AttentionParams& p) {
   SPARGE_RETURN_IF_ERROR(check(p));
   if (is_empty(p.shape)) return Status::Ok();
-  return run_finish(p);
+  return run_finish(p, fused_buffers(p));
 }
 
 bool cuda_backend_built() {

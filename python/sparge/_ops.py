@@ -357,19 +357,16 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
     settings = (block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head, layout, mode,
                 block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags,
                 smooth_k, granularity, pv)  # fmt: skip
-    if on_cpu or nbytes <= WORKSPACE_CACHE_MIN_BYTES:
-        o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
-        lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
-        launch_attention(q, k, v, shape, o, lse, stats, workspace, *settings)
-        return o, lse, stats
     # A large CUDA call in two core calls, so that quantize and predict are queued before the outputs
     # exist: with the workspace kept (_workspace), the GPU starts before the host's first allocation,
     # which after an idle host costs ~0.1 ms (bench/RESULTS.md, session 37). Small calls stay one
     # core call: the second costs more host time than the GPU work it would overlap.
-    launch_attention(q, k, v, shape, None, None, stats, workspace, *settings, PART_BEGIN)
+    split = not on_cpu and nbytes > WORKSPACE_CACHE_MIN_BYTES
+    if split:
+        launch_attention(q, k, v, shape, None, None, stats, workspace, *settings, PART_BEGIN)
     o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, device)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=device) if return_lse else None
-    launch_attention(q, k, v, shape, o, lse, stats, workspace, *settings, PART_FINISH)
+    launch_attention(q, k, v, shape, o, lse, stats, workspace, *settings, PART_FINISH if split else PART_WHOLE)
     return o, lse, stats
 
 

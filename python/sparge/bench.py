@@ -283,14 +283,14 @@ def _core_call(q, k, v) -> Callable[[], None]:
     launch = _ops.launch_attention
     recorded = []
 
-    def record(*args, **kwargs):
-        recorded.append((args, kwargs))
-        launch(*args, **kwargs)
+    def record(*args):
+        recorded.append(args)
+        launch(*args)
 
     def call():
         if recorded:
-            for args, kwargs in recorded:
-                launch(*args, **kwargs)
+            for args in recorded:
+                launch(*args)
             return
         _ops.launch_attention = record
         try:
