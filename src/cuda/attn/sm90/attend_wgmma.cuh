@@ -101,6 +101,7 @@ struct WgmmaAttendParams {
   float* split_partial = nullptr;     // [2 · split_ctas] slots (layout.h): a piece's m, l and acc per warp
   CausalOrder causal;                 // with a causal mask: the order of the work tiles (work_order.h)
 };
+static_assert(sizeof(WgmmaAttendParams) <= 4096, "the parameters stay within 4 KB (every launch copies them)");
 
 namespace wgmma_attend {
 
@@ -1579,7 +1580,9 @@ Status launch_wgmma_attend(const MmaAttendParams& a, const WgmmaLaunch& launch) 
                        .ok();
   }
   const int64_t grid = std::min<int64_t>(tiles, sms);
-  if (grid > 0) params.causal = causal_order(params.q_tiles, params.tiles / params.q_tiles, static_cast<int>(grid));
+  if (grid > 0 && a.causal != Causal::kNone) {
+    params.causal = cached_causal_order(params.q_tiles, params.tiles / params.q_tiles, static_cast<int>(grid));
+  }
   SPARGE_RETURN_IF_ERROR(wgmma_attend::plan_split(&params, grid, ceil_div(a.nbk, Cfg::kBlocksPerStep),
                                                   kHeadDimPad, launch));
   const auto launched = params.split_first < params.tiles ? split_kernel : kernel;
