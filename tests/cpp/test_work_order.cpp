@@ -108,8 +108,22 @@ TEST(CausalWorkOrder, L32kH16EndsWithinSixTenthsOfAPercentOfTheMean) {
   EXPECT_LE(static_cast<double>(max_load(s)), 1.006 * mean_load(256, 16, 132));
 }
 
+TEST(CausalWorkOrder, GridsBeyondTheTableTakeTheLastRoundAsSingles) {
+  // B1 H16 L32768 on 150 CTAs (more than the table holds): 13 whole rounds of pairs of 257 key tiles, then
+  // the 98 pairs j = 30..127 of head 15 as singles, longest first: CTA 0 takes q_tile 255 − 30 (226 key
+  // tiles), CTA 149 the single of rank 149 (q_tile 76) and, back from the end, rank 150 (q_tile 75).
+  ASSERT_GT(150, cuda::kTableMaxCtas);
+  const Schedule s = walk(256, 16, 150);
+  EXPECT_EQ(max_load(s), 13 * 257 + 226);
+  ASSERT_FALSE(s.tiles[0].empty());
+  EXPECT_EQ(s.tiles[0].back(), std::make_pair(15, 225));
+  ASSERT_GE(s.tiles[149].size(), 2u);
+  EXPECT_EQ(s.tiles[149][s.tiles[149].size() - 2], std::make_pair(15, 76));
+  EXPECT_EQ(s.tiles[149].back(), std::make_pair(15, 75));
+}
+
 TEST(CausalWorkOrder, LargeProblemsEndWithinOnePercentOfTheMean) {
-  // The tail table (two whole rounds and the rest) balances every problem whose heads span several rounds.
+  // The table (two whole rounds and the rest) balances every problem whose heads span several rounds.
   for (const auto& [q_tiles, heads] : {std::pair{64, 32}, {128, 16}, {256, 32}, {512, 8}, {255, 16}, {96, 40}}) {
     SCOPED_TRACE(testing::Message() << "q_tiles " << q_tiles << " heads " << heads);
     const Schedule s = walk(q_tiles, heads, 132);
@@ -123,12 +137,13 @@ TEST(CausalWorkOrder, TheCacheGivesTheOrderItWouldBuild) {
     for (int q_tiles : {256, 64, 63, 256}) {
       const cuda::CausalOrder cached = cuda::cached_causal_order(q_tiles, 16, 132);
       const cuda::CausalOrder fresh = cuda::causal_order(q_tiles, 16, 132);
-      EXPECT_EQ(cached.tail_from, fresh.tail_from);
-      EXPECT_EQ(cached.tail_pair0, fresh.tail_pair0);
-      EXPECT_TRUE(std::equal(std::begin(cached.tail), std::end(cached.tail), std::begin(fresh.tail)));
+      EXPECT_EQ(cached.table_from, fresh.table_from);
+      EXPECT_EQ(cached.table_pair0, fresh.table_pair0);
+      EXPECT_EQ(cached.singles_from, fresh.singles_from);
+      EXPECT_TRUE(std::equal(std::begin(cached.table), std::end(cached.table), std::begin(fresh.table)));
     }
   }
-  EXPECT_LT(built.tail_from, 2 * built.pairs);  // this problem has a tail table
+  EXPECT_LT(built.table_from, 2 * built.pairs);  // this problem has a table
 }
 
 }  // namespace

@@ -20,11 +20,10 @@ namespace sparge::cuda {
 // (non-causal split tails only), nothing (skipped), or the end of the sequence.
 enum class Slot { kTile, kPiece, kEmpty, kEnd };
 
-// The tail's table: at most kTailSlots tiles for each of at most kTailMaxCtas CTAs (2.3 KB of the kernel's
-// parameters); kNoTile ends a CTA's list. Grids of more CTAs, or tails that would need more slots, run
-// plain pairs.
-inline constexpr int kTailSlots = 8;
-inline constexpr int kTailMaxCtas = 144;
+// The table's shape: kTableSlots slots for each of at most kTableMaxCtas CTAs (2.3 KB of the kernel's
+// parameters), at most kTableSlots − 1 tiles, then kNoTile, which ends the CTA's list.
+inline constexpr int kTableSlots = 8;
+inline constexpr int kTableMaxCtas = 144;
 inline constexpr uint16_t kNoTile = 0xffff;
 
 // The order of causal work tiles over `heads` (b, h) rows of q_tiles query tiles each and `grid` CTAs.
@@ -32,42 +31,63 @@ inline constexpr uint16_t kNoTile = 0xffff;
 // in pairs of equal total cost, the j-th longest and the j-th shortest (the longer first, slots 2k and
 // 2k + 1), and CTA c takes pairs c, c + grid, ..., heads in order (the CTAs share one or two heads' keys
 // in L2 at a time); a head with an odd number of query tiles has one single (an empty slot).
-// Whole rounds of pairs leave the CTAs equally busy; the pairs after the last `rounds` whole rounds (the
-// tail: the rest plus up to two whole rounds, a few heads at most) go out as single tiles by a table made
-// on the host, longest tile first to the least busy CTA. B1 H16 L32k on 132 CTAs: the busiest CTA sees
-// 4008 key tiles against a mean of 3987.4 (the last round alone as singles, longest first: 4051; plain
-// pairs: 4112), and the causal kernel alone runs 1.5 % faster than with the last round as singles
-// (B2 L8k 3.7 %, D64 H32 L32k 1.4 %; bench/RESULTS.md, session 38). CTA c's tail slots are
-// tail[c · kTailSlots + k], each a rank r among the tail's tiles: pair tail_pair0 + r / 2, its longer
-// tile for even r.
+// Whole rounds of pairs leave the CTAs equally busy; the rest (the tail) goes out in one of two forms,
+// whichever leaves the busiest CTA least busy by the host's cost model (work_order::tile_cost):
+// * a table made on the host: the pairs after the last whole rounds but two, as single tiles, longest
+//   first to the least busy CTA. CTA c's table slots are table[c · kTableSlots + k], each a rank r among
+//   those tiles: pair table_pair0 + r / 2, its longer tile for even r. B1 H16 L32k on 132 CTAs: the
+//   busiest CTA sees 4008 key tiles against a mean of 3987.4 (4051 for the singles below, 4112 for plain
+//   pairs), and the causal kernel alone ran 1.5 % faster than with the singles in one build (B2 L8k
+//   3.7 %, D64 H32 L32k 1.4 %; bench/RESULTS.md, session 38).
+// * the last round's pairs as singles, where that round lies in one head and q_tiles is even (the
+//   balanced pairs of that head, j near q_tiles / 2): longest first, the first `grid` of them to CTAs 0,
+//   1, ... and the rest back from CTA grid − 1, so its longest tile rather than a whole pair sets the end.
+//   With an odd number the heads' middle singles already make the full rounds uneven, and singles in
+//   the last round could leave a CTA busier than the pairs do (found by tests/cpp/test_work_order.cpp:
+//   127 query tiles, 32 heads, 7 CTAs).
+// causal_slot keeps the singles' branch after the table's: with it, ptxas schedules the D128 kernels'
+// main loops as without the table (SASS identical; without it, a different schedule of the same
+// instructions ran the causal kernel 1.5-2.4 % slower, bench/RESULTS.md session 38).
 struct CausalOrder {
   int q_tiles = 0;
   int pairs_per_head = 0;
   int pairs = 0;
-  int tail_from = 0;   // the slot n where the tail starts (2 · rounds); pairs only: past every pair slot
-  int tail_pair0 = 0;  // the tail's first pair (rounds · grid)
-  uint16_t tail[kTailMaxCtas * kTailSlots] = {};
+  int table_from = 0;    // the slot n where the table's slots start (2 · rounds); none: 2 · pairs + 2
+  int table_pair0 = 0;   // the table's first pair (rounds · grid)
+  int singles_from = 0;  // the slot n where the last round's singles start; none: 2 · pairs + 2
+  int singles = 0;       // pairs of the last round handed out as singles
+  uint16_t table[kTableMaxCtas * kTableSlots] = {};
 };
 
 // Slot n of CTA `cta` (bh, q_tile); kEmpty slots are skipped, kEnd ends the sequence.
 SPARGE_HD Slot causal_slot(const CausalOrder& o, int grid, int cta, int n, int* bh, int* q_tile) {
-  int pair = 0;
-  bool longer = true;
-  if (n >= o.tail_from) {
-    const int k = n - o.tail_from;
-    const int rank = k < kTailSlots ? o.tail[cta * kTailSlots + k] : kNoTile;
+  if (n >= o.table_from) {
+    const int rank = o.table[cta * kTableSlots + n - o.table_from];
     if (rank == kNoTile) return Slot::kEnd;
-    pair = o.tail_pair0 + rank / 2;
-    longer = rank % 2 == 0;
-  } else {
-    pair = cta + (n / 2) * grid;
-    if (pair >= o.pairs) return Slot::kEnd;
-    longer = n % 2 == 0;
+    const int pair = o.table_pair0 + rank / 2;
+    const int j = pair % o.pairs_per_head;
+    *bh = pair / o.pairs_per_head;
+    *q_tile = rank % 2 == 0 ? o.q_tiles - 1 - j : j;
+    return Slot::kTile;
   }
+  if (n >= o.singles_from) {
+    const int k = n - o.singles_from;  // 0: this CTA's first single, 1: its second
+    if (k > 1) return Slot::kEnd;
+    const int rank = k == 0 ? cta : 2 * grid - 1 - cta;  // among the last round's 2 · singles tiles, longest first
+    if (rank >= 2 * o.singles) return k == 0 ? Slot::kEmpty : Slot::kEnd;
+    *bh = (o.pairs - 1) / o.pairs_per_head;
+    // The last round is pairs j in [pairs_per_head − singles, pairs_per_head) of that head: their longer
+    // tiles q_tiles − 1 − j (j ascending), then their shorter ones j (j descending).
+    const int j = rank < o.singles ? o.pairs_per_head - o.singles + rank : o.pairs_per_head - 1 - (rank - o.singles);
+    *q_tile = rank < o.singles ? o.q_tiles - 1 - j : j;
+    return Slot::kTile;
+  }
+  const int pair = cta + (n / 2) * grid;
+  if (pair >= o.pairs) return Slot::kEnd;
   const int j = pair % o.pairs_per_head;
   *bh = pair / o.pairs_per_head;
-  *q_tile = longer ? o.q_tiles - 1 - j : j;
-  return !longer && j == o.q_tiles - 1 - j ? Slot::kEmpty : Slot::kTile;
+  *q_tile = n % 2 == 0 ? o.q_tiles - 1 - j : j;
+  return n % 2 == 1 && j == o.q_tiles - 1 - j ? Slot::kEmpty : Slot::kTile;
 }
 
 namespace work_order {
@@ -78,27 +98,38 @@ inline constexpr int64_t kTileOverhead = 3;
 
 inline int64_t tile_cost(int q_tile) { return q_tile + 1 + kTileOverhead; }
 
-// The CTAs' loads after pairs [0, n_pairs), pair p on CTA p % grid: a pair costs q_tiles + 1 key tiles
-// and two set-ups, a head's middle single (odd q_tiles) only its own.
-inline std::vector<int64_t> pair_loads(const CausalOrder& o, int grid, int n_pairs) {
-  std::vector<int64_t> load(grid);
+// The busiest CTA's cost under order o, walked as the kernel walks it.
+inline int64_t busiest(const CausalOrder& o, int grid) {
+  int64_t most = 0;
   for (int c = 0; c < grid; ++c) {
-    load[c] = (n_pairs / grid + (c < n_pairs % grid ? 1 : 0)) * (o.q_tiles + 1 + 2 * kTileOverhead);
+    int64_t load = 0;
+    int bh = 0;
+    int q_tile = 0;
+    for (int n = 0;; ++n) {
+      const Slot slot = causal_slot(o, grid, c, n, &bh, &q_tile);
+      if (slot == Slot::kEnd) break;
+      if (slot == Slot::kTile) load += tile_cost(q_tile);
+    }
+    most = std::max(most, load);
   }
-  if (o.q_tiles % 2 == 1) {
-    for (int p = o.pairs_per_head - 1; p < n_pairs; p += o.pairs_per_head) load[p % grid] -= tile_cost(o.q_tiles / 2);
-  }
-  return load;
+  return most;
 }
 
-// Fills the tail's table for `rounds` whole rounds of pairs before it; returns the busiest CTA's load, or
-// -1 where some CTA would need more than kTailSlots tiles.
-inline int64_t fill_tail(CausalOrder* o, int grid, int rounds) {
+// The table for `rounds` whole rounds of pairs before it (o has no singles); false where some CTA would
+// need more than kTableSlots − 1 tiles.
+inline bool fill_table(CausalOrder* o, int grid, int rounds) {
   struct Tile {
     int64_t cost;
     uint16_t rank;
   };
-  const std::vector<int64_t> load = pair_loads(*o, grid, rounds * grid);
+  // After whole rounds each CTA has `rounds` pairs of q_tiles + 1 key tiles and two set-ups, less a
+  // head's middle single's other half (odd q_tiles) where it has one.
+  std::vector<int64_t> load(grid, rounds * (o->q_tiles + 1 + 2 * kTileOverhead));
+  if (o->q_tiles % 2 == 1) {
+    for (int p = o->pairs_per_head - 1; p < rounds * grid; p += o->pairs_per_head) {
+      load[p % grid] -= tile_cost(o->q_tiles / 2);
+    }
+  }
   std::vector<Tile> tiles;
   for (int p = rounds * grid; p < o->pairs; ++p) {
     const int j = p % o->pairs_per_head;
@@ -114,15 +145,13 @@ inline int64_t fill_tail(CausalOrder* o, int grid, int rounds) {
   for (const Tile& t : tiles) {
     const auto [busy, c] = least.top();
     least.pop();
-    if (taken[c] == kTailSlots) return -1;
-    o->tail[c * kTailSlots + taken[c]++] = t.rank;
+    if (taken[c] == kTableSlots - 1) return false;
+    o->table[c * kTableSlots + taken[c]++] = t.rank;
     least.emplace(busy + t.cost, c);
   }
-  int64_t busiest = 0;
-  for (; !least.empty(); least.pop()) busiest = std::max(busiest, least.top().first);
-  o->tail_from = 2 * rounds;
-  o->tail_pair0 = rounds * grid;
-  return busiest;
+  o->table_from = 2 * rounds;
+  o->table_pair0 = rounds * grid;
+  return true;
 }
 
 }  // namespace work_order
@@ -134,16 +163,23 @@ inline CausalOrder causal_order(int q_tiles, int heads, int grid) {
   o.q_tiles = q_tiles;
   o.pairs_per_head = (q_tiles + 1) / 2;
   o.pairs = o.pairs_per_head * heads;
-  o.tail_from = 2 * o.pairs + 2;
-  std::fill(std::begin(o.tail), std::end(o.tail), kNoTile);
-  if (o.pairs % grid == 0 || grid > kTailMaxCtas) return o;
-  // A tail table where it leaves the busiest CTA less busy than plain pairs do.
-  const std::vector<int64_t> pairs_only = work_order::pair_loads(o, grid, o.pairs);
-  const int64_t pairs_busiest = *std::max_element(pairs_only.begin(), pairs_only.end());
+  o.table_from = 2 * o.pairs + 2;
+  std::fill(std::begin(o.table), std::end(o.table), kNoTile);
+  const int full_rounds = o.pairs / grid;
+  const int rest = o.pairs - full_rounds * grid;
+  const bool rest_in_one_head = (o.pairs - rest) / o.pairs_per_head == (o.pairs - 1) / o.pairs_per_head;
+  const bool singles = q_tiles % 2 == 0 && rest > 0 && rest_in_one_head;
+  o.singles_from = singles ? 2 * full_rounds : 2 * o.pairs + 2;
+  o.singles = singles ? rest : 0;
+  if (rest == 0 || grid > kTableMaxCtas) return o;
+  CausalOrder table = o;
+  table.singles_from = 2 * o.pairs + 2;
+  table.singles = 0;
   for (int extra = 2; extra >= 0; --extra) {
-    CausalOrder t = o;
-    const int64_t busiest = work_order::fill_tail(&t, grid, std::max(o.pairs / grid - extra, 0));
-    if (busiest >= 0) return busiest < pairs_busiest ? t : o;
+    if (work_order::fill_table(&table, grid, std::max(full_rounds - extra, 0))) {
+      return work_order::busiest(table, grid) < work_order::busiest(o, grid) ? table : o;
+    }
+    std::fill(std::begin(table.table), std::end(table.table), kNoTile);
   }
   return o;
 }
