@@ -37,8 +37,8 @@ inline constexpr uint16_t kNoTile = 0xffff;
 //   first to the least busy CTA. CTA c's table slots are table[c · kTableSlots + k], each a rank r among
 //   those tiles: pair table_pair0 + r / 2, its longer tile for even r. B1 H16 L32k on 132 CTAs: the
 //   busiest CTA sees 4008 key tiles against a mean of 3987.4 (4051 for the singles below, 4112 for plain
-//   pairs), and the causal kernel alone ran 1.5 % faster than with the singles in one build (B2 L8k
-//   3.7 %, D64 H32 L32k 1.4 %; bench/RESULTS.md, session 38).
+//   pairs); the causal kernel alone, against the singles: L32k +0.6-2.0 %, D64 H32 L32k and B4 H32 L8k
+//   +1.9 %, B2 L8k ±0 (bench/RESULTS.md, session 38).
 // * the last round's pairs as singles, where that round lies in one head and q_tiles is even (the
 //   balanced pairs of that head, j near q_tiles / 2): longest first, the first `grid` of them to CTAs 0,
 //   1, ... and the rest back from CTA grid − 1, so its longest tile rather than a whole pair sets the end.
