@@ -28,7 +28,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
 from . import _C
 
@@ -41,6 +40,7 @@ PV_FP8, PV_FP16, PV_FP8_FP16ACC = 0, 1, 2
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 PART_WHOLE, PART_BEGIN, PART_FINISH = 0, 1, 2  # _C.attention's part: attention, attention_begin, attention_finish
+_ARG_O, _ARG_LSE = 26, 29  # positions of o and lse in _C.attention's arguments after the device code and stream
 SELECT_SINK = 1  # select_flags bits: Selection::attention_sink, Selection::cdf_sharpen
 SELECT_CDF_SHARPEN = 2
 V_DTYPES = {PV_FP8: torch.float8_e4m3fn, PV_FP16: torch.float16, PV_FP8_FP16ACC: torch.float8_e4m3fn}
@@ -406,13 +406,72 @@ def _workspace(nbytes: int, device: torch.device) -> Tensor:
     limit = workspace_cache_limit(index)
     if nbytes > limit:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    return _kept_workspace((index, torch._C._cuda_getCurrentRawStream(index)), nbytes, limit, device)
+
+
+def _kept_workspace(key: tuple[int, int], nbytes: int, limit: int, device: torch.device) -> Tensor:
+    """The workspace kept for ``key`` = (device index, stream), regrown to hold ``nbytes`` <= ``limit``."""
     workspace = _workspaces.get(key)
     if workspace is None or workspace.numel() < nbytes:
         size = min(limit, 1 << (nbytes - 1).bit_length())  # fewer regrowths
         workspace = torch.empty(size, dtype=torch.uint8, device=device)
         _workspaces[key] = workspace
     return workspace
+
+
+# Workspace bytes (+ WORKSPACE_ALIGN) of run_attention_cuda's calls per (shape, block_q, block_k,
+# granularity, pv): a repeated problem makes no _C.workspace_size call before its first launch.
+_cuda_workspace_bytes: dict[tuple, int] = {}
+_CUDA_WORKSPACE_BYTES_KEPT = 64
+
+
+def run_attention_cuda(q, k, v, shape, strides, index, layout, mode, block_score, topk, cdfthreshd, simthreshd1,
+                       pvthreshd, causal, scale, block_q, block_k, select_flags, smooth_k, granularity, pv,
+                       output_dtype, return_lse, return_stats):  # fmt: skip
+    """run_attention with ``reuse_workspace`` for api._attention_fast's calls on CUDA tensors of the
+    current device ``index``, without per-head tensors or block mask; ``strides``: the (batch, head,
+    token) strides of q, k and v. The steps of run_attention, launch_attention and _call_cuda inline,
+    each torch query made once: after an idle host each step before the first launch delays the GPU
+    (the generic helpers cost it ~35 µs more; bench/RESULTS.md, session 39)."""
+    batch, heads_q, _, len_q, _, head_dim = shape
+    key = (shape, block_q, block_k, granularity, pv)
+    nbytes = _cuda_workspace_bytes.get(key)
+    if nbytes is None:
+        if len(_cuda_workspace_bytes) >= _CUDA_WORKSPACE_BYTES_KEPT:
+            _cuda_workspace_bytes.clear()
+        nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 1) + _C.WORKSPACE_ALIGN
+        _cuda_workspace_bytes[key] = nbytes
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    limit = workspace_cache_limit(index)
+    if nbytes > limit or torch._C._cuda_isCurrentStreamCapturing():
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+    else:
+        workspace = _workspaces.get((index, stream))
+        if workspace is None or workspace.numel() < nbytes:
+            workspace = _kept_workspace((index, stream), nbytes, limit, q.device)
+    stats = torch.empty(_C.STAT_COUNT, dtype=torch.int64, device=q.device) if return_stats else None
+    align = _C.WORKSPACE_ALIGN
+    # launch_attention's arguments, the per-head tensors, block mask and outputs absent.
+    args = [
+        shape, (block_q, block_k), causal,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODES[q.dtype], strides[0], strides[1], strides[2],
+        scale, smooth_k, granularity, pv,
+        mode, block_score, topk, 0, cdfthreshd, 0, simthreshd1, 0, select_flags, 0, pvthreshd, 0,
+        0, 0, (0, 0, 0), 0, 0 if stats is None else stats.data_ptr(),
+        -(-workspace.data_ptr() // align) * align, workspace.numel() - align, PART_BEGIN,
+    ]  # fmt: skip
+    split = nbytes > WORKSPACE_CACHE_MIN_BYTES  # as in run_attention
+    if split:
+        _C.attention(1, stream, *args)
+    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
+    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device) if return_lse else None
+    so = o.stride()
+    args[_ARG_O:_ARG_LSE + 1] = (o.data_ptr(), DTYPE_CODES[output_dtype],
+                                 (so[0], so[2], so[1]) if layout == LAYOUT_NHD else so[:3],
+                                 0 if lse is None else lse.data_ptr())  # fmt: skip
+    args[-1] = PART_FINISH if split else PART_WHOLE
+    _C.attention(1, stream, *args)
+    return o, lse, stats
 
 
 def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,
@@ -457,7 +516,7 @@ def is_plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
     autograd, no meta tensor, tensor subclass or dispatch mode that should see the op."""
     return (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (q.is_cpu or q.is_cuda)
             and not (q.requires_grad or k.requires_grad or v.requires_grad) and not torch.compiler.is_compiling()
-            and _python_dispatch._get_current_dispatch_mode() is None)  # fmt: skip
+            and not torch._C._len_torch_dispatch_stack())  # fmt: skip
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor):

@@ -487,7 +487,8 @@ def _attention_fast(q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, p
     hyperparameters, no block mask, a tuple ``block_size``. Returns ``(o, lse or None, stats or
     None)``, or None for any other call and for any argument that fails a check: the general path
     (:func:`_attention_parts`) then runs and raises the error. This path raises none of its own,
-    and where it runs, it calls ``_ops.run_attention`` with the arguments the general path would."""
+    and where it runs, it calls ``_ops.run_attention`` with the arguments the general path would
+    (``_ops.run_attention_cuda``, its inline form, for CUDA tensors of the current device)."""
     if block_mask is not None or not _ops.is_plain_eager(q, k, v):
         return None
     try:
@@ -511,31 +512,46 @@ def _attention_fast(q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, p
     if not (type(block_q) is int and 16 <= block_q <= 1024 and block_q % 16 == 0
             and type(block_k) is int and 16 <= block_k <= 1024 and block_k % 16 == 0):  # fmt: skip
         return None
-    dtype, device = q.dtype, q.device
+    dtype = q.dtype
     if output_dtype is None:
         output_dtype = dtype
     elif type(output_dtype) is not torch.dtype or output_dtype not in _ops.DTYPE_CODES:
         return None
-    if (dtype not in _ops.DTYPE_CODES or k.dtype is not dtype or v.dtype is not dtype or k.device != device
-            or v.device != device):  # fmt: skip
+    on_cuda = q.is_cuda
+    index = q.get_device() if on_cuda else -1
+    if on_cuda:
+        same_device = k.is_cuda and v.is_cuda and k.get_device() == index and v.get_device() == index
+    else:
+        same_device = k.is_cpu and v.is_cpu
+    if dtype not in _ops.DTYPE_CODES or k.dtype is not dtype or v.dtype is not dtype or not same_device:
         return None
     q_size, k_size = q.shape, k.shape
     if len(q_size) != 4 or len(k_size) != 4 or v.shape != k_size:
         return None
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
     if layout_code == _ops.LAYOUT_NHD:
         batch, len_q, heads_q, head_dim = q_size
         k_batch, len_k, heads_kv, k_dim = k_size
+        sq, sk, sv = (sq[0], sq[2], sq[1], sq[3]), (sk[0], sk[2], sk[1], sk[3]), (sv[0], sv[2], sv[1], sv[3])
     else:
         batch, heads_q, len_q, head_dim = q_size
         k_batch, heads_kv, len_k, k_dim = k_size
     if (k_batch != batch or k_dim != head_dim or heads_kv == 0 or heads_q % heads_kv != 0
             or not 1 <= head_dim <= _C.MAX_HEAD_DIM or batch * heads_q * len_q == 0
-            or q.stride()[3] != 1 or k.stride()[3] != 1 or v.stride()[3] != 1):  # fmt: skip
+            or sq[3] != 1 or sk[3] != 1 or sv[3] != 1):  # fmt: skip
         return None
+    shape = (batch, heads_q, heads_kv, len_q, len_k, head_dim)
+    causal = alignment if is_causal else _ops.CAUSAL_NONE
+    select_flags = _select_flags(attention_sink, cdf_sharpen)
+    if on_cuda and torch._C._cuda_getDevice() == index:
+        return _ops.run_attention_cuda(
+            q, k, v, shape, (sq[:3], sk[:3], sv[:3]), index, layout_code, mode_code, score_code, topk, cdfthreshd,
+            simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, bool(smooth_k), granularity, pv,
+            output_dtype, bool(return_lse), bool(return_sparsity),
+        )  # fmt: skip
     return _ops.run_attention(
-        q, k, v, (batch, heads_q, heads_kv, len_q, len_k, head_dim), None, None, None, None, None, layout_code,
-        mode_code, score_code, topk, cdfthreshd, simthreshd1, pvthreshd, alignment if is_causal else _ops.CAUSAL_NONE,
-        scale, block_q, block_k, _select_flags(attention_sink, cdf_sharpen), bool(smooth_k), granularity, pv,
+        q, k, v, shape, None, None, None, None, None, layout_code, mode_code, score_code, topk, cdfthreshd,
+        simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, bool(smooth_k), granularity, pv,
         output_dtype, bool(return_lse), bool(return_sparsity), reuse_workspace=True,
     )  # fmt: skip
 

@@ -226,6 +226,37 @@ def test_cuda_fast_path_runs_on_the_current_stream_and_device(monkeypatch, seed)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(kw) or "defaults")
+def test_cuda_fast_path_matches_registered_op_bit_exactly(monkeypatch, general_path_calls, seed, kwargs):
+    """_ops.run_attention_cuda (the fast path's inline CUDA form): the registered op's result bit for bit,
+    and the same C++ arguments as the general path but for the addresses of the buffers it allocates."""
+    layout = kwargs.get("layout", "HND")
+    q, k, v = structured_qkv(2, 4, 2, 200, 230, 64, device="cuda", seed=seed, layout=layout)
+    calls = []
+    real = _C.attention
+    monkeypatch.setattr(_C, "attention", lambda *args: calls.append(args) or real(*args))
+    monkeypatch.setattr(_ops, "WORKSPACE_CACHE_MIN_BYTES", 0)  # two core calls, as a large problem makes
+    fast = sparge.attention(q, k, v, **kwargs)
+    assert not general_path_calls, "the fast path was not taken"
+    fast_calls, calls[:] = list(calls), []
+    reference = _via_registered_op(monkeypatch, lambda: sparge.attention(q, k, v, **kwargs))
+    assert len(general_path_calls) == 1
+    assert [c[-1] for c in fast_calls] == [c[-1] for c in calls] == [_ops.PART_BEGIN, _ops.PART_FINISH]
+    # Addresses (o, lse, stats, workspace and its size) differ; every other argument is the general path's.
+    addresses = {2 + _ops._ARG_O} | {2 + _ops._ARG_LSE + j for j in range(4)}
+    for mine, theirs in zip(fast_calls, calls):
+        assert len(mine) == len(theirs)
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if i in addresses:
+                assert (a == 0) == (b == 0), f"argument {i}: {a} against {b}"
+            else:
+                assert a == b, f"argument {i}: {a} against {b}, {kwargs}"
+    fast, reference = (x if isinstance(x, tuple) else (x,) for x in (fast, reference))
+    for i, (a, b) in enumerate(zip(fast, reference)):
+        assert_equal(a, b, f"output {i}, {kwargs}, seed={seed}")
+
+
+@pytest.mark.gpu
 def test_cuda_small_workspaces_are_reused_per_stream(seed):
     """Small calls share one workspace per (device, stream); interleaved problems of different
     sizes on two streams still give each call its own result; a CUDA graph capture takes no
