@@ -432,7 +432,8 @@ def run_attention_cuda(q, k, v, shape, strides, index, layout, mode, block_score
     current device ``index``, without per-head tensors or block mask; ``strides``: the (batch, head,
     token) strides of q, k and v. The steps of run_attention, launch_attention and _call_cuda inline,
     each torch query made once: after an idle host each step before the first launch delays the GPU
-    (the generic helpers cost it ~35 µs more; bench/RESULTS.md, session 39)."""
+    (the generic helpers kept it waiting 25-54 µs longer at L32k causal, B2 L8k and D64; bench/RESULTS.md,
+    session 39). The argument list is launch_attention's (a GPU test of test_overhead.py compares them)."""
     batch, heads_q, _, len_q, _, head_dim = shape
     key = (shape, block_q, block_k, granularity, pv)
     nbytes = _cuda_workspace_bytes.get(key)
