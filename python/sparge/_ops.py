@@ -24,7 +24,7 @@ memory safety needs. Use the functions of :mod:`sparge` rather than calling them
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -374,7 +374,18 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
 # WORKSPACE_CACHE_MIN_BYTES) are kept per (device, stream) and reused by later calls.
 WORKSPACE_CACHE_FRACTION = 256
 WORKSPACE_CACHE_MIN_BYTES = 1 << 22
-_workspaces: dict[tuple[int, int], Tensor] = {}
+
+
+class KeptWorkspace(NamedTuple):
+    """A workspace kept for reuse: the tensor, its first WORKSPACE_ALIGN-aligned address and the bytes
+    from there (read once when it is made, so that a call reuses it without a tensor query)."""
+
+    tensor: Tensor
+    addr: int
+    nbytes: int
+
+
+_workspaces: dict[tuple[int, int], KeptWorkspace] = {}
 _workspace_limits: dict[int, int] = {}
 
 
@@ -406,17 +417,19 @@ def _workspace(nbytes: int, device: torch.device) -> Tensor:
     limit = workspace_cache_limit(index)
     if nbytes > limit:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return _kept_workspace((index, torch._C._cuda_getCurrentRawStream(index)), nbytes, limit, device)
+    return _kept_workspace((index, torch._C._cuda_getCurrentRawStream(index)), nbytes, limit, device).tensor
 
 
-def _kept_workspace(key: tuple[int, int], nbytes: int, limit: int, device: torch.device) -> Tensor:
-    """The workspace kept for ``key`` = (device index, stream), regrown to hold ``nbytes`` <= ``limit``."""
-    workspace = _workspaces.get(key)
-    if workspace is None or workspace.numel() < nbytes:
+def _kept_workspace(key: tuple[int, int], nbytes: int, limit: int, device: torch.device) -> KeptWorkspace:
+    """The workspace kept for ``key`` = (device index, stream), regrown to hold ``nbytes`` <= ``limit``
+    (including the WORKSPACE_ALIGN bytes the callers over-allocate by)."""
+    kept = _workspaces.get(key)
+    if kept is None or kept.tensor.numel() < nbytes:
         size = min(limit, 1 << (nbytes - 1).bit_length())  # fewer regrowths
-        workspace = torch.empty(size, dtype=torch.uint8, device=device)
-        _workspaces[key] = workspace
-    return workspace
+        tensor = torch.empty(size, dtype=torch.uint8, device=device)
+        align = _C.WORKSPACE_ALIGN
+        kept = _workspaces[key] = KeptWorkspace(tensor, -(-tensor.data_ptr() // align) * align, size - align)
+    return kept
 
 
 # Workspace bytes (+ WORKSPACE_ALIGN) of run_attention_cuda's calls per (shape, block_q, block_k,
@@ -443,15 +456,17 @@ def run_attention_cuda(q, k, v, shape, strides, index, layout, mode, block_score
         nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 1) + _C.WORKSPACE_ALIGN
         _cuda_workspace_bytes[key] = nbytes
     stream = torch._C._cuda_getCurrentRawStream(index)
-    limit = workspace_cache_limit(index)
+    limit = _workspace_limits.get(index) or workspace_cache_limit(index)
+    align = _C.WORKSPACE_ALIGN
     if nbytes > limit or torch._C._cuda_isCurrentStreamCapturing():
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+        workspace_addr, workspace_bytes = -(-workspace.data_ptr() // align) * align, nbytes - align
     else:
-        workspace = _workspaces.get((index, stream))
-        if workspace is None or workspace.numel() < nbytes:
-            workspace = _kept_workspace((index, stream), nbytes, limit, q.device)
+        kept = _workspaces.get((index, stream))
+        if kept is None or kept.nbytes < nbytes - align:
+            kept = _kept_workspace((index, stream), nbytes, limit, q.device)
+        _, workspace_addr, workspace_bytes = kept
     stats = torch.empty(_C.STAT_COUNT, dtype=torch.int64, device=q.device) if return_stats else None
-    align = _C.WORKSPACE_ALIGN
     # launch_attention's arguments, the per-head tensors, block mask and outputs absent.
     args = [
         shape, (block_q, block_k), causal,
@@ -459,7 +474,7 @@ def run_attention_cuda(q, k, v, shape, strides, index, layout, mode, block_score
         scale, smooth_k, granularity, pv,
         mode, block_score, topk, 0, cdfthreshd, 0, simthreshd1, 0, select_flags, 0, pvthreshd, 0,
         0, 0, (0, 0, 0), 0, 0 if stats is None else stats.data_ptr(),
-        -(-workspace.data_ptr() // align) * align, workspace.numel() - align, PART_BEGIN,
+        workspace_addr, workspace_bytes, PART_BEGIN,
     ]  # fmt: skip
     split = nbytes > WORKSPACE_CACHE_MIN_BYTES  # as in run_attention
     if split:
@@ -511,13 +526,21 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
 attention = torch.library.custom_op("sparge::attention", mutates_args=())(_attention_impl)
 
 
+# Bound once: each attribute step of ``torch.compiler.is_compiling`` is one more lookup per call (dynamo
+# knows the function by identity, so an alias traces as the original).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
 def is_plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether a sparge::attention call on these inputs may skip the dispatcher (about half of the
     Python overhead of a call): plain eager CPU / CUDA tensors, with no torch.compile tracing, no
-    autograd, no meta tensor, tensor subclass or dispatch mode that should see the op."""
-    return (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (q.is_cpu or q.is_cuda)
-            and not (q.requires_grad or k.requires_grad or v.requires_grad) and not torch.compiler.is_compiling()
-            and not torch._C._len_torch_dispatch_stack())  # fmt: skip
+    autograd, no meta tensor, tensor subclass or dispatch mode that should see the op. ``is_cuda`` is
+    asked first, so a CUDA call makes one device query here, not two (after an idle host each distinct
+    query costs microseconds before the first launch, bench/RESULTS.md, session 41)."""
+    return (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (q.is_cuda or q.is_cpu)
+            and not (q.requires_grad or k.requires_grad or v.requires_grad) and not _is_compiling()
+            and not _dispatch_modes())  # fmt: skip
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor):

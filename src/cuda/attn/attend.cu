@@ -253,11 +253,9 @@ Status attend_supports(const Shape& shape, const BlockConfig& blocks, const Quan
 
   const int pad = head_dim_pad(shape.head_dim);
   const size_t need = mma_attend_smem_bytes(pad, static_cast<int>(blocks.block_k), quant.pv);
-  int device = 0;
   int optin = 0;
-  SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
-  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                  "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  SPARGE_RETURN_IF_ERROR((device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(
+      &optin, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)")));
   if (need + kStaticSmemAllowance > static_cast<size_t>(optin)) {
     return unsupported("blocks.block_k: head_dim " + std::to_string(shape.head_dim) + " (padded to " +
                        std::to_string(pad) + ") with block_k " + std::to_string(blocks.block_k) + " and pv " +

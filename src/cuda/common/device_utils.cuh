@@ -174,18 +174,23 @@ Status allow_dynamic_smem(size_t bytes, const char* what) {
   return Status::Ok();
 }
 
-// The number of SMs of the current device, cached per device (devices past kMaxTrackedDevices:
-// queried every time).
-inline Status sm_count(int* out) {
+// Attribute kAttr of the current device, cached per device (devices past kMaxTrackedDevices: queried
+// every time; a cached 0 reads as unknown). The query costs microseconds, more after an idle host.
+template <cudaDeviceAttr kAttr>
+Status device_attribute(int* out, const char* what) {
   static std::atomic<int> cached[kMaxTrackedDevices] = {};
   int device = 0;
   SPARGE_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
   const bool tracked = device < kMaxTrackedDevices;
   if (tracked && (*out = cached[device].load(std::memory_order_relaxed)) > 0) return Status::Ok();
-  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, device),
-                  "cudaDeviceGetAttribute(MultiProcessorCount)");
+  SPARGE_CUDA_TRY(cudaDeviceGetAttribute(out, kAttr, device), what);
   if (tracked) cached[device].store(*out, std::memory_order_relaxed);
   return Status::Ok();
+}
+
+// The number of SMs of the current device.
+inline Status sm_count(int* out) {
+  return device_attribute<cudaDevAttrMultiProcessorCount>(out, "cudaDeviceGetAttribute(MultiProcessorCount)");
 }
 
 }  // namespace sparge::cuda
