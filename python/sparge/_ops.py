@@ -424,11 +424,10 @@ def _kept_workspace(key: tuple[int, int], nbytes: int, limit: int, device: torch
     """The workspace kept for ``key`` = (device index, stream), regrown to hold ``nbytes`` <= ``limit``
     (including the WORKSPACE_ALIGN bytes the callers over-allocate by)."""
     kept = _workspaces.get(key)
-    if kept is None or kept.tensor.numel() < nbytes:
+    if kept is None or kept.nbytes < nbytes - _C.WORKSPACE_ALIGN:
         size = min(limit, 1 << (nbytes - 1).bit_length())  # fewer regrowths
         tensor = torch.empty(size, dtype=torch.uint8, device=device)
-        align = _C.WORKSPACE_ALIGN
-        kept = _workspaces[key] = KeptWorkspace(tensor, -(-tensor.data_ptr() // align) * align, size - align)
+        kept = _workspaces[key] = KeptWorkspace(tensor, _aligned_addr(tensor), size - _C.WORKSPACE_ALIGN)
     return kept
 
 
@@ -456,14 +455,13 @@ def run_attention_cuda(q, k, v, shape, strides, index, layout, mode, block_score
         nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 1) + _C.WORKSPACE_ALIGN
         _cuda_workspace_bytes[key] = nbytes
     stream = torch._C._cuda_getCurrentRawStream(index)
-    limit = _workspace_limits.get(index) or workspace_cache_limit(index)
-    align = _C.WORKSPACE_ALIGN
+    limit = workspace_cache_limit(index)
     if nbytes > limit or torch._C._cuda_isCurrentStreamCapturing():
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
-        workspace_addr, workspace_bytes = -(-workspace.data_ptr() // align) * align, nbytes - align
+        workspace_addr, workspace_bytes = _aligned_addr(workspace), nbytes - _C.WORKSPACE_ALIGN
     else:
         kept = _workspaces.get((index, stream))
-        if kept is None or kept.nbytes < nbytes - align:
+        if kept is None or kept.nbytes < nbytes - _C.WORKSPACE_ALIGN:
             kept = _kept_workspace((index, stream), nbytes, limit, q.device)
         _, workspace_addr, workspace_bytes = kept
     stats = torch.empty(_C.STAT_COUNT, dtype=torch.int64, device=q.device) if return_stats else None
@@ -498,7 +496,6 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
     asked for), and a uint8 workspace of workspace_size + WORKSPACE_ALIGN bytes. ``part``: the whole
     op, its first part (quantize, predict; o and lse not read, may be None) or its second (attend).
     Strides, addresses and the device dispatch are inline (see run_attention)."""
-    align = _C.WORKSPACE_ALIGN
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     so = (0, 0, 0, 0) if o is None else o.stride()
     if layout == LAYOUT_NHD:
@@ -515,7 +512,7 @@ def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_
         pvthreshd, _addr(pvthreshd_per_head),
         0 if o is None else o.data_ptr(), 0 if o is None else DTYPE_CODES[o.dtype], strides[3],
         0 if lse is None else lse.data_ptr(), 0 if stats is None else stats.data_ptr(),
-        -(-workspace.data_ptr() // align) * align, workspace.numel() - align, part,
+        _aligned_addr(workspace), workspace.numel() - _C.WORKSPACE_ALIGN, part,
     )  # fmt: skip
     if q.is_cpu:
         _C.attention(0, 0, *args)
