@@ -4,7 +4,8 @@ Each operator allocates its outputs (and, for ``attention``, the workspace) with
 current CUDA stream of the tensors' device to the C++ core (under a device guard when that is not
 the current device), and has a fake implementation so ``torch.compile(fullgraph=True)`` traces it
 without a graph break. :func:`sparge.attention` skips the dispatcher for plain eager tensors
-(:func:`is_plain_eager`) and calls :func:`run_attention`, the body of ``attention`` after its checks.
+(:func:`is_plain_eager`): its common calls run in ``_C.attention_eager`` (src/python/eager.cpp),
+which makes run_attention's core calls from C++, and the others call :func:`_attention_impl`.
 
 The schemas use plain integers for the enums of ``include/sparge/params.h``:
 
@@ -327,13 +328,11 @@ def _attention_impl(
 def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head,
                   pvthreshd_per_head, layout, mode, block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal,
                   scale, block_q, block_k, select_flags, smooth_k, granularity, pv, output_dtype, return_lse,
-                  return_stats, reuse_workspace=False):  # fmt: skip
+                  return_stats):  # fmt: skip
     """The work of sparge::attention on arguments that passed its checks, ``shape`` being what
     _check_inputs returns: allocates o, the workspace and only the outputs asked for, and runs the
-    C++ core. Returns (o, lse or None, stats or None). :func:`sparge.attention` calls it directly on
-    plain eager tensors (see is_plain_eager) whose arguments it has checked itself, with
-    ``reuse_workspace`` (see _workspace): never for the registered op, whose calls may run where
-    torch routes allocations to a private pool it tracks (CUDA graph trees of torch.compile).
+    C++ core. Returns (o, lse or None, stats or None). _C.attention_eager makes the same core calls
+    for the common eager calls, with a workspace kept for reuse (eager_workspace).
 
     Few Python frames and torch queries from here to the binding: after an idle host every distinct
     step of a call runs many times slower than warm (cold caches), and each one before the first
@@ -350,17 +349,15 @@ def run_attention(q, k, v, shape, block_mask, topk_per_head, cdfthreshd_per_head
     align = _C.WORKSPACE_ALIGN
     # Over-allocated by `align` bytes: the core gets the first aligned address in it.
     nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 0 if on_cpu else 1) + align
-    if reuse_workspace and not on_cpu:
-        workspace = _workspace(nbytes, device)
-    else:
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
     settings = (block_mask, topk_per_head, cdfthreshd_per_head, simthreshd1_per_head, pvthreshd_per_head, layout, mode,
                 block_score, topk, cdfthreshd, simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags,
                 smooth_k, granularity, pv)  # fmt: skip
     # A large CUDA call in two core calls, so that quantize and predict are queued before the outputs
-    # exist: with the workspace kept (_workspace), the GPU starts before the host's first allocation,
-    # which after an idle host costs ~0.1 ms (bench/RESULTS.md, session 37). Small calls stay one
-    # core call: the second costs more host time than the GPU work it would overlap.
+    # exist: with a kept workspace (_C.attention_eager's calls, which split alike), the GPU starts
+    # before the host's first allocation, which after an idle host costs ~0.1 ms (bench/RESULTS.md,
+    # session 37). Small calls stay one core call: the second costs more host time than the GPU work
+    # it would overlap.
     split = not on_cpu and nbytes > WORKSPACE_CACHE_MIN_BYTES
     if split:
         launch_attention(q, k, v, shape, None, None, stats, workspace, *settings, PART_BEGIN)
@@ -404,22 +401,6 @@ def release_workspace_cache() -> None:
     _workspaces.clear()
 
 
-def _workspace(nbytes: int, device: torch.device) -> Tensor:
-    """A uint8 workspace of at least ``nbytes`` on CUDA ``device`` for an eager call. One of at most
-    workspace_cache_limit bytes is kept per (device, current stream) and reused: a small call saves
-    an allocation (a third of its Python time), and a large one starts its first kernels without one.
-    Calls that share it run in the order of their stream, so none overlaps another's use of it. Not
-    while a CUDA graph is being captured (the graph keeps the addresses it captured, so those come
-    from its own pool)."""
-    if torch.cuda.is_current_stream_capturing():
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    index = device.index if device.index is not None else torch._C._cuda_getDevice()
-    limit = workspace_cache_limit(index)
-    if nbytes > limit:
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return _kept_workspace((index, torch._C._cuda_getCurrentRawStream(index)), nbytes, limit, device).tensor
-
-
 def _kept_workspace(key: tuple[int, int], nbytes: int, limit: int, device: torch.device) -> KeptWorkspace:
     """The workspace kept for ``key`` = (device index, stream), regrown to hold ``nbytes`` <= ``limit``
     (including the WORKSPACE_ALIGN bytes the callers over-allocate by)."""
@@ -431,61 +412,19 @@ def _kept_workspace(key: tuple[int, int], nbytes: int, limit: int, device: torch
     return kept
 
 
-# Workspace bytes (+ WORKSPACE_ALIGN) of run_attention_cuda's calls per (shape, block_q, block_k,
-# granularity, pv): a repeated problem makes no _C.workspace_size call before its first launch.
-_cuda_workspace_bytes: dict[tuple, int] = {}
-_CUDA_WORKSPACE_BYTES_KEPT = 64
-
-
-def run_attention_cuda(q, k, v, shape, strides, index, layout, mode, block_score, topk, cdfthreshd, simthreshd1,
-                       pvthreshd, causal, scale, block_q, block_k, select_flags, smooth_k, granularity, pv,
-                       output_dtype, return_lse, return_stats):  # fmt: skip
-    """run_attention with ``reuse_workspace`` for api._attention_fast's calls on CUDA tensors of the
-    current device ``index``, without per-head tensors or block mask; ``strides``: the (batch, head,
-    token) strides of q, k and v. The steps of run_attention, launch_attention and _call_cuda inline,
-    each torch query made once: after an idle host each step before the first launch delays the GPU
-    (the generic helpers kept it waiting 25-54 µs longer at L32k causal, B2 L8k and D64; bench/RESULTS.md,
-    session 39). The argument list is launch_attention's (a GPU test of test_overhead.py compares them)."""
-    batch, heads_q, _, len_q, _, head_dim = shape
-    key = (shape, block_q, block_k, granularity, pv)
-    nbytes = _cuda_workspace_bytes.get(key)
-    if nbytes is None:
-        if len(_cuda_workspace_bytes) >= _CUDA_WORKSPACE_BYTES_KEPT:
-            _cuda_workspace_bytes.clear()
-        nbytes = _C.workspace_size(shape, (block_q, block_k), granularity, pv, 1) + _C.WORKSPACE_ALIGN
-        _cuda_workspace_bytes[key] = nbytes
-    stream = torch._C._cuda_getCurrentRawStream(index)
+def eager_workspace(q: Tensor, index: int, stream: int, nbytes: int) -> KeptWorkspace:
+    """The workspace of an eager call of ``nbytes`` (WORKSPACE_ALIGN included) on CUDA device ``index``
+    and ``stream`` where _C.attention_eager finds none kept large enough. One of at most
+    workspace_cache_limit bytes is kept per (device, stream) and reused: a small call saves an
+    allocation, and a large one starts its first kernels without one. Calls that share it run in the
+    order of their stream, so none overlaps another's use of it. Over the limit, or while a CUDA graph
+    is being captured (the graph keeps the addresses it captured, so those come from its own pool), a
+    fresh one."""
     limit = workspace_cache_limit(index)
     if nbytes > limit or torch._C._cuda_isCurrentStreamCapturing():
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
-        workspace_addr, workspace_bytes = _aligned_addr(workspace), nbytes - _C.WORKSPACE_ALIGN
-    else:
-        kept = _workspaces.get((index, stream))
-        if kept is None or kept.nbytes < nbytes - _C.WORKSPACE_ALIGN:
-            kept = _kept_workspace((index, stream), nbytes, limit, q.device)
-        _, workspace_addr, workspace_bytes = kept
-    stats = torch.empty(_C.STAT_COUNT, dtype=torch.int64, device=q.device) if return_stats else None
-    # launch_attention's arguments, the per-head tensors, block mask and outputs absent.
-    args = [
-        shape, (block_q, block_k), causal,
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODES[q.dtype], strides[0], strides[1], strides[2],
-        scale, smooth_k, granularity, pv,
-        mode, block_score, topk, 0, cdfthreshd, 0, simthreshd1, 0, select_flags, 0, pvthreshd, 0,
-        0, 0, (0, 0, 0), 0, 0 if stats is None else stats.data_ptr(),
-        workspace_addr, workspace_bytes, PART_BEGIN,
-    ]  # fmt: skip
-    split = nbytes > WORKSPACE_CACHE_MIN_BYTES  # as in run_attention
-    if split:
-        _C.attention(1, stream, *args)
-    o = _empty_out(batch, heads_q, len_q, head_dim, layout, output_dtype, q.device)
-    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device) if return_lse else None
-    so = o.stride()
-    args[_ARG_O:_ARG_LSE + 1] = (o.data_ptr(), DTYPE_CODES[output_dtype],
-                                 (so[0], so[2], so[1]) if layout == LAYOUT_NHD else so[:3],
-                                 0 if lse is None else lse.data_ptr())  # fmt: skip
-    args[-1] = PART_FINISH if split else PART_WHOLE
-    _C.attention(1, stream, *args)
-    return o, lse, stats
+        return KeptWorkspace(workspace, _aligned_addr(workspace), nbytes - _C.WORKSPACE_ALIGN)
+    return _kept_workspace((index, stream), nbytes, limit, q.device)
 
 
 def launch_attention(q, k, v, shape, o, lse, stats, workspace, block_mask, topk_per_head, cdfthreshd_per_head,

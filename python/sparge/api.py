@@ -393,7 +393,9 @@ def attention(
         ``o`` (the layout of q) when neither flag is set; otherwise the tuple ``(o, lse)``,
         ``(o, sparsity)`` or ``(o, lse, sparsity)``, in that order.
     """
-    parts = _attention_fast(
+    # The common eager call runs in C++ (src/python/eager.cpp; None for the others): its host time before
+    # the first kernel delays the GPU after an idle host. Never traced: torch.compile sees the general path.
+    parts = None if _is_compiling() else _C.attention_eager(
         q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, pvthreshd, is_causal, causal_alignment, scale,
         layout, block_mask, block_size, attention_sink, cdf_sharpen, smooth_k, qk_quant_gran, pv_precision,
         output_dtype, return_lse, return_sparsity,
@@ -468,7 +470,7 @@ def _attention_parts(q, k, v, *, mode, topk, cdfthreshd, simthreshd1, block_scor
 
 # (layout, mode, block_score, causal_alignment, qk_quant_gran, pv_precision) → their codes (mode
 # and block_score resolved as by _mode and _score_code), for every valid combination without a
-# block mask: one lookup checks and converts all the string arguments of a fast-path call.
+# block mask: one lookup checks and converts all the string arguments of an eager fast-path call.
 _FAST_MODES = {None: _ops.MODE_TOPK, **{name: code for name, code in _MODES.items() if code != _ops.MODE_BLOCK_MASK}}
 _FAST_CODES = {
     (layout, mode, score, alignment, gran, pv): (layout_code, mode_code, _score_code(score, mode_code),
@@ -478,82 +480,13 @@ _FAST_CODES = {
                          _GRANULARITIES.items(), _PV_PRECISIONS.items())
 }  # fmt: skip
 
-
-def _attention_fast(q, k, v, mode, topk, cdfthreshd, simthreshd1, block_score, pvthreshd, is_causal, causal_alignment,
-                    scale, layout, block_mask, block_size, attention_sink, cdf_sharpen, smooth_k, qk_quant_gran,
-                    pv_precision, output_dtype, return_lse, return_sparsity):  # fmt: skip
-    """:func:`attention` for the common call, reading each argument once and skipping the
-    dispatcher: plain eager tensors (``_ops.is_plain_eager``) of a non-empty problem, float
-    hyperparameters, no block mask, a tuple ``block_size``. Returns ``(o, lse or None, stats or
-    None)``, or None for any other call and for any argument that fails a check: the general path
-    (:func:`_attention_parts`) then runs and raises the error. This path raises none of its own,
-    and where it runs, it calls ``_ops.run_attention`` with the arguments the general path would
-    (``_ops.run_attention_cuda``, its inline form, for CUDA tensors of the current device)."""
-    if block_mask is not None or not _ops.is_plain_eager(q, k, v):
-        return None
-    try:
-        codes = _FAST_CODES.get((layout, mode, block_score, causal_alignment, qk_quant_gran, pv_precision))
-    except TypeError:  # an unhashable argument
-        return None
-    if codes is None:
-        return None
-    layout_code, mode_code, score_code, alignment, granularity, pv = codes
-    if not (type(topk) is float and 0.0 <= topk <= 1.0 and type(cdfthreshd) is float and 0.0 <= cdfthreshd <= 1.0
-            and type(simthreshd1) is float and -1.0 <= simthreshd1 <= 1.0
-            and type(pvthreshd) is float and pvthreshd >= 0.0):  # fmt: skip
-        return None
-    if scale is None:
-        scale = 0.0
-    elif not (type(scale) is float and 0.0 < scale < math.inf):
-        return None
-    if type(block_size) is not tuple or len(block_size) != 2:
-        return None
-    block_q, block_k = block_size
-    if not (type(block_q) is int and 16 <= block_q <= 1024 and block_q % 16 == 0
-            and type(block_k) is int and 16 <= block_k <= 1024 and block_k % 16 == 0):  # fmt: skip
-        return None
-    dtype = q.dtype
-    if output_dtype is None:
-        output_dtype = dtype
-    elif type(output_dtype) is not torch.dtype or output_dtype not in _ops.DTYPE_CODES:
-        return None
-    on_cuda = q.is_cuda
-    index = q.get_device() if on_cuda else -1
-    if on_cuda:
-        same_device = k.is_cuda and v.is_cuda and k.get_device() == index and v.get_device() == index
-    else:
-        same_device = k.is_cpu and v.is_cpu
-    if dtype not in _ops.DTYPE_CODES or k.dtype is not dtype or v.dtype is not dtype or not same_device:
-        return None
-    q_size, k_size = q.shape, k.shape
-    if len(q_size) != 4 or len(k_size) != 4 or v.shape != k_size:
-        return None
-    sq, sk, sv = q.stride(), k.stride(), v.stride()
-    if layout_code == _ops.LAYOUT_NHD:
-        batch, len_q, heads_q, head_dim = q_size
-        k_batch, len_k, heads_kv, k_dim = k_size
-        sq, sk, sv = (sq[0], sq[2], sq[1], sq[3]), (sk[0], sk[2], sk[1], sk[3]), (sv[0], sv[2], sv[1], sv[3])
-    else:
-        batch, heads_q, len_q, head_dim = q_size
-        k_batch, heads_kv, len_k, k_dim = k_size
-    if (k_batch != batch or k_dim != head_dim or heads_kv == 0 or heads_q % heads_kv != 0
-            or not 1 <= head_dim <= _C.MAX_HEAD_DIM or batch * heads_q * len_q == 0
-            or sq[3] != 1 or sk[3] != 1 or sv[3] != 1):  # fmt: skip
-        return None
-    shape = (batch, heads_q, heads_kv, len_q, len_k, head_dim)
-    causal = alignment if is_causal else _ops.CAUSAL_NONE
-    select_flags = _select_flags(attention_sink, cdf_sharpen)
-    if on_cuda and torch._C._cuda_getDevice() == index:
-        return _ops.run_attention_cuda(
-            q, k, v, shape, (sq[:3], sk[:3], sv[:3]), index, layout_code, mode_code, score_code, topk, cdfthreshd,
-            simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, bool(smooth_k), granularity, pv,
-            output_dtype, bool(return_lse), bool(return_sparsity),
-        )  # fmt: skip
-    return _ops.run_attention(
-        q, k, v, shape, None, None, None, None, None, layout_code, mode_code, score_code, topk, cdfthreshd,
-        simthreshd1, pvthreshd, causal, scale, block_q, block_k, select_flags, bool(smooth_k), granularity, pv,
-        output_dtype, bool(return_lse), bool(return_sparsity), reuse_workspace=True,
-    )  # fmt: skip
+# What _C.attention_eager reads from torch: calls it does not take go to the general path.
+_is_compiling = torch.compiler.is_compiling
+_C.eager_setup(
+    Tensor, tuple(sorted(_ops.DTYPE_CODES, key=_ops.DTYPE_CODES.get)), torch.int64, torch.uint8, torch._C._len_torch_dispatch_stack,
+    getattr(torch._C, "_cuda_getDevice", None), getattr(torch._C, "_cuda_getCurrentRawStream", None),
+    getattr(torch._C, "_cuda_isCurrentStreamCapturing", None), _FAST_CODES, _ops,
+)  # fmt: skip
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, **kwargs):

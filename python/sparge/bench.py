@@ -44,7 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import sparge
-from sparge import _ops
+from sparge import _C, _ops
 from sparge.testing import cosine_similarity, reference_attention, relative_l1, structured_qkv
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -279,8 +279,9 @@ def _per_call_us(cases: dict[str, Case], device: torch.device, calls: int,
 def _core_call(q, k, v) -> Callable[[], None]:
     """A callable that repeats only the C++ calls of ``sparge.attention(q, k, v)``
     (``_ops.launch_attention``, its two parts: binding and core, no checks, no allocation), into the
-    buffers of the first call, which it records and keeps alive."""
-    launch = _ops.launch_attention
+    buffers of the first call, which it records and keeps alive. The first call takes the general
+    path (the eager path, ``_C.attention_eager``, makes the same core calls from C++)."""
+    launch, eager = _ops.launch_attention, _C.attention_eager
     recorded = []
 
     def record(*args):
@@ -292,11 +293,11 @@ def _core_call(q, k, v) -> Callable[[], None]:
             for args in recorded:
                 launch(*args)
             return
-        _ops.launch_attention = record
+        _ops.launch_attention, _C.attention_eager = record, lambda *args: None
         try:
             sparge.attention(q, k, v)
         finally:
-            _ops.launch_attention = launch
+            _ops.launch_attention, _C.attention_eager = launch, eager
 
     return call
 

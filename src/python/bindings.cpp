@@ -2,7 +2,8 @@
 //
 // No torch here: every function takes device addresses as integers, shapes and element strides
 // as int64 tuples, enums as their integer codes (params.h) and the CUDA stream as an integer
-// handle (0 is the legacy stream). Arguments are passed by keyword or, where the call is hot
+// handle (0 is the legacy stream). The one exception, attention_eager (eager.cpp), reads torch
+// tensors through their Python attributes. Arguments are passed by keyword or, where the call is hot
 // (_ops.launch_attention), by position in the order of the names below: matching ~35 keywords
 // costs close to a microsecond per call. Tuple arguments:
 //
@@ -23,11 +24,15 @@
 #include <cstdint>
 #include <string>
 
+#include "core_call.h"
 #include "sparge/api.h"
 
 namespace nb = nanobind;
 
 namespace {
+
+using sparge::python::raise_if_error;
+using sparge::python::run;
 
 using Addr = std::uintptr_t;
 using ShapeArg = std::array<int64_t, 6>;
@@ -86,31 +91,6 @@ sparge::QuantOptions to_quant(double sm_scale, bool smooth_k, int granularity, i
           .smooth_k = smooth_k,
           .granularity = static_cast<sparge::QuantGranularity>(granularity),
           .pv = static_cast<sparge::PvPrecision>(pv)};
-}
-
-// Raises a Status that is not ok as the Python exception of its code.
-void raise_if_error(const sparge::Status& status) {
-  if (status.ok()) return;
-  PyObject* type = PyExc_RuntimeError;
-  switch (status.code()) {
-    case sparge::StatusCode::kInvalidArgument: type = PyExc_ValueError; break;
-    case sparge::StatusCode::kUnsupported:
-    case sparge::StatusCode::kNotBuilt: type = PyExc_NotImplementedError; break;
-    default: break;
-  }
-  PyErr_SetString(type, status.message().c_str());
-  throw nb::python_error();
-}
-
-// Runs a C++ entry point without the GIL and raises its Status, if not ok, as a Python exception.
-template <typename Params>
-void run(sparge::Status (*entry)(const Params&), const Params& params) {
-  sparge::Status status;
-  {
-    nb::gil_scoped_release release;
-    status = entry(params);
-  }
-  raise_if_error(status);
 }
 
 const char* attend_kernel(int device, const ShapeArg& shape, const BlocksArg& blocks, int pv) {
@@ -293,6 +273,8 @@ NB_MODULE(_C, m) {
         nb::arg("workspace"), nb::arg("workspace_bytes"), nb::arg("part") = 0,
         "quantize → predict → attend in one call (part 0), with a caller-provided workspace; part 1 runs "
         "sparge::attention_begin (o and lse unread), part 2 sparge::attention_finish.");
+
+  sparge::python::bind_eager(m);
 
   m.attr("STAT_BLOCKS_KEPT") = static_cast<int>(sparge::kStatBlocksKept);
   m.attr("STAT_BLOCKS_ALLOWED") = static_cast<int>(sparge::kStatBlocksAllowed);
