@@ -174,8 +174,8 @@ nb::object cuda_workspace(PyObject* q, int64_t index, int64_t stream, size_t nee
     }
   }
   const nb::object make = attr(refs->ops, refs->eager_workspace);
-  return nb::steal(checked(PyObject_CallFunction(make.ptr(), "OLLn", q, static_cast<long long>(index),
-                                                 static_cast<long long>(stream), static_cast<Py_ssize_t>(need))));
+  return checked(PyObject_CallFunction(make.ptr(), "OLLn", q, static_cast<long long>(index),
+                                       static_cast<long long>(stream), static_cast<Py_ssize_t>(need)));
 }
 
 // The settings of a call, read from its Python arguments; false where the fast path does not take it.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -321,6 +322,11 @@ def test_cuda_workspace_cache_limit_and_release(monkeypatch, seed):
     sparge.release_workspace_cache()
     first = sparge.attention(*x)
     assert _ops._workspaces[key].tensor.numel() >= nbytes
+    # The kept entry is referenced by the cache alone (and getrefcount's argument) after the call that
+    # made it and after one that reused it: the eager path holds no reference and drops none it lacks.
+    assert sys.getrefcount(_ops._workspaces[key]) == 2
+    assert_equal(sparge.attention(*x), first, f"reused workspace, seed={seed}")
+    assert sys.getrefcount(_ops._workspaces[key]) == 2
     sparge.release_workspace_cache()
     assert not _ops._workspaces
     monkeypatch.setitem(_ops._workspace_limits, index, nbytes // 2)
