@@ -322,11 +322,15 @@ def test_cuda_workspace_cache_limit_and_release(monkeypatch, seed):
     sparge.release_workspace_cache()
     first = sparge.attention(*x)
     assert _ops._workspaces[key].tensor.numel() >= nbytes
-    # The kept entry is referenced by the cache alone (and getrefcount's argument) after the call that
-    # made it and after one that reused it: the eager path holds no reference and drops none it lacks.
-    assert sys.getrefcount(_ops._workspaces[key]) == 2
+    # The kept entry is referenced by the cache, `kept` and getrefcount's argument alone after the call
+    # that made it and after one that reused it: the eager path holds no reference and drops none it lacks.
+    kept = _ops._workspaces[key]
+    refs = sys.getrefcount(kept)
+    assert refs == 3
     assert_equal(sparge.attention(*x), first, f"reused workspace, seed={seed}")
-    assert sys.getrefcount(_ops._workspaces[key]) == 2
+    refs = sys.getrefcount(kept)
+    assert refs == 3 and _ops._workspaces[key] is kept
+    del kept
     sparge.release_workspace_cache()
     assert not _ops._workspaces
     monkeypatch.setitem(_ops._workspace_limits, index, nbytes // 2)
