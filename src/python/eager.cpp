@@ -157,7 +157,8 @@ nb::object new_empty(PyObject* like, const nb::object& size, PyObject* dtype) {
 
 // (batch, head, token) strides of the [B, H, L, D] view of a tensor's strides in `layout`.
 Strides hnd_strides(const std::array<int64_t, 4>& s, bool nhd) {
-  return nhd ? Strides{.batch = s[0], .head = s[2], .token = s[1]} : Strides{.batch = s[0], .head = s[1], .token = s[2]};
+  return nhd ? Strides{.batch = s[0], .head = s[2], .token = s[1]}
+             : Strides{.batch = s[0], .head = s[1], .token = s[2]};
 }
 
 // The workspace of a CUDA call on (index, stream): the one kept there when it is large enough and no
@@ -245,7 +246,8 @@ nb::object eager_call(PyObject* const* args) {
   PyObject* q = args[kQ];
   const nb::object dtype = attr(q, refs->dtype);
   const int code = dtype_code(dtype.ptr());
-  if (code < 0 || attr(args[kK], refs->dtype).ptr() != dtype.ptr() || attr(args[kV], refs->dtype).ptr() != dtype.ptr()) {
+  if (code < 0 || attr(args[kK], refs->dtype).ptr() != dtype.ptr() ||
+      attr(args[kV], refs->dtype).ptr() != dtype.ptr()) {
     return nb::none();
   }
   PyObject* out_dtype = args[kOutputDtype] == Py_None ? dtype.ptr() : args[kOutputDtype];
@@ -273,7 +275,8 @@ nb::object eager_call(PyObject* const* args) {
     return nb::none();
   }
   const bool on_cuda = index >= 0;
-  const int64_t stream = on_cuda ? as_int(checked(PyObject_CallOneArg(refs->current_stream, nb::int_(index).ptr()))) : 0;
+  const int64_t stream =
+      on_cuda ? as_int(checked(PyObject_CallOneArg(refs->current_stream, nb::int_(index).ptr()))) : 0;
 
   AttentionParams p;
   p.device = on_cuda ? Device::kCUDA : Device::kCPU;
@@ -313,7 +316,8 @@ nb::object eager_call(PyObject* const* args) {
   } else {
     workspace = new_empty(q, nb::make_tuple(need), refs->uint8);
     const uintptr_t base = as_addr(method(workspace.ptr(), refs->data_ptr));
-    p.workspace = reinterpret_cast<void*>((base + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign);
+    const int64_t aligned = round_up(static_cast<int64_t>(base), kWorkspaceAlign);
+    p.workspace = reinterpret_cast<void*>(static_cast<uintptr_t>(aligned));
     p.workspace_bytes = need - kWorkspaceAlign;
   }
   nb::object stats = nb::none();
@@ -345,7 +349,8 @@ PyObject* attention_eager(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
     return nullptr;
   }
   if (nargs != kArgCount) {
-    PyErr_Format(PyExc_TypeError, "attention_eager: expected %d arguments, got %zd", static_cast<int>(kArgCount), nargs);
+    PyErr_Format(PyExc_TypeError, "attention_eager: expected %d arguments, got %zd", static_cast<int>(kArgCount),
+                 nargs);
     return nullptr;
   }
   try {
