@@ -483,7 +483,8 @@ _FAST_CODES = {
 # What _C.attention_eager reads from torch: calls it does not take go to the general path.
 _is_compiling = _ops._is_compiling
 _C.eager_setup(
-    Tensor, tuple(sorted(_ops.DTYPE_CODES, key=_ops.DTYPE_CODES.get)), torch.int64, torch.uint8, torch._C._len_torch_dispatch_stack,
+    Tensor, tuple(sorted(_ops.DTYPE_CODES, key=_ops.DTYPE_CODES.get)), torch.int64, torch.uint8,
+    torch._C._len_torch_dispatch_stack,
     getattr(torch._C, "_cuda_getDevice", None), getattr(torch._C, "_cuda_getCurrentRawStream", None),
     getattr(torch._C, "_cuda_isCurrentStreamCapturing", None), _FAST_CODES, _ops,
 )  # fmt: skip
