@@ -171,8 +171,8 @@ struct Config {
   // +1.3 %, B2 L8k +0.7 % on average, against a noise of about 1 %); 2-input on the one-block
   // kernel, where the 3-input form made ptxas spill 8 bytes in <128, 128>.
   static constexpr int kDotMaxArity = kMultiBlock ? 3 : 2;
-  // A warp that skips a pair tile forms its codes too, instead of branching around them: both halves
-  // are skipped, so both subtract +inf and every code is 0 (outputs bit-identical). Without the branch
+  // A warp that skips a pair tile forms its codes too, instead of branching around them, and zeroes them
+  // with the skipped blocks' fragments (outputs bit-identical). Without the branch
   // ptxas interleaves the code fmas with the filter's votes. Same runs, kernel alone (session 23, two
   // runs): D128 pairs +0.3 to +2.7 % in all nine cases; D64 pairs -1.3 to +0.2 % (issue-bound, where
   // the skipping warps' codes cost issue slots), so D128 only.
@@ -1070,12 +1070,22 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 
     // Step 3 of the method for one tile, from its scores (tile_scores: s[], sc, mag) and the running
     // maxima after it (m_new): α, m and the P fragments (l is updated with acc, from P · ones). A
-    // skipping warp feeds P = 0 and α = 1 and leaves m unchanged; a skipped half of a pair subtracts +∞,
-    // so its p are 0 (with kCodesAlways a skipping warp runs the code path: both halves subtract +∞, and
-    // m_new = m gives α = exp2(0) = 1). The log2 score minus m_new is s · sc − (mag · sc + m_new), so s becomes
+    // skipping warp feeds P = 0 and α = 1 and leaves m unchanged (its m_new is m); the fragments of a
+    // skipped block of a multi-block tile are zeroed after the codes, so that the filter's votes are not
+    // on the codes' path (kernel alone, same runs, two runs of session 49: L32k dense −0.3 / +0.5 %,
+    // causal +1.5 / +1.7 %, B2 L8k dense +1.2 / +2.5 %, topk 0.5 +1.4 / +1.8 %, D64 dense +2.1 / +4.1 %;
+    // the idle whole op L32k dense +1.0 / +1.4 %). A branch on any skip keeps the zeroing off the common
+    // path (predicated on each block instead: −0.9 to +1.9 %).
+    // The log2 score minus m_new is s · sc − (mag · sc + m_new), so s becomes
     // fma(s, k, c) with k = 8 · sc and c = 126 − 8 · m_new − mag · 8 · sc for pack_p_codes
     // (the mag · 8 · sc of c cancels the one in s · k up to the rounding of c, see "Scores on the Hopper
     // kernel"); masked s = −∞ gives 0 (m_new = −∞ only when every s is).
+    auto any_of_halves = [](const bool (&flags)[kHalves]) {
+      bool any = false;
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) any = any || flags[hh];
+      return any;
+    };
     auto softmax_update = [&](bool warp_skips, const float (&m_new)[2], const bool (&skip_half)[kHalves], float mag,
                               const float (&sc)[2][kHalves], float (&s)[Cfg::kSRegs], float (&alpha_out)[2],
                               uint32_t (&p_out)[Cfg::kPvSteps][4]) {
@@ -1090,7 +1100,7 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           m[i_row] = m_new[i_row];
 #pragma unroll
           for (int hh = 0; hh < kHalves; ++hh) {
-            const float m_sub = skip_half[hh] ? INFINITY : (m_new[i_row] == kNegInf ? 0.0f : m_new[i_row]);
+            const float m_sub = m_new[i_row] == kNegInf ? 0.0f : m_new[i_row];
             k[i_row][hh] = sc[i_row][hh] * static_cast<float>(kPCodesPerOctave);
             c[i_row][hh] = fmaf(-mag, k[i_row][hh], fmaf(-m_sub, kPCodesPerOctave, kPCodeMax));
           }
@@ -1102,6 +1112,20 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
           s[e] = fmaf(s[e], k[i_row][hh], c[i_row][hh]);
         }
         p_fragments(s, p_out);
+        if constexpr (kMultiBlock) {
+          if (any_of_halves(skip_half)) {
+            constexpr int kStepsPerHalf = Cfg::kPvSteps / kHalves;
+#pragma unroll
+            for (int hh = 0; hh < kHalves; ++hh) {
+              if (!skip_half[hh]) continue;
+#pragma unroll
+              for (int ks = hh * kStepsPerHalf; ks < (hh + 1) * kStepsPerHalf; ++ks) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) p_out[ks][e] = 0u;
+              }
+            }
+          }
+        }
       } else {  // opaque_zero keeps the zeros in this branch (a plain 0 ran on every step: D64 dense -1.2 %)
 #pragma unroll
         for (int ks = 0; ks < Cfg::kPvSteps; ++ks) {
@@ -1147,7 +1171,9 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
       // ---- 2. the P·V filter, per warp (= 16-row group) and kept block ----------------------------
       // m_new: the running max after the tile; skip_half: the warp skips that 64-key part (on
       // multi-block tiles each part is a block, decided in order like the reference; otherwise all
-      // parts share one).
+      // parts share one). A block is skipped only when its maximum is below the running one in every
+      // valid row, so the running max over the blocks in order is the reference's whether or not the
+      // block before was skipped: the votes do not depend on each other.
       float m_new[2];
       bool skip_half[kHalves];
       bool warp_skips = true;
@@ -1168,10 +1194,8 @@ __global__ void __launch_bounds__(kWgmmaAttendThreads, 1)
 #pragma unroll
         for (int hh = 0; hh < kHalves; ++hh) {
           skip_half[hh] = warp_negligible(m_new, m_half[hh]);
-          if (!skip_half[hh]) {
 #pragma unroll
-            for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
-          }
+          for (int i_row = 0; i_row < 2; ++i_row) m_new[i_row] = fmaxf(m_new[i_row], m_half[hh][i_row]);
           warp_skips = warp_skips && skip_half[hh];
           skipped += warp_active && skip_half[hh] && key0[hh] != kAbsentKey;
         }
